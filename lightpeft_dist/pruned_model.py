@@ -1,0 +1,98 @@
+"""Loadable HF models whose layers have different head counts and FFN widths.
+
+Global FFN ranking (the reference's default) gives every layer its own width, which stock Llama/Mistral/Qwen2 configs
+cannot express. Rather than fork the modelling code, we register one config/model pair per family (model_type
+`lightpeft_<family>`) whose config carries `layer_shapes`; the model builds the stock decoder layer class once per
+layer from a per-layer copy of the config. Importing `lightpeft_dist` registers them with the Auto classes, so
+`AutoModelForCausalLM.from_pretrained(pruned_dir)` just works. Uniform plans need none of this: they are saved as the
+stock config with new counts and load with plain transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from .families import FAMILIES, family_for
+
+PREFIX = "lightpeft_"
+_BASES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+          "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+PRUNED_CLASSES: dict[str, tuple[type, type]] = {}
+
+
+def _layer_config(config: PretrainedConfig, shape: dict[str, int]) -> PretrainedConfig:
+    cfg = copy.copy(config)
+    for key, value in shape.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _make_pruned_classes(family: str) -> tuple[type, type]:
+    base_cfg_cls, base_model_cls = _BASES[family]
+    model_type = PREFIX + family
+
+    def cfg_init(self, layer_shapes: list[dict[str, int]] | None = None, **kwargs: Any) -> None:
+        base_cfg_cls.__init__(self, **kwargs)
+        self.layer_shapes = layer_shapes or []
+
+    cfg_cls = type(f"Pruned{base_cfg_cls.__name__}", (base_cfg_cls,), {"model_type": model_type, "__init__": cfg_init})
+
+    def model_init(self, config: PretrainedConfig) -> None:
+        base_model_cls.__init__(self, config)
+        spec = FAMILIES[family]
+        layers = spec.decoder_layers(self)
+        for idx, shape in enumerate(config.layer_shapes):
+            layer_cls = type(layers[idx])
+            new = layer_cls(_layer_config(config, shape), idx)
+            # Forward reads only `_attn_implementation` from the config; share the top-level one so
+            # `set_attn_implementation` and `from_pretrained(attn_implementation=...)` reach every layer.
+            spec.attention(new).config = config
+            layers[idx] = new
+        self.post_init()
+
+    model_cls = type(f"Pruned{base_model_cls.__name__}", (base_model_cls,), {"config_class": cfg_cls,
+                                                                              "__init__": model_init})
+    return cfg_cls, model_cls
+
+
+def register() -> None:
+    for family in _BASES:
+        if family in PRUNED_CLASSES:
+            continue
+        cfg_cls, model_cls = _make_pruned_classes(family)
+        AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+        AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
+        PRUNED_CLASSES[family] = (cfg_cls, model_cls)
+
+
+def pruned_config(base_config: PretrainedConfig, shapes: list[dict[str, int]]) -> PretrainedConfig:
+    """The config for a model with these per-layer shapes: stock class when uniform, `lightpeft_<family>` otherwise."""
+    register()
+    family = family_for(base_config).name
+    raw = base_config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "layer_shapes", "_name_or_path",
+                "auto_map"):
+        raw.pop(key, None)
+    raw["head_dim"] = getattr(base_config, "head_dim", None) or base_config.hidden_size // base_config.num_attention_heads
+    uniform = all(s == shapes[0] for s in shapes)
+    # Top-level counts: the first layer's shape when uniform; the widest layer otherwise (so anything sized from
+    # the top-level config, e.g. a KV cache preallocation, is large enough).
+    top = shapes[0] if uniform else {k: max(s[k] for s in shapes) for k in shapes[0]}
+    raw.update(top)
+    if uniform:
+        cfg_cls = _BASES[family][0]
+        return cfg_cls(**raw)
+    cfg_cls = PRUNED_CLASSES[family][0]
+    return cfg_cls(layer_shapes=shapes, **raw)
+
+
+def architecture_name(config: PretrainedConfig) -> str:
+    register()
+    family = family_for(config).name
+    if getattr(config, "layer_shapes", None):
+        return PRUNED_CLASSES[family][1].__name__
+    return _BASES[family][1].__name__
