@@ -22,6 +22,22 @@ from safetensors.torch import load_file, save_file
 from .errors import LightPeftError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publishable(tmp: Path) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; published artefacts get the usual umask-based modes."""
+    mask = _umask()
+    if tmp.is_dir():
+        for p in [tmp, *tmp.rglob("*")]:
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+    else:
+        tmp.chmod(0o666 & ~mask)
+
+
 def _tmp_sibling(path: Path, directory: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if directory:
@@ -36,6 +52,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     tmp = _tmp_sibling(path)
     try:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        _publishable(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -56,6 +73,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     tmp = _tmp_sibling(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _publishable(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -78,6 +96,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = _tmp_sibling(path, directory=True)
     try:
         yield tmp
+        _publishable(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

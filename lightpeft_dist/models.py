@@ -96,14 +96,14 @@ def attach_lora(model: PreTrainedModel, cfg: PeftConfig) -> PeftModel:
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    seen, total, trainable = set(), 0, 0
-    for p in model.parameters():
+    """Total, trainable and adapter (LoRA) parameter counts; ZeRO-3 partitioned parameters count in full."""
+    seen, counts = set(), {"total": 0, "trainable": 0, "adapter": 0}
+    for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-        total += n
-        trainable += n if p.requires_grad else 0
-    return {"total": total, "trainable": trainable}
-
-
+        counts["total"] += n
+        counts["trainable"] += n if p.requires_grad else 0
+        counts["adapter"] += n if "lora_" in name else 0
+    return counts

@@ -1,0 +1,100 @@
+"""`lightpeft <stage>`: one entry point for every launcher (plain, deepspeed, torchrun, Slurm, Ray).
+
+Unknown `--section.key=value` arguments are recipe overrides. User errors print one `error:` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import LightPeftError
+
+REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+DEMO_RECIPE = REPO_RECIPES / "smollm2_sentiment.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lightpeft", description="Light-PEFT early pruning for LLaMA-family models.")
+    sub = p.add_subparsers(dest="stage", required=True)
+
+    def stage(name: str, help_: str, config: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--run-dir", required=name != "demo", type=Path, default=Path("runs/demo"))
+        if config:
+            sp.add_argument("--config", help="recipe YAML (default: the run directory's recipe.yaml)")
+        return sp
+
+    stage("run", "all stages into one run directory, skipping finished ones")
+    for name in ("estimate", "train"):
+        stage(name, f"the {name} stage").add_argument("--deepspeed", help="DeepSpeed config JSON")
+    sp = stage("plan", "plan from the estimate's scores (re-plan at other ratios without re-estimating)")
+    for ratio in ("attn", "ffn", "module", "rank"):
+        sp.add_argument(f"--{ratio}-ratio", type=float)
+    sp.add_argument("--ffn-scope", choices=["layerwise", "global"])
+    sp.add_argument("--rank-scope", choices=["layerwise", "global"])
+    sp.add_argument("--uniform", action="store_true", default=None, help="same shape in every layer (stock HF config)")
+    sp.add_argument("--random", action="store_true", default=None, help="random-pruning control")
+    stage("prune", "slice the base model and the estimation adapter to the plan")
+    stage("evaluate", "accuracy / perplexity, parameters and tokens/s, base vs pruned")
+    stage("report", "write report/summary.md and print the table", config=False)
+    stage("demo", "the whole pipeline on the embedded SmolLM2-135M + movie-review sentiment (offline)")
+    return p
+
+
+def _plan_overrides(args: argparse.Namespace) -> list[str]:
+    out = [f"prune.{r}_ratio={getattr(args, r + '_ratio')}" for r in ("attn", "ffn", "module", "rank")
+           if getattr(args, r + "_ratio", None) is not None]
+    out += [f"prune.{k}={getattr(args, k)}" for k in ("ffn_scope", "rank_scope") if getattr(args, k, None)]
+    out += [f"prune.{k}=true" for k in ("uniform", "random") if getattr(args, k, None)]
+    return out
+
+
+def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
+    from . import pipeline
+
+    run_dir: Path = args.run_dir
+    if args.stage == "report":
+        from .report import summary_table, write_report
+
+        out = write_report(run_dir)
+        print(summary_table(run_dir))
+        print(f"report written to {out}")
+        return
+    if getattr(args, "deepspeed", None):
+        raise LightPeftError("--deepspeed is not supported in this version yet; run without it (single process)")
+    config = str(DEMO_RECIPE) if args.stage == "demo" and not args.config else args.config
+    recipe = pipeline.resolve_recipe(run_dir, config, overrides + _plan_overrides(args))
+    if args.stage in ("run", "demo"):
+        pipeline.run_all(recipe, run_dir)
+        from .report import summary_table
+
+        print(summary_table(run_dir))
+        return
+    pipeline.run_stage(args.stage, recipe, run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a and "." in a.split("=")[0])]
+    if bad:
+        print(f"error: unrecognized arguments {bad}; recipe overrides look like --section.key=value", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="[lightpeft] %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        dispatch(args, rest)
+    except LightPeftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The one training loop behind `estimate` and `train`.
+
+It talks to an engine with DeepSpeed's surface (`backward(loss)`, `step()`), so the DeepSpeed path swaps the engine,
+not the loop. Batches come from `StepBatches`, a pure function of the step number, which is what makes resuming and
+"N ranks == 1 process" comparisons exact.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+from .runtime import Runtime
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 0) -> LambdaLR:
+    """Linear warm-up, then linear decay to 0 at `steps` (the reference's schedule; spec 6.11)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return LambdaLR(optimizer, factor)
+
+
+class PlainEngine:
+    """Single-process engine: gradient accumulation, clipping, optimizer and schedule steps."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+                 grad_accum: int, max_grad_norm: float):
+        self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.grad_accum, self.max_grad_norm = grad_accum, max_grad_norm
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+@dataclass
+class LoopStats:
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def run_steps(model: torch.nn.Module, engine, batches, steps: int, grad_accum: int, runtime: Runtime,
+              desc: str, extra_loss: Callable[[], torch.Tensor] | None = None,
+              before_forward: Callable[[dict], None] | None = None, after_forward: Callable[[], None] | None = None,
+              after_step: Callable[[int, float], None] | None = None, start_step: int = 0) -> LoopStats:
+    stats = LoopStats()
+    model.train()
+    bar = tqdm(range(start_step, steps), desc=desc, unit="step", disable=not runtime.is_main, dynamic_ncols=True)
+    for step in bar:
+        t0, step_loss = time.perf_counter(), 0.0
+        for micro in range(grad_accum):
+            batch = {k: v.to(runtime.device) for k, v in batches.batch_for_step(step * grad_accum + micro).items()}
+            if before_forward:
+                before_forward(batch)
+            loss = model(**batch).loss
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            if after_forward:
+                after_forward()
+            engine.backward(loss)
+            step_loss += float(loss.detach()) / grad_accum
+            stats.tokens += int(batch["attention_mask"].sum())
+        engine.step()
+        stats.seconds += time.perf_counter() - t0
+        stats.losses.append(step_loss if math.isfinite(step_loss) else float("nan"))
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        if after_step:
+            after_step(step, step_loss)
+    return stats

@@ -1,0 +1,135 @@
+"""The run directory as a chain of resumable stages.
+
+Each stage records a key (a hash of exactly the inputs it consumed) next to its output; `run` skips a stage whose
+recorded key matches what it would compute now, and redoes it and everything after it otherwise. Re-planning at new
+ratios therefore reuses the estimate, and changing only `train.*` reuses estimate, plan and prune.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import yaml
+
+from .config import Recipe, apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict
+from .errors import LightPeftError
+from .io_utils import read_json, sha256_file, sha256_json, write_json
+from .scores import load_scores
+
+log = logging.getLogger(__name__)
+STAGES = ("estimate", "plan", "prune", "train", "evaluate", "report")
+
+
+def recipe_path(run_dir: Path) -> Path:
+    return run_dir / "recipe.yaml"
+
+
+def resolve_recipe(run_dir: Path, config: str | None, overrides: list[str]) -> Recipe:
+    """The recipe given on the command line, else the one the run directory was started with."""
+    if config:
+        return load_recipe(config, overrides)
+    saved = recipe_path(run_dir)
+    if not saved.is_file():
+        raise LightPeftError(f"no recipe in {run_dir}; pass --config R.yaml (or run estimate there first)")
+    raw = apply_overrides(yaml.safe_load(saved.read_text()), overrides)
+    return recipe_from_dict(raw, source=str(saved))
+
+
+def save_recipe(run_dir: Path, recipe: Recipe) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = recipe_path(run_dir).with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    os.replace(tmp, recipe_path(run_dir))
+
+
+def plan_key(recipe: Recipe, run_dir: Path) -> str:
+    return sha256_json({"scores": sha256_file(run_dir / "estimate" / "scores.safetensors"),
+                        "prune": recipe_to_dict(recipe)["prune"]})[:16]
+
+
+def run_plan(recipe: Recipe, run_dir: Path) -> dict:
+    from .plan import make_plan
+
+    est = read_json(run_dir / "estimate" / "estimate.json", "estimate record")
+    scores = load_scores(run_dir / "estimate" / "scores.safetensors")
+    plan = make_plan(scores, est["layer_shapes"], recipe.prune, est["model_fingerprint"], est["hidden_size"],
+                     est["head_dim"])
+    plan["key"] = plan_key(recipe, run_dir)
+    write_json(run_dir / "plan.json", plan)
+    s = plan["summary"]
+    log.info("plan %s: heads %d -> %d, KV heads %d -> %d, FFN %d -> %d, prunable params -%.1f%%, "
+             "PEFT modules kept %d, ranks kept %d", plan["hash"], s["before"]["num_attention_heads"],
+             s["after"]["num_attention_heads"], s["before"]["num_key_value_heads"], s["after"]["num_key_value_heads"],
+             s["before"]["intermediate_size"], s["after"]["intermediate_size"], 100 * s["prunable_fraction_pruned"],
+             s["peft_modules_kept"], s["lora_ranks_kept"])
+    return plan
+
+
+def _record_key(path: Path, field: str = "key") -> str | None:
+    try:
+        return read_json(path).get(field)
+    except LightPeftError:
+        return None
+
+
+def stage_done(stage: str, recipe: Recipe, run_dir: Path) -> bool:
+    from .estimate import estimate_key
+    from .evaluate import eval_key
+    from .train import train_key
+
+    try:
+        if stage == "estimate":
+            return _record_key(run_dir / "estimate" / "estimate.json") == estimate_key(recipe)
+        if stage == "plan":
+            return _record_key(run_dir / "plan.json") == plan_key(recipe, run_dir)
+        if stage == "prune":
+            plan_hash = _record_key(run_dir / "plan.json", "hash")
+            return (plan_hash is not None and (run_dir / "pruned_adapter" / "adapter_config.json").is_file()
+                    and _record_key(run_dir / "pruned_model" / "lightpeft_prune.json", "plan_hash") == plan_hash)
+        if stage == "train":
+            return _record_key(run_dir / "train" / "train.json") == train_key(recipe, run_dir)
+        if stage == "evaluate":
+            return _record_key(run_dir / "eval.json") == eval_key(recipe, run_dir)
+    except (LightPeftError, FileNotFoundError):
+        return False
+    return False
+
+
+def run_stage(stage: str, recipe: Recipe, run_dir: Path) -> None:
+    if stage == "estimate":
+        from .estimate import run_estimate
+
+        save_recipe(run_dir, recipe)
+        run_estimate(recipe, run_dir)
+    elif stage == "plan":
+        run_plan(recipe, run_dir)
+    elif stage == "prune":
+        from .prune import run_prune
+
+        run_prune(run_dir, recipe.model.path)
+    elif stage == "train":
+        from .train import run_train
+
+        run_train(recipe, run_dir)
+    elif stage == "evaluate":
+        from .evaluate import run_evaluate
+
+        run_evaluate(recipe, run_dir)
+    elif stage == "report":
+        from .report import write_report
+
+        write_report(run_dir)
+
+
+def run_all(recipe: Recipe, run_dir: Path) -> None:
+    save_recipe(run_dir, recipe)
+    stale = False
+    for stage in STAGES:
+        if stage != "report" and not stale and stage_done(stage, recipe, run_dir):
+            log.info("stage %s: up to date, skipped", stage)
+            continue
+        stale = True
+        log.info("stage %s: running", stage)
+        run_stage(stage, recipe, run_dir)

@@ -1,0 +1,91 @@
+"""Stage 4: LoRA fine-tuning of the pruned model.
+
+Starts from the pruned checkpoint and, by default, the sliced estimation adapter (warm start, as the reference does;
+`train.warm_start: false` re-initialises LoRA with the same per-module ranks). Masks and importance tracking are off
+here: the reference left tracking on in stage 2, which slowed it and leaked memory (spec 6.1).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from .config import Recipe, recipe_to_dict
+from .data import Collator, StepBatches, encode_split, load_rows
+from .estimate import global_micro_batch
+from .evaluate import task_metrics
+from .io_utils import atomic_dir, read_json, sha256_json, write_json
+from .loop import PlainEngine, linear_schedule, run_steps
+from .models import count_parameters, load_model, load_tokenizer
+from .runtime import Runtime, current
+
+log = logging.getLogger(__name__)
+
+
+def train_key(recipe: Recipe, run_dir: Path) -> str:
+    prune_record = read_json(run_dir / "pruned_model" / "lightpeft_prune.json", "prune record")
+    d = recipe_to_dict(recipe)
+    return sha256_json({"plan": prune_record["plan_hash"], "train": d["train"], "data": d["data"]})[:16]
+
+
+def load_trainable(run_dir: Path, recipe: Recipe) -> PeftModel:
+    model = load_model(str(run_dir / "pruned_model"), recipe.model.dtype, recipe.model.attn_implementation)
+    adapter = run_dir / "pruned_adapter"
+    if recipe.train.warm_start:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    cfg = read_json(adapter / "adapter_config.json", "pruned adapter config")
+    fields = {k: cfg[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern")}
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **fields))
+
+
+def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> dict:
+    rt = runtime or current()
+    cfg = recipe.train
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_trainable(run_dir, recipe).to(rt.device)
+    encoded = encode_split(load_rows(recipe.data, "train"), recipe.data, tokenizer, cfg.seq_len)
+    batches = StepBatches(encoded, global_micro_batch(cfg.batch_size, cfg.grad_accum, rt.world_size), cfg.seed,
+                          rt.rank, rt.world_size, collator=Collator(tokenizer.pad_token_id))
+    decay = [p for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(decay, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = linear_schedule(optimizer, cfg.steps, warmup=int(cfg.warmup_ratio * cfg.steps))
+    engine = PlainEngine(model, optimizer, scheduler, cfg.grad_accum, cfg.max_grad_norm)
+    params = count_parameters(model)
+    log.info("train: %d steps on the pruned model (%s params, %s trainable)", cfg.steps, f"{params['total']:,}",
+             f"{params['trainable']:,}")
+    evals: list[dict] = []
+
+    def after_step(step: int, loss: float) -> None:
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and recipe.data.eval_file:
+            evals.append({"step": step + 1, **task_metrics(model, tokenizer, recipe, "eval")})
+            model.train()
+            log.info("step %d eval: %s", step + 1, evals[-1])
+
+    t0 = time.time()
+    stats = run_steps(model, engine, batches, cfg.steps, cfg.grad_accum, rt, "train", after_step=after_step)
+    record = {"key": train_key(recipe, run_dir), "steps": cfg.steps, "losses": stats.losses,
+              "tokens": stats.tokens * rt.world_size, "train_seconds": stats.seconds,
+              "tokens_per_s": stats.tokens * rt.world_size / max(stats.seconds, 1e-9),
+              "wall_seconds": time.time() - t0, "params": params, "evals": evals, "world_size": rt.world_size,
+              "peak_memory_bytes": peak_memory_bytes()}
+    if rt.is_main:
+        with atomic_dir(run_dir / "train") as tmp:
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            write_json(tmp / "train.json", record)
+        log.info("train finished: loss %.4f -> %.4f, %.0f tokens/s", stats.losses[0], stats.losses[-1],
+                 record["tokens_per_s"])
+    rt.barrier()
+    return record
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

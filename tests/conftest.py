@@ -1,0 +1,37 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import save_tiny  # noqa: E402
+
+POS = ["good movie", "great film", "the acting was fun", "really great plot", "a good story", "very fun film"]
+NEG = ["bad movie", "awful film", "the acting was boring", "really bad plot", "a boring story", "very awful film"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """A complete classification recipe over a tiny random GQA model and a tiny sentiment set."""
+    model_dir = save_tiny(tmp_path / "model", "llama-gqa")
+    rows = [{"text": t, "label": "positive"} for t in POS] + [{"text": t, "label": "negative"} for t in NEG]
+    train = write_jsonl(tmp_path / "train.jsonl", rows * 3)
+    evals = write_jsonl(tmp_path / "eval.jsonl", rows)
+    return {
+        "model": {"path": str(model_dir)},
+        "data": {"format": "classification", "train_file": train, "eval_file": evals,
+                 "labels": {"positive": "positive", "negative": "negative"},
+                 "template": "review : {text} sentiment :"},
+        "peft": {"r": 4, "alpha": 8},
+        "estimate": {"steps": 6, "batch_size": 4, "seq_len": 24, "lr": 1e-2},
+        "prune": {"attn_ratio": 0.34, "ffn_ratio": 0.3, "module_ratio": 0.5, "rank_ratio": 0.5},
+        "train": {"steps": 6, "batch_size": 4, "seq_len": 24, "lr": 1e-2},
+        "eval": {"batch_size": 8, "speed_batches": 1},
+    }
