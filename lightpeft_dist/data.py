@@ -14,6 +14,7 @@ import datasets
 import torch
 
 from .config import DataConfig
+from . import assets
 from .errors import LightPeftError
 
 IGNORE_INDEX = -100
@@ -41,7 +42,7 @@ def load_rows(cfg: DataConfig, split: Literal["train", "eval", "test"]) -> datas
     if path is None:
         raise LightPeftError(f"data.{key} is not set but the '{split}' split was requested; "
                              f"add data.{key} to the recipe")
-    p = Path(path)
+    p = Path(assets.resolve(path))
     if not p.is_file():
         raise LightPeftError(f"data.{key} not found at {path}; fix the path in the recipe (relative paths are resolved "
                              "against the recipe's folder)")

@@ -1,10 +1,12 @@
 """Human-readable summary of a run directory: one table (Markdown) that `demo` and `report` print.
 
-Works on whatever stages have finished; missing stages show as '-'.
+`write_report` adds a per-layer kept-structure table and the PNG figures of plots.py under report/. Works on whatever
+stages have finished; missing stages show as '-', missing figures are left out.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .io_utils import read_json, write_json
@@ -51,12 +53,49 @@ def summary_table(run_dir: Path) -> str:
     return "\n".join([line(rows[0]), sep, *(line(r) for r in rows[1:])])
 
 
+def layer_rows(run_dir: Path) -> list[tuple[str, str, str, str]]:
+    """Per layer 'kept / original' query heads, KV heads and FFN neurons; empty until a plan exists.
+
+    Without estimate.json (original shapes) only the kept counts are shown.
+    """
+    plan = _maybe(run_dir / "plan.json")
+    shapes = _maybe(run_dir / "estimate" / "estimate.json").get("layer_shapes") or []
+    if len(shapes) != len(plan.get("layers", [])):
+        shapes = [{}] * len(plan.get("layers", []))
+    cell = lambda kept, orig: f"{kept} / {orig}" if orig is not None else str(kept)  # noqa: E731
+    return [(str(i), cell(len(lp["q_heads"]), sh.get("num_attention_heads")),
+             cell(len(lp["kv_heads"]), sh.get("num_key_value_heads")), cell(len(lp["ffn"]), sh.get("intermediate_size")))
+            for i, (lp, sh) in enumerate(zip(plan.get("layers", []), shapes))]
+
+
+def layer_table(run_dir: Path) -> str:
+    rows = layer_rows(run_dir)
+    if not rows:
+        return ""
+    head = "| layer | query heads kept | KV heads kept | FFN neurons kept |"
+    return "\n".join([head, "|---:|---:|---:|---:|", *("| " + " | ".join(r) + " |" for r in rows)])
+
+
 def write_report(run_dir: Path) -> Path:
+    """Write report/summary.md (table, per-layer table, figures) and summary.json; works after any finished stage.
+
+    Figures come from `plots.plot_run`; one that cannot be drawn is left out (and its link with it).
+    """
+    from .plots import plot_run
+
+    run_dir = Path(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    text = f"# Light-PEFT run: {run_dir.name}\n\n{summary_table(run_dir)}\n"
-    tmp = out / "summary.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "summary.md")
-    write_json(out / "summary.json", {"rows": summary_rows(run_dir)})
+    plots = plot_run(run_dir, out)
+    parts = [f"# Light-PEFT run: {run_dir.name}\n\n{summary_table(run_dir)}\n"]
+    if table := layer_table(run_dir):
+        parts.append(f"## Kept structure per layer\n\n{table}\n")
+    if plots:
+        parts.append("## Figures\n\n" + "\n".join(f"![{name[:-4].replace('_', ' ')}]({name})\n"
+                                                   for name in plots))
+    tmp = out / f".summary.md.{os.getpid()}.tmp"
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, out / "summary.md")
+    write_json(out / "summary.json", {"rows": summary_rows(run_dir), "layers": layer_rows(run_dir),
+                                      "plots": list(plots)})
     return out

@@ -1,0 +1,141 @@
+"""Specification of the planner: exact counts, scopes, GQA validity, uniform shapes, determinism, bad ratios."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightpeft_dist.config import PruneConfig, recipe_from_dict
+from lightpeft_dist.errors import LightPeftError
+from lightpeft_dist.plan import choose_heads, head_shapes, make_plan, plan_ffn, plan_peft
+from lightpeft_dist.scores import Scores
+
+
+def shapes(n_layers=3, heads=8, kv=8, ffn=20):
+    return [{"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": ffn}] * n_layers
+
+
+def scores_for(shape_list, seed=0, modules=4, r=4):
+    g = torch.Generator().manual_seed(seed)
+    return Scores(head=[torch.rand(s["num_attention_heads"], generator=g) for s in shape_list],
+                  ffn=[torch.rand(s["intermediate_size"], generator=g) for s in shape_list],
+                  module={f"m{i}": float(torch.rand(1, generator=g)) for i in range(modules)},
+                  rank={f"m{i}": torch.rand(r, generator=g) for i in range(modules)})
+
+
+def plan(shape_list, scores=None, **cfg):
+    return make_plan(scores or scores_for(shape_list), shape_list, PruneConfig(**cfg), "fp", 64, 8)
+
+
+@pytest.mark.parametrize("ratio,n,expect_pruned", [(0.25, 8, 2), (1 / 3, 16, 5), (0.5, 20, 10), (0.0, 8, 0),
+                                                   (0.3, 10, 3)])
+def test_layerwise_counts_are_round_ratio_n(ratio, n, expect_pruned):
+    p = plan(shapes(heads=n, kv=n, ffn=n), attn_ratio=ratio, ffn_ratio=ratio, ffn_scope="layerwise")
+    for layer in p["layers"]:
+        assert len(layer["q_heads"]) == n - expect_pruned
+        assert len(layer["ffn"]) == n - expect_pruned
+
+
+def test_global_ffn_prunes_exact_total_and_differs_from_layerwise():
+    sh = shapes(n_layers=3, ffn=20)
+    sc = scores_for(sh)
+    sc.ffn[0] = sc.ffn[0] * 0.1  # layer 0 is much less important: global ranking should take most from it
+    g = plan(sh, sc, ffn_ratio=0.3, ffn_scope="global")
+    lw = plan(sh, sc, ffn_ratio=0.3, ffn_scope="layerwise")
+    assert sum(len(lay["ffn"]) for lay in g["layers"]) == 60 - 18
+    assert [len(lay["ffn"]) for lay in lw["layers"]] == [14, 14, 14]
+    assert len(g["layers"][0]["ffn"]) < 14 < len(g["layers"][1]["ffn"])
+    # global keeps exactly the top-42 scores overall
+    flat = torch.cat(sc.ffn)
+    kept = torch.cat([torch.tensor(lay["ffn"]) + 20 * i for i, lay in enumerate(g["layers"])])
+    assert set(kept.tolist()) == set(torch.topk(flat, 42).indices.tolist())
+
+
+def test_global_never_empties_a_layer_and_keeps_total_exact():
+    sh = shapes(n_layers=2, ffn=10)
+    sc = scores_for(sh)
+    sc.ffn[0] = torch.zeros(10) - 1  # every neuron of layer 0 is worse than any of layer 1
+    p = plan(sh, sc, ffn_ratio=0.6, ffn_scope="global")
+    assert len(p["layers"][0]["ffn"]) == 1
+    assert sum(len(lay["ffn"]) for lay in p["layers"]) == 20 - 12
+
+
+def test_ties_break_toward_lower_index_and_plans_are_deterministic():
+    sh = shapes(n_layers=1, heads=4, kv=4, ffn=6)
+    sc = Scores(head=[torch.ones(4)], ffn=[torch.ones(6)], module={"a": 1.0, "b": 1.0}, rank={"a": torch.ones(2),
+                                                                                               "b": torch.ones(2)})
+    p = plan(sh, sc, attn_ratio=0.5, ffn_ratio=0.5, ffn_scope="layerwise", module_ratio=0.5, rank_ratio=0.5)
+    assert p["layers"][0]["q_heads"] == [0, 1]
+    assert p["layers"][0]["ffn"] == [0, 1, 2]
+    assert p["peft_modules"] == {"a": [0]}
+    assert plan(sh, sc, attn_ratio=0.5)["hash"] == plan(sh, sc, attn_ratio=0.5)["hash"]
+
+
+def test_gqa_plan_keeps_equal_query_heads_per_kept_kv_group():
+    # SmolLM2 layout: 9 query heads in 3 KV groups
+    for seed in range(20):
+        s = torch.rand(9, generator=torch.Generator().manual_seed(seed))
+        q, kv = choose_heads(s, 3, 1 / 3)
+        assert len(q) == 6
+        per_group = {g: [h for h in q if h // 3 == g] for g in kv}
+        assert sorted({h // 3 for h in q}) == kv
+        assert len({len(v) for v in per_group.values()}) == 1
+
+
+def test_gqa_rule_picks_the_shape_the_scores_favour():
+    # group 2 worthless: dropping the whole group beats thinning every group
+    s = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    assert choose_heads(s, 3, 1 / 3) == ([0, 1, 2, 3, 4, 5], [0, 1])
+    # one weak head per group: thinning beats dropping a group
+    s = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    assert choose_heads(s, 3, 1 / 3) == ([0, 1, 3, 5, 7, 8], [0, 1, 2])
+
+
+def test_gqa_uneven_target_takes_nearest_valid_count():
+    assert head_shapes(9, 3, 5) == [(2, 3), (3, 2)]  # counts 4 and 6 are both 1 away: more heads kept
+    assert head_shapes(8, 2, 7) == [(2, 4)]  # 8 and 6 both 1 away from 7: more heads kept
+
+
+def test_uniform_plan_has_one_shape_everywhere():
+    sh = shapes(n_layers=4, heads=6, kv=2, ffn=12)
+    p = plan(sh, attn_ratio=0.5, ffn_ratio=0.25, uniform=True, ffn_scope="global")
+    layer_shapes = {(len(lay["q_heads"]), len(lay["kv_heads"]), len(lay["ffn"])) for lay in p["layers"]}
+    assert len(layer_shapes) == 1 and p["summary"]["uniform"]
+    assert layer_shapes.pop()[2] == 9
+
+
+def test_module_and_rank_pruning_counts():
+    sc = scores_for(shapes(), modules=8, r=4)
+    peft = plan_peft(sc.module, sc.rank, PruneConfig(module_ratio=0.75, rank_ratio=0.5, rank_scope="layerwise"))
+    assert len(peft) == 2 and all(len(r) == 2 for r in peft.values())
+    top2 = sorted(sc.module, key=sc.module.get, reverse=True)[:2]
+    assert sorted(peft) == sorted(top2)
+    glob = plan_peft(sc.module, sc.rank, PruneConfig(module_ratio=0.0, rank_ratio=0.5, rank_scope="global"))
+    assert sum(len(r) for r in glob.values()) == 16
+
+
+def test_global_rank_pruning_can_drop_a_whole_module():
+    rank = {"weak": torch.zeros(4), "strong": torch.ones(4)}
+    peft = plan_peft({"weak": 1.0, "strong": 1.0}, rank, PruneConfig(module_ratio=0.0, rank_ratio=0.5))
+    assert peft == {"strong": [0, 1, 2, 3]}
+
+
+def test_random_control_differs_from_scored_plan_but_has_same_counts():
+    sh = shapes()
+    sc = scores_for(sh, seed=7)
+    a, b = plan(sh, sc, attn_ratio=0.5, ffn_ratio=0.5), plan(sh, sc, attn_ratio=0.5, ffn_ratio=0.5, random=True)
+    assert a["layers"] != b["layers"]
+    assert a["summary"]["after"] == b["summary"]["after"]
+
+
+def test_plan_ffn_layerwise_never_empty():
+    assert [len(k) for k in plan_ffn([torch.rand(3)], 0.99, "layerwise")] == [1]
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, 1.5])
+def test_ratios_outside_unit_interval_are_rejected(bad):
+    with pytest.raises(ValueError):
+        PruneConfig(attn_ratio=bad)
+    with pytest.raises(LightPeftError, match=r"prune\.ffn_ratio.*outside \[0, 1\)"):
+        recipe_from_dict({"model": {"path": "m"}, "data": {"format": "text", "train_file": "t"},
+                          "prune": {"ffn_ratio": bad}})
