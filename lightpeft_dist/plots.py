@@ -15,13 +15,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-import matplotlib.ticker
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import PercentFormatter
 
 from .io_utils import read_json
 from .scores import Scores, load_scores
@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
 KEPT, PRUNED, ORIG, EDGE = "#2b6cb0", "#e07b39", "#d5dbe3", "#8a94a3"
 _LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-def _json(path: Path) -> dict | None:
-    return read_json(path) if path.is_file() else None
 
 
 @dataclass
@@ -53,6 +49,10 @@ class RunData:
         sc = d / "estimate" / "scores.safetensors"
         return cls(d, load_scores(sc) if sc.is_file() else None, _json(d / "estimate" / "estimate.json"),
                    _json(d / "plan.json"), _json(d / "train" / "train.json"), _json(d / "eval.json"))
+
+
+def _json(path: Path) -> dict | None:
+    return read_json(path) if path.is_file() else None
 
 
 def _run(run: str | Path | RunData) -> RunData:
@@ -144,7 +144,8 @@ def mask_distribution(run: str | Path | RunData, out: str | Path) -> Path | None
     for ax, vals, key, what in zip(fig.subplots(1, 2), (r.scores.head, r.scores.ffn), ("q_heads", "ffn"),
                                    ("attention-head masks", "FFN-neuron masks")):
         kept, pruned = _split([v.numpy() for v in vals], [lp[key] for lp in plan["layers"]] if plan else None)
-        bins = np.histogram_bin_edges(np.concatenate([kept, pruned]), bins=min(40, max(8, (kept.size + pruned.size) // 4)))
+        both = np.concatenate([kept, pruned])
+        bins = np.histogram_bin_edges(both, bins=min(40, max(8, both.size // 4)))
         if plan:
             ax.hist([pruned, kept], bins=bins, stacked=True, color=[PRUNED, KEPT],
                     label=[f"pruned ({pruned.size})", f"kept ({kept.size})"])
@@ -160,7 +161,7 @@ def _heatmap(fig: Figure, grid: np.ndarray, types: list[str], cmap, label: str, 
     """Module-type rows x layer columns with cell borders; hatched cells are projections that never had LoRA."""
     ax = fig.subplots()
     im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest",
-                   cmap=matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap, **kw)
+                   cmap=colormaps[cmap] if isinstance(cmap, str) else cmap, **kw)
     for y, x in zip(*np.nonzero(np.isnan(grid))):
         ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor="#f4f4f4", hatch="//", edgecolor="#c8c8c8", lw=0))
     ax.set_yticks(range(len(types)), types)
@@ -203,7 +204,7 @@ def kept_ranks(run: str | Path | RunData, out: str | Path) -> Path | None:
     full = max(len(v) for v in sc.rank.values()) if sc else None
     grid, types = module_grid(names, len(sc.head) if sc else len(r.plan["layers"]), lambda n: len(kept.get(n, [])))
     top = full or max([1, *(len(v) for v in kept.values())])
-    cmap = ListedColormap(["#ffffff", *matplotlib.colormaps["YlGnBu"](np.linspace(0.3, 1.0, top))])
+    cmap = ListedColormap(["#ffffff", *colormaps["YlGnBu"](np.linspace(0.3, 1.0, top))])
     title = f"kept LoRA ranks: {sum(len(v) for v in kept.values())} in {len(kept)} modules"
     fig = _figure(grid.shape[1], 3.6)
     ax, im = _heatmap(fig, grid, types, cmap, f"kept rank (of r={full})" if full else "kept rank", title,
@@ -218,24 +219,18 @@ def kept_ranks(run: str | Path | RunData, out: str | Path) -> Path | None:
     return _save(fig, out)
 
 
-def _finite(xs: list) -> tuple[np.ndarray, np.ndarray]:
-    """(step, loss) with non-finite steps dropped: the loop records a diverged step as NaN."""
-    y = np.asarray([math.nan if v is None else v for v in xs], dtype=float)
-    ok = np.isfinite(y)
-    return np.arange(1, y.size + 1)[ok], y[ok]
-
-
 def loss_curves(run: str | Path | RunData, out: str | Path) -> Path | None:
     """Estimation loss (task + mask L1, as optimised) and post-pruning training loss per optimizer step."""
-    r = _run(run)
-    curves = [(lbl, _finite(rec.get("losses") or [])) for lbl, rec in
-              (("estimation (masked, incl. L1)", r.estimate), ("training (pruned + LoRA)", r.train)) if rec]
-    curves = [(lbl, c) for lbl, c in curves if c[0].size]
+    r, curves = _run(run), []
+    for lbl, rec in (("estimation (masked, incl. L1)", r.estimate), ("training (pruned + LoRA)", r.train)):
+        y = np.asarray([math.nan if v is None else v for v in (rec or {}).get("losses") or []], dtype=float)
+        if np.isfinite(y).any():  # the loop records a diverged step as NaN: drop those steps
+            curves.append((lbl, np.arange(1, y.size + 1)[np.isfinite(y)], y[np.isfinite(y)]))
     if not curves:
         return None
     fig = Figure(figsize=(8, 4), layout="constrained")
     ax = fig.subplots()
-    for (lbl, (x, y)), color in zip(curves, ("#805ad5", KEPT)):
+    for (lbl, x, y), color in zip(curves, ("#805ad5", KEPT)):
         if (win := y.size // 25) > 1:  # long runs are noisy: faint raw steps plus a moving average
             ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8)
             y, x = np.convolve(y, np.ones(win) / win, mode="valid"), x[win - 1:]
@@ -276,7 +271,7 @@ def accuracy_vs_ratio(run_dirs: list[str | Path], out: str | Path) -> Path | Non
         ax.axhline(b, color="#a0aec0", linestyle="--", label="base, zero-shot" if i == 0 else None)
     ax.set(xlabel="fraction of prunable parameters pruned",
            ylabel=metric + (" (lower is better)" if metric == "perplexity" else ""))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
     return _save(fig, out)

@@ -64,7 +64,8 @@ def layer_rows(run_dir: Path) -> list[tuple[str, str, str, str]]:
         shapes = [{}] * len(plan.get("layers", []))
     cell = lambda kept, orig: f"{kept} / {orig}" if orig is not None else str(kept)  # noqa: E731
     return [(str(i), cell(len(lp["q_heads"]), sh.get("num_attention_heads")),
-             cell(len(lp["kv_heads"]), sh.get("num_key_value_heads")), cell(len(lp["ffn"]), sh.get("intermediate_size")))
+             cell(len(lp["kv_heads"]), sh.get("num_key_value_heads")),
+             cell(len(lp["ffn"]), sh.get("intermediate_size")))
             for i, (lp, sh) in enumerate(zip(plan.get("layers", []), shapes))]
 
 
