@@ -17,16 +17,12 @@ from lightpeft_dist.models import lora_config
 from lightpeft_dist.plan import make_plan
 from lightpeft_dist.runtime import Runtime
 from lightpeft_dist.scores import load_scores
-from tiny import save_tiny, tiny_model
+from tiny import randomize_lora, save_tiny, tiny_model
 
 
 def test_rank_score_equals_reference_weight_times_grad_form():
     model = get_peft_model(tiny_model("qwen2-bias"), lora_config(PeftConfig(r=4, alpha=8, dropout=0.0)))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.3)
+    randomize_lora(model)
     tracker = PeftImportanceTracker(model, total_steps=1, runtime=Runtime())
     ids = torch.randint(3, 60, (3, 10))
     mask = torch.ones_like(ids)
@@ -45,10 +41,7 @@ def test_rank_score_equals_reference_weight_times_grad_form():
 def test_module_score_is_delta_over_base_norm_on_real_tokens():
     model = get_peft_model(tiny_model("llama-mha"), lora_config(PeftConfig(r=2, alpha=4, dropout=0.0,
                                                                              targets=["v_proj"])))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.3)
+    randomize_lora(model)
     tracker = PeftImportanceTracker(model, total_steps=1, runtime=Runtime())
     ids = torch.randint(3, 60, (2, 6))
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])

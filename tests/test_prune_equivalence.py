@@ -20,7 +20,7 @@ from lightpeft_dist.models import fingerprint, lora_config
 from lightpeft_dist.plan import make_plan
 from lightpeft_dist.prune import prune_adapter, prune_checkpoint
 from lightpeft_dist.scores import Scores
-from tiny import LAYOUTS, save_tiny
+from tiny import LAYOUTS, randomize_lora, save_tiny
 
 INPUT = torch.tensor([[3, 5, 7, 9, 11, 13, 4, 6], [8, 10, 12, 14, 16, 18, 20, 22]])
 
@@ -39,11 +39,7 @@ def build(tmp_path, layout, prune_cfg):
     base_dir = save_tiny(tmp_path / "base", layout)
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     peft_model = get_peft_model(base, lora_config(PeftConfig(r=4, alpha=8, dropout=0.0)))
-    torch.manual_seed(3)
-    with torch.no_grad():  # LoRA B starts at zero; make the adapter matter
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.3)
+    randomize_lora(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
     cfg = base.config
     plan = make_plan(random_scores(peft_model), layer_shapes(base), prune_cfg, fingerprint(cfg),

@@ -48,3 +48,12 @@ def save_tiny(path: Path, layout: str = "llama-gqa", **kwargs) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def randomize_lora(model, std: float = 0.3, seed: int = 3) -> None:
+    """LoRA B starts at zero, which would make every adapter check vacuous; give all LoRA weights real values."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, std)

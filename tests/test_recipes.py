@@ -1,0 +1,49 @@
+"""Every shipped recipe parses, and runs the whole pipeline for a few steps on the real embedded assets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightpeft_dist.cli import main
+from lightpeft_dist.config import load_recipe
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+FEW_STEPS = ["--estimate.steps=2", "--estimate.batch_size=2", "--estimate.seq_len=32", "--train.steps=2",
+             "--train.batch_size=2", "--train.seq_len=32", "--data.max_train_examples=8",
+             "--data.max_eval_examples=4", "--eval.batch_size=4", "--eval.speed_batches=1"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipe_parses(recipe):
+    load_recipe(recipe)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipe_runs_a_few_steps_on_real_assets(recipe, tmp_path):
+    run = tmp_path / "run"
+    assert main(["run", "--config", str(recipe), "--run-dir", str(run), *FEW_STEPS]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["pruned"]["params"]["total"] < ev["base"]["params"]["total"]
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["summary"]["prunable_fraction_pruned"] > 0.1
+    assert (run / "report" / "kept_structure.png").is_file()
+
+
+def test_sft_format_runs_end_to_end(tmp_path, tiny_recipe):
+    import yaml
+
+    rows = [{"prompt": "question : is the movie good", "response": "answer : the movie is good"},
+            {"prompt": "question : is the plot fun", "response": "answer : the plot is not fun"}] * 4
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny_recipe["data"] = {"format": "sft", "train_file": str(tmp_path / "sft.jsonl"),
+                           "eval_file": str(tmp_path / "sft.jsonl")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
+    assert main(["run", "--config", str(tmp_path / "r.yaml"), "--run-dir", str(tmp_path / "run")]) == 0
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert ev["pruned"]["perplexity"] > 1.0 and ev["base"]["perplexity"] > 1.0
+    train = json.loads((tmp_path / "run" / "train" / "train.json").read_text())
+    assert train["losses"][-1] < train["losses"][0]  # lr 1e-2 on 8 repeated rows: it must learn something
