@@ -15,12 +15,10 @@ from pathlib import Path
 import torch
 
 from .config import Recipe, recipe_to_dict
-from .data import Collator, StepBatches, encode_split, load_rows
-from .errors import LightPeftError
 from .families import head_dim_of, layer_shapes
 from .importance import PeftImportanceTracker
 from .io_utils import atomic_dir, sha256_json, write_json
-from .loop import PlainEngine, linear_schedule, run_steps
+from .loop import PlainEngine, linear_schedule, run_steps, train_batches
 from .masks import attach_masks, mask_parameters
 from .models import attach_lora, fingerprint, load_model, load_tokenizer
 from .runtime import Runtime, current
@@ -35,13 +33,6 @@ def estimate_key(recipe: Recipe) -> str:
     return sha256_json({k: d[k] for k in ("model", "data", "peft", "estimate")})[:16]
 
 
-def global_micro_batch(batch_size: int, grad_accum: int, world_size: int) -> int:
-    if batch_size % (grad_accum * world_size):
-        raise LightPeftError(f"batch_size {batch_size} is not divisible by grad_accum x world size "
-                             f"({grad_accum} x {world_size}); choose a batch_size that is")
-    return batch_size // grad_accum
-
-
 def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> dict:
     rt = runtime or current()
     cfg = recipe.estimate
@@ -49,10 +40,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) 
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation)
     base_config, shapes = model.config, layer_shapes(model)
-    rows = load_rows(recipe.data, "train")
-    encoded = encode_split(rows, recipe.data, tokenizer, cfg.seq_len)
-    batches = StepBatches(encoded, global_micro_batch(cfg.batch_size, cfg.grad_accum, rt.world_size), cfg.seed,
-                          rt.rank, rt.world_size, collator=Collator(tokenizer.pad_token_id))
+    batches = train_batches(recipe.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.seed, rt)
 
     model = attach_lora(model, recipe.peft).to(rt.device)
     attach_masks(model)

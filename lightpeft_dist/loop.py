@@ -16,6 +16,9 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
+from .config import DataConfig
+from .data import Collator, StepBatches, encode_split, load_rows
+from .errors import LightPeftError
 from .runtime import Runtime
 
 
@@ -28,6 +31,17 @@ def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 
         return max(0.0, (steps - step) / max(1, steps - warmup))
 
     return LambdaLR(optimizer, factor)
+
+
+def train_batches(data: DataConfig, tokenizer, seq_len: int, batch_size: int, grad_accum: int, seed: int,
+                  runtime: Runtime) -> StepBatches:
+    """The train split as step-indexed micro-batches; `batch_size` is global per optimizer step, for any world size."""
+    if batch_size % (grad_accum * runtime.world_size):
+        raise LightPeftError(f"batch_size {batch_size} is not divisible by grad_accum x world size "
+                             f"({grad_accum} x {runtime.world_size}); choose a batch_size that is")
+    encoded = encode_split(load_rows(data, "train"), data, tokenizer, seq_len)
+    return StepBatches(encoded, batch_size // grad_accum, seed, runtime.rank, runtime.world_size,
+                       collator=Collator(tokenizer.pad_token_id))
 
 
 class PlainEngine:

@@ -9,7 +9,6 @@ rows of lora_B where the projection's outputs are pruned, columns of lora_A wher
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -149,9 +148,7 @@ def prune_adapter(adapter_dir: Path, plan: dict, config, model_dir: Path, out_di
 
 def run_prune(run_dir: Path, model_path: str) -> dict:
     plan = read_json(run_dir / "plan.json", "plan")
-    config = load_config(model_path)
-    check_plan(plan, config)
-    record = prune_checkpoint(model_path, plan, run_dir / "pruned_model")
-    record["adapter"] = prune_adapter(run_dir / "estimate" / "adapter", plan, config, run_dir / "pruned_model",
-                                      run_dir / "pruned_adapter")
+    record = prune_checkpoint(model_path, plan, run_dir / "pruned_model")  # checks the plan against the model first
+    record["adapter"] = prune_adapter(run_dir / "estimate" / "adapter", plan, load_config(model_path),
+                                      run_dir / "pruned_model", run_dir / "pruned_adapter")
     return record

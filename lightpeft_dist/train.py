@@ -15,11 +15,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from .config import Recipe, recipe_to_dict
-from .data import Collator, StepBatches, encode_split, load_rows
-from .estimate import global_micro_batch
 from .evaluate import task_metrics
 from .io_utils import atomic_dir, read_json, sha256_json, write_json
-from .loop import PlainEngine, linear_schedule, run_steps
+from .loop import PlainEngine, linear_schedule, run_steps, train_batches
 from .models import count_parameters, load_model, load_tokenizer
 from .runtime import Runtime, current
 
@@ -48,11 +46,9 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> 
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model)
     model = load_trainable(run_dir, recipe).to(rt.device)
-    encoded = encode_split(load_rows(recipe.data, "train"), recipe.data, tokenizer, cfg.seq_len)
-    batches = StepBatches(encoded, global_micro_batch(cfg.batch_size, cfg.grad_accum, rt.world_size), cfg.seed,
-                          rt.rank, rt.world_size, collator=Collator(tokenizer.pad_token_id))
-    decay = [p for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(decay, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = train_batches(recipe.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.seed, rt)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = linear_schedule(optimizer, cfg.steps, warmup=int(cfg.warmup_ratio * cfg.steps))
     engine = PlainEngine(model, optimizer, scheduler, cfg.grad_accum, cfg.max_grad_norm)
     params = count_parameters(model)
