@@ -51,8 +51,8 @@ def current() -> Runtime:
     """The runtime as set up by the launcher's environment (RANK/WORLD_SIZE/LOCAL_RANK), or single-process."""
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = int(os.environ.get("RANK", 0)), 1
+    else:  # no process group: this process is the whole job, whatever RANK a launcher exported
+        rank, world = 0, 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
