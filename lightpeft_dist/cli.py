@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import LightPeftError
+from .runtime import init_distributed, shutdown
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEMO_RECIPE = REPO_RECIPES / "smollm2_sentiment.yaml"
@@ -27,9 +28,10 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--config", help="recipe YAML (default: the run directory's recipe.yaml)")
         return sp
 
-    stage("run", "all stages into one run directory, skipping finished ones")
+    ds_help = "DeepSpeed config JSON (ds_configs/zero3.json, ...); launch with deepspeed/torchrun for several ranks"
+    stage("run", "all stages into one run directory, skipping finished ones").add_argument("--deepspeed", help=ds_help)
     for name in ("estimate", "train"):
-        stage(name, f"the {name} stage").add_argument("--deepspeed", help="DeepSpeed config JSON")
+        stage(name, f"the {name} stage").add_argument("--deepspeed", help=ds_help)
     sp = stage("plan", "plan from the estimate's scores (re-plan at other ratios without re-estimating)")
     for ratio in ("attn", "ffn", "module", "rank"):
         sp.add_argument(f"--{ratio}-ratio", type=float)
@@ -39,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--random", action="store_true", default=None, help="random-pruning control")
     stage("prune", "slice the base model and the estimation adapter to the plan")
     stage("evaluate", "accuracy / perplexity, parameters and tokens/s, base vs pruned")
-    stage("report", "write report/summary.md and print the table", config=False)
+    stage("report", "write report/summary.md and print the table", config=False).add_argument(
+        "--compare", nargs="+", type=Path, metavar="RUN_DIR",
+        help="also compare with these runs: report/compare.md and accuracy_vs_ratio.png in --run-dir")
     stage("demo", "the whole pipeline on the embedded SmolLM2-135M + movie-review sentiment (offline)")
     return p
 
@@ -62,22 +66,47 @@ def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
         out = write_report(run_dir)
         print(summary_table(run_dir))
         print(f"report written to {out}")
+        if args.compare:
+            from .compare import write_comparison
+
+            print(write_comparison([run_dir, *args.compare], out)["table"])
+            print(f"comparison written to {out / 'compare.md'}")
         return
-    if getattr(args, "deepspeed", None):
-        raise LightPeftError("--deepspeed is not supported in this version yet; run without it (single process)")
+    deepspeed = getattr(args, "deepspeed", None)
     config = str(DEMO_RECIPE) if args.stage == "demo" and not args.config else args.config
     recipe = pipeline.resolve_recipe(run_dir, config, overrides + _plan_overrides(args))
-    if args.stage in ("run", "demo"):
-        pipeline.run_all(recipe, run_dir)
-        from .report import summary_table
+    if deepspeed:
+        from .zero import load_ds_config
 
-        print(summary_table(run_dir))
+        load_ds_config(deepspeed)  # a missing or broken config fails before any rank loads a model
+    rt = init_distributed(require_group=bool(deepspeed))
+    if not rt.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    if args.stage in ("run", "demo"):
+        pipeline.run_all(recipe, run_dir, deepspeed=deepspeed)
+        if rt.is_main:
+            from .report import summary_table
+
+            print(summary_table(run_dir))
         return
-    pipeline.run_stage(args.stage, recipe, run_dir)
+    pipeline.run_stage(args.stage, recipe, run_dir, deepspeed=deepspeed)
+
+
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N; the rank comes from the environment (LOCAL_RANK) anyway."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not a.startswith(("--local_rank=", "--local-rank=")):
+            out.append(a)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = _parser().parse_known_args(argv)
+    args, rest = _parser().parse_known_args(_strip_local_rank(sys.argv[1:] if argv is None else argv))
     bad = [a for a in rest if not (a.startswith("--") and "=" in a and "." in a.split("=")[0])]
     if bad:
         print(f"error: unrecognized arguments {bad}; recipe overrides look like --section.key=value", file=sys.stderr)
@@ -93,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
     return 0
 
 

@@ -25,7 +25,8 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     path: str = Field(description="HF model folder (safetensors), or 'embedded:smollm2' for the offline default")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] | None = Field(
+        "auto", description="auto: flash_attention_2 if flash_attn is usable on CUDA, else sdpa (attention.py)")
     tokenizer: str | None = Field(None, description="tokenizer folder; defaults to model.path")
 
 
@@ -55,6 +56,18 @@ class PeftConfig(_Strict):
     alpha: float = 16.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    @model_validator(mode="after")
+    def _adapter_defaults(self) -> "PeftConfig":
+        """type adapter (bottleneck, bottleneck.py): r is the size, alpha the output scaling; unset keys take the
+        reference's adapter values (targets o_proj + down_proj, dropout 0.1, scaling 1.0)."""
+        if self.type == "adapter":
+            given = self.model_fields_set
+            defaults = {"targets": ["o_proj", "down_proj"], "dropout": 0.1, "alpha": 1.0}
+            for key, value in defaults.items():
+                if key not in given:
+                    object.__setattr__(self, key, value)
+        return self
 
 
 class EstimateConfig(_Strict):
@@ -101,6 +114,9 @@ class TrainConfig(_Strict):
     eval_every: int = Field(0, ge=0, description="0 = only at the end")
     seed: int = 42
     warm_start: bool = Field(True, description="start from the sliced estimation adapter, as the reference does")
+    load_in_4bit: bool = Field(False, description="QLoRA: the pruned base in 4-bit NF4 (bitsandbytes), LoRA on top")
+    gradient_checkpointing: bool = False
+    packing: bool = Field(False, description="pack examples into rows of seq_len tokens; batch_size counts rows")
 
 
 class EvalConfig(_Strict):

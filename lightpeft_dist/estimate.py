@@ -9,20 +9,27 @@ pruning (spec 3).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from .checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from .config import Recipe, recipe_to_dict
-from .families import head_dim_of, layer_shapes
+from .families import config_layer_shapes, head_dim_of
+from .bottleneck import adapter_config, save_bottleneck
+from .bottleneck_importance import BottleneckImportanceTracker
 from .importance import PeftImportanceTracker
 from .io_utils import atomic_dir, sha256_json, write_json
-from .loop import PlainEngine, linear_schedule, run_steps, train_batches
-from .masks import attach_masks, mask_parameters
-from .models import attach_lora, fingerprint, load_model, load_tokenizer
+from .loop import linear_schedule, make_engine, run_steps, train_batches
+from .masks import L1Sink, attach_masks, mask_parameters
+from .models import attach_lora, fingerprint, is_peft_param, load_config, load_model, load_tokenizer
+from .plan import make_plan
 from .runtime import Runtime, current
 from .scores import Scores, save_scores
+from .zero import full_state, full_value, is_partitioned, prepare_ds_config, zero3_loading
 
 log = logging.getLogger(__name__)
 
@@ -33,66 +40,131 @@ def estimate_key(recipe: Recipe) -> str:
     return sha256_json({k: d[k] for k in ("model", "data", "peft", "estimate")})[:16]
 
 
-def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> dict:
+CHECKPOINT_DIR = "estimate.ckpt"
+
+
+def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, deepspeed: str | None = None,
+                 on_checkpoint: Callable[[Path, int], None] | None = None) -> dict:
+    """Estimate on every rank of the job (collective); rank 0 writes `run_dir/estimate/`.
+
+    With `deepspeed` (a DeepSpeed config path) the model is built under ZeRO-3's `zero.Init` when the config says
+    stage 3, and masks, LoRA and optimizer state are partitioned across ranks. With `estimate.checkpoint_every` the
+    run checkpoints to `run_dir/estimate.ckpt/` and a rerun with the same recipe resumes from it.
+    """
     rt = runtime or current()
     cfg = recipe.estimate
+    key = estimate_key(recipe)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model)
-    model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation)
-    base_config, shapes = model.config, layer_shapes(model)
+    base_config = load_config(recipe.model.path)
+    shapes = config_layer_shapes(base_config)
+    ds_cfg = prepare_ds_config(deepspeed, cfg, recipe.model.dtype, base_config.hidden_size,
+                               min(min(s["num_attention_heads"], s["intermediate_size"]) for s in shapes),
+                               rt.world_size)
     batches = train_batches(recipe.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.seed, rt)
-
-    model = attach_lora(model, recipe.peft).to(rt.device)
-    attach_masks(model)
-    head_masks, ffn_masks = mask_parameters(model)
-    tracker = PeftImportanceTracker(model, cfg.steps, rt)
-    peft_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    mask_lr = cfg.lr * cfg.mask_lr_coef
-    optimizer = torch.optim.AdamW([
-        {"params": peft_params, "lr": cfg.lr, "name": "peft"},
-        {"params": head_masks, "lr": mask_lr, "name": "head_masks"},
-        {"params": ffn_masks, "lr": mask_lr, "name": "ffn_masks"},
-    ], weight_decay=0.0)
-    engine = PlainEngine(model, optimizer, linear_schedule(optimizer, cfg.steps), cfg.grad_accum, cfg.max_grad_norm)
-
-    def l1() -> torch.Tensor:  # a sum, not a mean (spec 1.2)
-        return cfg.l1 * (sum(m.abs().sum() for m in head_masks) + sum(m.abs().sum() for m in ffn_masks))
+    with zero3_loading(ds_cfg):
+        model = attach_lora(load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation),
+                            recipe.peft)
+        sink = L1Sink()
+        attach_masks(model, sink=sink)
+        head_masks, ffn_masks = mask_parameters(model)
+        tracker = (BottleneckImportanceTracker if recipe.peft.type == "adapter" else PeftImportanceTracker)(
+            model, cfg.steps, rt)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        peft_params = [p for n, p in trainable if is_peft_param(n)]
+        mask_lr = cfg.lr * cfg.mask_lr_coef
+        optimizer = torch.optim.AdamW([
+            {"params": peft_params, "lr": cfg.lr, "name": "peft"},
+            {"params": head_masks, "lr": mask_lr, "name": "head_masks"},
+            {"params": ffn_masks, "lr": mask_lr, "name": "ffn_masks"},
+        ], weight_decay=0.0)
+        engine = make_engine(model, optimizer, linear_schedule(optimizer, cfg.steps), cfg.grad_accum,
+                             cfg.max_grad_norm, ds_cfg, rt)
+    partitioning = mask_partitioning(head_masks + ffn_masks, rt)
+    start = resume(run_dir / CHECKPOINT_DIR, key, engine, trainable, tracker, rt)
 
     def before_forward(batch: dict) -> None:
-        tracker.recording, tracker.token_mask = True, batch["attention_mask"]
+        tracker.recording, tracker.token_mask, sink.active = True, batch["attention_mask"], True
 
     def after_forward() -> None:
-        tracker.recording = False
+        tracker.recording = sink.active = False
 
-    log.info("estimate: %d steps, batch %d, %d LoRA modules, %d head masks, %d FFN masks", cfg.steps,
-             cfg.batch_size, len(tracker.modules), sum(m.numel() for m in head_masks),
-             sum(m.numel() for m in ffn_masks))
+    def after_step(step: int, loss: float) -> None:
+        tracker.end_step(step)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            path = run_dir / CHECKPOINT_DIR
+            save_checkpoint(path, engine, trainable, step, tracker.state_dict(), {"key": key}, rt)
+            if on_checkpoint is not None:
+                on_checkpoint(path, step)
+
+    log.info("estimate: steps %d..%d, batch %d, %d PEFT modules, %d head masks, %d FFN masks", start, cfg.steps,
+             cfg.batch_size, len(tracker.modules), sum(s["num_attention_heads"] for s in shapes),
+             sum(s["intermediate_size"] for s in shapes))
     t0 = time.time()
-    stats = run_steps(model, engine, batches, cfg.steps, cfg.grad_accum, rt, "estimate", extra_loss=l1,
-                      before_forward=before_forward, after_forward=after_forward,
-                      after_step=lambda step, loss: tracker.end_step(step))
+    stats = run_steps(model, engine, batches, cfg.steps, cfg.grad_accum, rt, "estimate",
+                      extra_loss=lambda: cfg.l1 * sink.pop(),  # a sum, not a mean (spec 1.2)
+                      before_forward=before_forward, after_forward=after_forward, after_step=after_step,
+                      start_step=start, seed=cfg.seed)
     module_scores, rank_scores = tracker.results()
     tracker.remove()
-    scores = Scores(head=[m.detach().float().cpu() for m in head_masks],
-                    ffn=[m.detach().float().cpu() for m in ffn_masks], module=module_scores, rank=rank_scores)
+    scores = Scores(head=[full_value(m) for m in head_masks], ffn=[full_value(m) for m in ffn_masks],
+                    module=module_scores, rank=rank_scores)
+    adapter_state = full_state([(n, p) for n, p in trainable if is_peft_param(n)])
+    plan_hash = make_plan(scores, shapes, recipe.prune, fingerprint(base_config), base_config.hidden_size,
+                          head_dim_of(base_config))["hash"]
+    rt.agree(plan_hash, "plan computed from the gathered masks")
     record = {
-        "key": estimate_key(recipe), "strategy": "lightpeft", "model_path": recipe.model.path,
-        "model_fingerprint": fingerprint(base_config), "layer_shapes": shapes,
+        "key": key, "strategy": "lightpeft", "model_path": recipe.model.path,
+        "model_fingerprint": fingerprint(base_config), "layer_shapes": shapes, "plan_hash": plan_hash,
         "hidden_size": base_config.hidden_size, "head_dim": head_dim_of(base_config),
-        "steps": cfg.steps, "seed": cfg.seed, "world_size": rt.world_size, "losses": stats.losses,
-        "tokens": stats.tokens * rt.world_size, "train_seconds": stats.seconds, "wall_seconds": time.time() - t0,
-        "recipe": recipe_to_dict(recipe),
+        "steps": cfg.steps, "resumed_from_step": start, "seed": cfg.seed, "world_size": rt.world_size,
+        "deepspeed": ds_cfg, "mask_partitioning": partitioning, "losses": stats.losses, "tokens": stats.tokens * rt.world_size,
+        "train_seconds": stats.seconds, "wall_seconds": time.time() - t0, "recipe": recipe_to_dict(recipe),
     }
     if rt.is_main:
-        write_estimate(run_dir / "estimate", scores, model, record)
+        write_estimate(run_dir / "estimate", scores, model, adapter_state, record)
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     rt.barrier()
     return record
 
 
-def write_estimate(out_dir: Path, scores: Scores, peft_model, record: dict) -> None:
+def resume(path: Path, key: str, engine, trainable, tracker: PeftImportanceTracker, rt: Runtime) -> int:
+    """The first step to run: 0, or the step after a checkpoint written for this same recipe."""
+    found = read_checkpoint(path)
+    if found is None:
+        return 0
+    meta, tensors = found
+    if meta.get("key") != key:
+        log.warning("ignoring checkpoint %s: it was written for another recipe (key %s, now %s)", path,
+                    meta.get("key"), key)
+        return 0
+    extra = restore_checkpoint(engine, trainable, meta, tensors)
+    tracker.load_state_dict(extra)
+    log.info("resumed estimation from %s after step %d (written by %d ranks, now %d)", path, meta["step"],
+             meta["world_size"], rt.world_size)
+    return int(meta["step"]) + 1
+
+
+def mask_partitioning(masks: list[torch.Tensor], rt: Runtime) -> dict | None:
+    """How ZeRO-3 placed the masks (elements held by each rank, any kept persistent); None when not partitioned."""
+    if not masks or not is_partitioned(masks[0]):
+        return None
+    local = sum(m.ds_tensor.numel() for m in masks)
+    persistent = sum(bool(getattr(m, "ds_persist", False)) for m in masks)
+    out = {"total_elements": sum(m.ds_numel for m in masks), "elements_per_rank": rt.all_gather_object(local),
+           "persistent_masks_per_rank": rt.all_gather_object(persistent)}
+    log.info("masks are ZeRO-3 partitioned: elements per rank %s of %d, persistent %s", out["elements_per_rank"],
+             out["total_elements"], out["persistent_masks_per_rank"])
+    return out
+
+
+def write_estimate(out_dir: Path, scores: Scores, peft_model, adapter_state: dict, record: dict) -> None:
     with atomic_dir(out_dir) as tmp:
         save_scores(tmp / "scores.safetensors", scores, metadata={"strategy": record["strategy"]})
-        peft_model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        if record["recipe"]["peft"]["type"] == "adapter":
+            save_bottleneck(tmp / "adapter", adapter_state, adapter_config(peft_model))
+        else:
+            peft_model.save_pretrained(tmp / "adapter", state_dict=adapter_state, safe_serialization=True)
         write_json(tmp / "estimate.json", record)
     masks = torch.cat([*scores.head, *scores.ffn])
     log.info("estimate written to %s: mask range [%.4f, %.4f], mean module score %.4f", out_dir,

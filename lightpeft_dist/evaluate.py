@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from .bottleneck import is_bottleneck_dir, load_bottleneck
 from .config import Recipe, recipe_to_dict
 from .data import Collator, encode_split, load_rows
 from .io_utils import read_json, sha256_json, write_json
@@ -72,7 +73,8 @@ def run_evaluate(recipe: Recipe, run_dir: Path, baseline: bool = True) -> dict:
         log.info("base (zero-shot, unpruned): %s", result["base"])
         del base
     pruned = load_model(str(run_dir / "pruned_model"), recipe.model.dtype, recipe.model.attn_implementation)
-    model = PeftModel.from_pretrained(pruned, run_dir / "train" / "adapter")
+    adapter = run_dir / "train" / "adapter"
+    model = load_bottleneck(pruned, adapter) if is_bottleneck_dir(adapter) else PeftModel.from_pretrained(pruned, adapter)
     result["pruned"] = evaluate_model(model, tokenizer, recipe, split)
     log.info("pruned + fine-tuned: %s", result["pruned"])
     write_json(run_dir / "eval.json", result)

@@ -119,3 +119,13 @@ def layer_shapes(model: nn.Module) -> list[dict[str, int]]:
 
 def _base_linear(module: nn.Module) -> nn.Linear:
     return getattr(module, "base_layer", module)
+
+
+def config_layer_shapes(config) -> list[dict[str, int]]:
+    """Per-layer shapes from a config alone (before any weights exist, e.g. to size a DeepSpeed config)."""
+    shapes = getattr(config, "layer_shapes", None)
+    if shapes:
+        return [dict(s) for s in shapes]
+    return [{"num_attention_heads": config.num_attention_heads,
+             "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+             "intermediate_size": config.intermediate_size} for _ in range(config.num_hidden_layers)]

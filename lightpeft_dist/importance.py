@@ -40,30 +40,50 @@ def lora_modules(model: nn.Module, adapter: str = "default") -> list[tuple[str, 
 
 
 class PeftImportanceTracker:
+    """LoRA's trackers; the per-step, second-half and cross-rank logic is shared with other PEFT kinds, which
+    subclass it and override `_taylor_shape`, `_rank_score` and the hooks (see bottleneck_importance.py)."""
+
     def __init__(self, model: nn.Module, total_steps: int, runtime: Runtime, adapter: str = "default"):
-        self.runtime = runtime
         self.adapter = adapter
-        self.first_recorded_step = total_steps // 2
-        self.modules = [
+        self._setup(model, total_steps, runtime, [
             _Module(name, m, m.r[adapter], m.in_features, m.out_features) for name, m in lora_modules(model, adapter)
-        ]
+        ])
+        for i, mod in enumerate(self.modules):
+            self._handles.append(mod.layer.base_layer.register_forward_hook(self._on_base(i)))
+            self._handles.append(mod.layer.lora_A[adapter].register_forward_hook(self._on_lora_a(i)))
+            self._handles.append(mod.layer.lora_B[adapter].register_forward_hook(self._on_lora_b(i)))
+
+    def _setup(self, model: nn.Module, total_steps: int, runtime: Runtime, modules: list[_Module]) -> None:
+        self.runtime = runtime
+        self.first_recorded_step = total_steps // 2
+        self.modules = modules
         self.recording = False
         self.token_mask: torch.Tensor | None = None
         n, device = len(self.modules), self._device(model)
         # Within the current optimizer step.
         self._ratio_sum = torch.zeros(n, dtype=torch.float64, device=device)
         self._ratio_tokens = torch.zeros(n, dtype=torch.float64, device=device)
-        self._taylor = [torch.zeros(m.rank, dtype=torch.float64, device=device) for m in self.modules]
+        self._taylor = [torch.zeros(self._taylor_shape(m), dtype=torch.float64, device=device) for m in self.modules]
         self._base_norm: dict[int, torch.Tensor] = {}
         # Over the recorded (second-half) steps.
         self.module_sum = torch.zeros(n, dtype=torch.float64)
         self.rank_sum = [torch.zeros(m.rank, dtype=torch.float64) for m in self.modules]
         self.recorded_steps = 0
         self._handles = []
-        for i, mod in enumerate(self.modules):
-            self._handles.append(mod.layer.base_layer.register_forward_hook(self._on_base(i)))
-            self._handles.append(mod.layer.lora_A[adapter].register_forward_hook(self._on_lora_a(i)))
-            self._handles.append(mod.layer.lora_B[adapter].register_forward_hook(self._on_lora_b(i)))
+
+    @staticmethod
+    def _taylor_shape(mod: _Module) -> tuple[int, ...]:
+        return (mod.rank,)  # LoRA: one T_i serves both factors (spec 2.2)
+
+    @staticmethod
+    def _rank_score(mod: _Module, t: torch.Tensor) -> torch.Tensor:
+        return t.abs() * (1.0 / mod.d_in + 1.0 / mod.d_out)
+
+    def _add_ratio(self, i: int, delta_norm: torch.Tensor, base_norm: torch.Tensor, like: torch.Tensor) -> None:
+        ratio = torch.where(base_norm > 0, delta_norm / base_norm, torch.zeros_like(delta_norm))
+        tokens = self._tokens(like)
+        self._ratio_sum[i] += (ratio * tokens).sum()
+        self._ratio_tokens[i] += tokens.sum()
 
     @staticmethod
     def _device(model: nn.Module) -> torch.device:
@@ -86,11 +106,7 @@ class PeftImportanceTracker:
                 return
             mod = self.modules[i]
             delta = out.detach().double().norm(dim=-1) * float(mod.layer.scaling[self.adapter])
-            base = self._base_norm.pop(i)
-            ratio = torch.where(base > 0, delta / base, torch.zeros_like(delta))
-            tokens = self._tokens(out)
-            self._ratio_sum[i] += (ratio * tokens).sum()
-            self._ratio_tokens[i] += tokens.sum()
+            self._add_ratio(i, delta, self._base_norm.pop(i), out)
         return hook
 
     def _on_lora_a(self, i: int):
@@ -115,7 +131,7 @@ class PeftImportanceTracker:
             p2 = torch.nan_to_num(ratio_sum / ratio_tokens.clamp_min(1), nan=0.0, posinf=0.0, neginf=0.0)
             self.module_sum += p2.cpu()
             for mod, acc, t in zip(self.modules, self.rank_sum, taylor):
-                score = t.abs() * (1.0 / mod.d_in + 1.0 / mod.d_out)
+                score = self._rank_score(mod, t)
                 acc += torch.nan_to_num(score, nan=0.0, posinf=0.0, neginf=0.0).cpu()
             self.recorded_steps += 1
         self._ratio_sum.zero_()

@@ -7,7 +7,10 @@ occupies the projection's slot when they are attached, so attach them *after* PE
 the masked input too, which is what makes "mask = 0" identical to "unit physically removed".
 
 The mask parameters are registered on the attention / MLP module that owns the projection, so DeepSpeed ZeRO-3
-gathers them with that module like any other parameter.
+gathers them with that module like any other parameter. For the same reason the L1 term is collected inside the hooks
+(`L1Sink`): outside its module's forward a partitioned mask is an empty placeholder, and summing it there would
+silently drop the penalty. The hooks use a copy of the gathered mask, so the term's backward never reads a parameter
+that ZeRO-3 has already released.
 """
 
 from __future__ import annotations
@@ -22,25 +25,49 @@ FFN_MASK = "lightpeft_ffn_mask"
 _HOOKS = "_lightpeft_mask_hooks"
 
 
-def _head_hook(owner: nn.Module, head_dim: int):
+class L1Sink:
+    """Collects sum|m| of every mask used in a forward pass while `active` (off during recomputes and eval)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.terms: list[torch.Tensor] = []
+
+    def add(self, mask: torch.Tensor) -> None:
+        if self.active:
+            self.terms.append(mask.float().abs().sum())
+
+    def pop(self) -> torch.Tensor:
+        total = torch.stack(self.terms).sum() if self.terms else torch.zeros(())
+        self.terms = []
+        return total
+
+
+def _used_mask(owner: nn.Module, name: str, sink: L1Sink | None) -> torch.Tensor:
+    mask = getattr(owner, name).clone()  # backward through clone needs no parameter data
+    if sink is not None:
+        sink.add(mask)
+    return mask
+
+
+def _head_hook(owner: nn.Module, head_dim: int, sink: L1Sink | None):
     def hook(module: nn.Module, args: tuple):
         x = args[0]
-        mask = getattr(owner, HEAD_MASK).to(x.dtype)
+        mask = _used_mask(owner, HEAD_MASK, sink).to(x.dtype)
         scaled = (x.unflatten(-1, (-1, head_dim)) * mask[:, None]).flatten(-2)
         return (scaled, *args[1:])
 
     return hook
 
 
-def _ffn_hook(owner: nn.Module):
+def _ffn_hook(owner: nn.Module, sink: L1Sink | None):
     def hook(module: nn.Module, args: tuple):
         x = args[0]
-        return (x * getattr(owner, FFN_MASK).to(x.dtype), *args[1:])
+        return (x * _used_mask(owner, FFN_MASK, sink).to(x.dtype), *args[1:])
 
     return hook
 
 
-def attach_masks(model: nn.Module, init: float = 1.0) -> None:
+def attach_masks(model: nn.Module, init: float = 1.0, sink: L1Sink | None = None) -> None:
     """Add fp32 head and FFN masks (trainable, value `init`) to every decoder layer of `model`."""
     base = unwrap(model)
     spec = family_for(base)
@@ -53,8 +80,8 @@ def attach_masks(model: nn.Module, init: float = 1.0) -> None:
             torch.full((shape["num_attention_heads"],), init, dtype=torch.float32, device=device)))
         mlp.register_parameter(FFN_MASK, nn.Parameter(
             torch.full((shape["intermediate_size"],), init, dtype=torch.float32, device=device)))
-        handles.append(getattr(attn, spec.head_out_proj).register_forward_pre_hook(_head_hook(attn, hd)))
-        handles.append(getattr(mlp, spec.ffn_out_proj).register_forward_pre_hook(_ffn_hook(mlp)))
+        handles.append(getattr(attn, spec.head_out_proj).register_forward_pre_hook(_head_hook(attn, hd, sink)))
+        handles.append(getattr(mlp, spec.ffn_out_proj).register_forward_pre_hook(_ffn_hook(mlp, sink)))
     setattr(base, _HOOKS, handles)
 
 

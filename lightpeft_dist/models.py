@@ -13,7 +13,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from . import assets
+from . import assets, quant
+from .attention import choose_attention
 from .config import ModelConfig, PeftConfig
 from .errors import LightPeftError
 from .families import family_for, head_dim_of
@@ -40,18 +41,20 @@ def load_config(path: str):
     return config
 
 
-def load_model(path: str, dtype: str = "float32", attn_implementation: str | None = None) -> PreTrainedModel:
+def load_model(path: str, dtype: str = "float32", attn_implementation: str | None = None,
+               load_in_4bit: bool = False) -> PreTrainedModel:
     real = resolve_model_dir(path)
     load_config(path)
     kwargs = {"dtype": DTYPES[dtype]}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs["attn_implementation"] = choose_attention(attn_implementation, DTYPES[dtype])
+    if load_in_4bit:
+        kwargs.update(quant.load_kwargs(DTYPES[dtype]))
     try:
         model = AutoModelForCausalLM.from_pretrained(real, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         raise LightPeftError(f"cannot load model weights from {real} ({str(exc).splitlines()[0]})") from None
     log.info("loaded %s from %s (%s params, attention=%s)", type(model).__name__, real,
-             f"{sum(p.numel() for p in model.parameters()):,}", model.config._attn_implementation)
+             f"{count_parameters(model)['total']:,}", model.config._attn_implementation)
     return model
 
 
@@ -85,14 +88,23 @@ def lora_config(cfg: PeftConfig, target_modules: list[str] | None = None, **extr
 
 
 def attach_lora(model: PreTrainedModel, cfg: PeftConfig) -> PeftModel:
+    if cfg.type == "adapter":  # bottleneck adapter: our own module, PEFT has no such type (bottleneck.py)
+        from .bottleneck import attach_from_config
+
+        return attach_from_config(model, cfg)
     if cfg.type != "lora":
-        raise LightPeftError(f"peft.type {cfg.type!r} is not implemented yet; use peft.type: lora")
+        raise LightPeftError(f"peft.type {cfg.type!r} is not implemented; use peft.type: lora or adapter")
     spec = family_for(model)
     unknown = [t for t in cfg.targets if t not in spec.slicing]
     if unknown:
         raise LightPeftError(f"peft.targets {unknown} are not projections of the {spec.name} family; "
                              f"choose from {sorted(spec.slicing)}")
     return get_peft_model(model, lora_config(cfg))
+
+
+def is_peft_param(name: str) -> bool:
+    """A LoRA or bottleneck-adapter parameter (what estimation trains besides the masks, and what is saved)."""
+    return "lora_" in name or "_adapter." in name
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
@@ -105,5 +117,5 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
         n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
         counts["total"] += n
         counts["trainable"] += n if p.requires_grad else 0
-        counts["adapter"] += n if "lora_" in name else 0
+        counts["adapter"] += n if is_peft_param(name) else 0
     return counts

@@ -16,6 +16,7 @@ import yaml
 from .config import Recipe, apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict
 from .errors import LightPeftError
 from .io_utils import read_json, sha256_file, sha256_json, write_json
+from .runtime import Runtime, current
 from .scores import load_scores
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,20 @@ def plan_key(recipe: Recipe, run_dir: Path) -> str:
                         "prune": recipe_to_dict(recipe)["prune"]})[:16]
 
 
-def run_plan(recipe: Recipe, run_dir: Path) -> dict:
+def run_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> dict:
+    """Every rank computes the plan; they must agree on its hash before rank 0 writes it."""
     from .plan import make_plan
 
+    rt = runtime or current()
     est = read_json(run_dir / "estimate" / "estimate.json", "estimate record")
     scores = load_scores(run_dir / "estimate" / "scores.safetensors")
     plan = make_plan(scores, est["layer_shapes"], recipe.prune, est["model_fingerprint"], est["hidden_size"],
                      est["head_dim"])
     plan["key"] = plan_key(recipe, run_dir)
-    write_json(run_dir / "plan.json", plan)
+    rt.agree(plan["hash"], "plan hash")
+    if rt.is_main:
+        write_json(run_dir / "plan.json", plan)
+    rt.barrier()
     s = plan["summary"]
     log.info("plan %s: heads %d -> %d, KV heads %d -> %d, FFN %d -> %d, prunable params -%.1f%%, "
              "PEFT modules kept %d, ranks kept %d", plan["hash"], s["before"]["num_attention_heads"],
@@ -97,22 +103,35 @@ def stage_done(stage: str, recipe: Recipe, run_dir: Path) -> bool:
     return False
 
 
-def run_stage(stage: str, recipe: Recipe, run_dir: Path) -> None:
+DISTRIBUTED_STAGES = ("estimate", "train")
+
+
+def run_stage(stage: str, recipe: Recipe, run_dir: Path, deepspeed: str | None = None) -> None:
+    """Run one stage. Under a multi-rank launcher, estimate and train run on every rank; plan is computed on every
+    rank and checked to agree; prune, evaluate and report run on rank 0 while the others wait."""
+    rt = current()
     if stage == "estimate":
         from .estimate import run_estimate
 
-        save_recipe(run_dir, recipe)
-        run_estimate(recipe, run_dir)
-    elif stage == "plan":
-        run_plan(recipe, run_dir)
-    elif stage == "prune":
-        from .prune import run_prune
-
-        run_prune(run_dir, recipe.model.path)
+        if rt.is_main:
+            save_recipe(run_dir, recipe)
+        run_estimate(recipe, run_dir, rt, deepspeed=deepspeed)
     elif stage == "train":
         from .train import run_train
 
-        run_train(recipe, run_dir)
+        run_train(recipe, run_dir, rt, deepspeed=deepspeed)
+    elif stage == "plan":
+        run_plan(recipe, run_dir, rt)
+    elif rt.is_main:
+        _run_single(stage, recipe, run_dir)
+    rt.barrier()
+
+
+def _run_single(stage: str, recipe: Recipe, run_dir: Path) -> None:
+    if stage == "prune":
+        from .prune import run_prune
+
+        run_prune(run_dir, recipe.model.path)
     elif stage == "evaluate":
         from .evaluate import run_evaluate
 
@@ -123,13 +142,17 @@ def run_stage(stage: str, recipe: Recipe, run_dir: Path) -> None:
         write_report(run_dir)
 
 
-def run_all(recipe: Recipe, run_dir: Path) -> None:
-    save_recipe(run_dir, recipe)
+def run_all(recipe: Recipe, run_dir: Path, deepspeed: str | None = None) -> None:
+    rt = current()
+    if rt.is_main:
+        save_recipe(run_dir, recipe)
+    rt.barrier()
     stale = False
     for stage in STAGES:
-        if stage != "report" and not stale and stage_done(stage, recipe, run_dir):
+        done = stage != "report" and not stale and stage_done(stage, recipe, run_dir)
+        if all(rt.all_gather_object(done)):
             log.info("stage %s: up to date, skipped", stage)
             continue
         stale = True
         log.info("stage %s: running", stage)
-        run_stage(stage, recipe, run_dir)
+        run_stage(stage, recipe, run_dir, deepspeed=deepspeed)

@@ -1,7 +1,7 @@
 """Physically slice a base checkpoint and the estimation adapter to a plan.
 
-The base checkpoint is read one tensor at a time from its safetensors shards and written shard by shard, so memory
-holds one shard's pruned tensors rather than the model (issue 3 bounds this further by splitting shards). The
+The base checkpoint is read and written one tensor at a time (safetensors_stream), so memory holds one tensor,
+not a shard or the model, whatever the shard size (benchmarks/bench_prune.py measures it; docs/benchmarks.md). The
 estimation-stage LoRA weights are sliced the same way and warm-start training, as the reference does (spec 3, step 5):
 rows of lora_B where the projection's outputs are pruned, columns of lora_A where its inputs are, then rank cuts
 (rows of A, columns of B). The LoRA scale alpha / r_init is kept by setting alpha per module to alpha * r_kept / r_init.
@@ -10,19 +10,21 @@ rows of lora_B where the projection's outputs are pruned, columns of lora_A wher
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
+from .bottleneck import is_bottleneck_dir, prune_bottleneck
 from .errors import LightPeftError
 from .families import FamilySpec, family_for, head_dim_of
 from .io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from .models import fingerprint, load_config, resolve_model_dir
 from .plan import kept_shapes
 from .pruned_model import architecture_name, pruned_config
+from .safetensors_stream import ShardReader, ShardWriter
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -56,6 +58,34 @@ def slice_base_tensor(name: str, tensor: torch.Tensor, table: dict) -> torch.Ten
     return tensor.index_select(1, idx) if kind == "weight" else tensor  # an input-side bias is kept whole
 
 
+def sliced_shape(name: str, shape: list[int], table: dict) -> list[int]:
+    """The shape `slice_base_tensor` gives this tensor, known before reading it (shard headers come first)."""
+    module, _, kind = name.rpartition(".")
+    if module not in table:
+        return list(shape)
+    side, idx = table[module]
+    if side == "out":
+        return [len(idx), *shape[1:]]
+    return [shape[0], len(idx), *shape[2:]] if kind == "weight" else list(shape)
+
+
+def prune_shard(src: Path, dst: Path, table: dict) -> dict[str, tuple[int, int]]:
+    """Slice one shard tensor by tensor; memory holds one tensor, never the shard. Returns name -> (numel, bytes).
+
+    Untouched tensors (embeddings, norms) are copied through in chunks; see safetensors_stream for why neither
+    safe_open (mapped pages stay resident) nor save_file (needs the whole shard) is used here.
+    """
+    with ShardReader(src) as reader:
+        entries = [(n, reader.dtype(n), sliced_shape(n, reader.shape(n), table)) for n in reader.keys()]
+        with ShardWriter(dst, entries, metadata={"format": "pt"}) as writer:
+            for name in reader.keys():
+                if name.rpartition(".")[0] in table:
+                    writer.write(name, slice_base_tensor(name, reader.get(name), table))
+                else:
+                    reader.copy_to(name, writer)
+    return {n: (math.prod(shape), writer.sizes[n]) for n, _, shape in entries}
+
+
 def _shards(model_dir: Path) -> list[str]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -85,17 +115,11 @@ def prune_checkpoint(model_path: str, plan: dict, out_dir: Path) -> dict:
     weight_map, total_bytes, n_params = {}, 0, 0
     with atomic_dir(out_dir) as tmp:
         for shard in tqdm(shards, desc="prune shards", unit="shard"):
-            out = {}
-            with safe_open(str(src / shard), "pt") as f:
-                for name in f.keys():
-                    t = slice_base_tensor(name, f.get_tensor(name), table)
-                    out[name] = t
-                    weight_map[name] = shard
-                    total_bytes += t.numel() * t.element_size()
-                    n_params += t.numel()
-            save_tensors(tmp / shard, out, metadata={"format": "pt"})
-            del out
-        if len(shards) > 1:
+            for name, (numel, nbytes) in prune_shard(src / shard, tmp / shard, table).items():
+                weight_map[name] = shard
+                total_bytes += nbytes
+                n_params += numel
+        if shards != ["model.safetensors"]:  # an indexed source keeps its index, even with one shard
             write_json(tmp / "model.safetensors.index.json",
                        {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
         new_config.save_pretrained(tmp)
@@ -149,6 +173,10 @@ def prune_adapter(adapter_dir: Path, plan: dict, config, model_dir: Path, out_di
 def run_prune(run_dir: Path, model_path: str) -> dict:
     plan = read_json(run_dir / "plan.json", "plan")
     record = prune_checkpoint(model_path, plan, run_dir / "pruned_model")  # checks the plan against the model first
-    record["adapter"] = prune_adapter(run_dir / "estimate" / "adapter", plan, load_config(model_path),
+    est_adapter = run_dir / "estimate" / "adapter"
+    if is_bottleneck_dir(est_adapter):  # hidden-size adapters: only modules and units are cut (bottleneck.py)
+        record["adapter"] = prune_bottleneck(est_adapter, plan, run_dir / "pruned_adapter")
+        return record
+    record["adapter"] = prune_adapter(est_adapter, plan, load_config(model_path),
                                       run_dir / "pruned_model", run_dir / "pruned_adapter")
     return record

@@ -10,16 +10,21 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from .bottleneck import adapter_config, load_bottleneck, save_bottleneck
 from .config import Recipe, recipe_to_dict
 from .evaluate import task_metrics
+from .fastpath import prepare_for_training
 from .io_utils import atomic_dir, read_json, sha256_json, write_json
-from .loop import PlainEngine, linear_schedule, run_steps, train_batches
-from .models import count_parameters, load_model, load_tokenizer
+from .loop import linear_schedule, make_engine, run_steps, train_batches
+from .models import count_parameters, load_config, load_model, load_tokenizer
+from .packing import packed_batches
 from .runtime import Runtime, current
+from .zero import full_state, prepare_ds_config, zero3_loading
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +36,12 @@ def train_key(recipe: Recipe, run_dir: Path) -> str:
 
 
 def load_trainable(run_dir: Path, recipe: Recipe) -> PeftModel:
-    model = load_model(str(run_dir / "pruned_model"), recipe.model.dtype, recipe.model.attn_implementation)
+    model = load_model(str(run_dir / "pruned_model"), recipe.model.dtype, recipe.model.attn_implementation,
+                       load_in_4bit=recipe.train.load_in_4bit)
+    model = prepare_for_training(model, recipe.train)  # QLoRA preparation, gradient checkpointing, no KV cache
     adapter = run_dir / "pruned_adapter"
+    if recipe.peft.type == "adapter":  # bottleneck adapter, our own format (bottleneck.py)
+        return load_bottleneck(model, adapter, trainable=True, weights=recipe.train.warm_start)
     if recipe.train.warm_start:
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     cfg = read_json(adapter / "adapter_config.json", "pruned adapter config")
@@ -40,17 +49,29 @@ def load_trainable(run_dir: Path, recipe: Recipe) -> PeftModel:
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **fields))
 
 
-def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> dict:
+def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, deepspeed: str | None = None,
+              on_trained: Callable[[torch.nn.Module], None] | None = None) -> dict:
+    """Fine-tune on every rank of the job (collective); rank 0 writes `run_dir/train/`.
+
+    The pruned checkpoint is loaded afresh (under `zero.Init` with a ZeRO-3 config), so its new shapes are
+    partitioned over however many ranks this job has, whatever the estimation job had. `on_trained(model)` runs
+    on every rank after the last step (e.g. a collective evaluation of the live, partitioned model).
+    """
     rt = runtime or current()
     cfg = recipe.train
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model)
-    model = load_trainable(run_dir, recipe).to(rt.device)
+    pruned_config = load_config(str(run_dir / "pruned_model"))
+    ds_cfg = prepare_ds_config(deepspeed, cfg, recipe.model.dtype, pruned_config.hidden_size, None, rt.world_size)
     batches = train_batches(recipe.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.seed, rt)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = linear_schedule(optimizer, cfg.steps, warmup=int(cfg.warmup_ratio * cfg.steps))
-    engine = PlainEngine(model, optimizer, scheduler, cfg.grad_accum, cfg.max_grad_norm)
+    if cfg.packing:  # batch_size then counts packed rows of seq_len tokens
+        batches = packed_batches(batches, cfg.seq_len, tokenizer.pad_token_id)
+    with zero3_loading(ds_cfg):
+        model = load_trainable(run_dir, recipe)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = linear_schedule(optimizer, cfg.steps, warmup=int(cfg.warmup_ratio * cfg.steps))
+        engine = make_engine(model, optimizer, scheduler, cfg.grad_accum, cfg.max_grad_norm, ds_cfg, rt)
     params = count_parameters(model)
     log.info("train: %d steps on the pruned model (%s params, %s trainable)", cfg.steps, f"{params['total']:,}",
              f"{params['trainable']:,}")
@@ -63,15 +84,22 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> 
             log.info("step %d eval: %s", step + 1, evals[-1])
 
     t0 = time.time()
-    stats = run_steps(model, engine, batches, cfg.steps, cfg.grad_accum, rt, "train", after_step=after_step)
+    stats = run_steps(model, engine, batches, cfg.steps, cfg.grad_accum, rt, "train", after_step=after_step,
+                      seed=cfg.seed)
+    if on_trained is not None:
+        on_trained(engine.module)
+    adapter_state = full_state(named)  # collective under ZeRO-3: the saved adapter is complete, never shape [0]
     record = {"key": train_key(recipe, run_dir), "steps": cfg.steps, "losses": stats.losses,
               "tokens": stats.tokens * rt.world_size, "train_seconds": stats.seconds,
               "tokens_per_s": stats.tokens * rt.world_size / max(stats.seconds, 1e-9),
               "wall_seconds": time.time() - t0, "params": params, "evals": evals, "world_size": rt.world_size,
-              "peak_memory_bytes": peak_memory_bytes()}
+              "peak_memory_bytes": peak_memory_bytes(), "deepspeed": ds_cfg}
     if rt.is_main:
         with atomic_dir(run_dir / "train") as tmp:
-            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            if recipe.peft.type == "adapter":
+                save_bottleneck(tmp / "adapter", adapter_state, adapter_config(model))
+            else:
+                model.save_pretrained(tmp / "adapter", state_dict=adapter_state, safe_serialization=True)
             write_json(tmp / "train.json", record)
         log.info("train finished: loss %.4f -> %.4f, %.0f tokens/s", stats.losses[0], stats.losses[-1],
                  record["tokens_per_s"])

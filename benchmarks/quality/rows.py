@@ -1,0 +1,176 @@
+"""The study's rows, each one run directory driven through the project's pipeline stages.
+
+Per seed, one estimation run is shared by every row: the rows' run directories get hard links to its `estimate/`
+(same recipe sections model/data/peft/estimate, so `pipeline.stage_done('estimate')` holds and nothing is
+re-estimated), then plan -> prune -> train run per row. The zero-shot base model is evaluated once for the study and
+its numbers are attached to every row's eval.json as "base" (the evaluate stage would otherwise re-measure the same
+base model in every row, which costs minutes per row on a CPU).
+
+Rows: `lora` (all ratios 0: the plan keeps every head, neuron, module and rank, so the "pruned" model is the base
+model; LoRA freshly initialised, i.e. the reference's vanilla baseline), `lightpeft` (scored plan at a level) and
+`random` (the same ratios with prune.random, seeded per seed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightpeft_dist import pipeline
+from lightpeft_dist.config import Recipe, recipe_from_dict, recipe_to_dict
+from lightpeft_dist.estimate import estimate_key
+from lightpeft_dist.evaluate import eval_split, evaluate_model, run_evaluate
+from lightpeft_dist.io_utils import read_json, sha256_json, write_json
+from lightpeft_dist.models import load_model, load_tokenizer
+from lightpeft_dist.report import write_report
+
+from .levels import solve_level
+from .perplexity import perplexity
+
+log = logging.getLogger("quality.rows")
+
+
+@dataclass
+class Study:
+    out_dir: Path
+    base: dict  # recipe as a dict, overrides applied
+    ppl_windows: list[dict] | None = None
+    ppl_info: dict | None = None
+    zero_shot: dict = field(default_factory=dict)
+
+    def recipe(self, seed: int, **sections: dict) -> Recipe:
+        raw = {k: dict(v) if isinstance(v, dict) else v for k, v in self.base.items()}
+        for sec in ("estimate", "train", "prune"):
+            raw.setdefault(sec, {})["seed"] = seed
+        for sec, values in sections.items():
+            raw.setdefault(sec, {}).update(values)
+        return recipe_from_dict(raw, source="quality study recipe")
+
+
+def _ppl_key(study: Study, what: str) -> str | None:
+    return sha256_json({"what": what, "ppl": study.ppl_info})[:16] if study.ppl_info else None
+
+
+def _model_ppl(study: Study, recipe: Recipe, path: str) -> float | None:
+    if study.ppl_windows is None:
+        return None
+    model = load_model(path, recipe.model.dtype, recipe.model.attn_implementation)
+    tok = load_tokenizer(recipe.model)
+    # batch of 4: the logits of 4 windows x 256 tokens x 49k vocab are already 200 MB
+    return perplexity(model, tok, study.ppl_windows, min(4, recipe.eval.batch_size))["perplexity"]
+
+
+def run_zero_shot(study: Study) -> dict:
+    """Evaluate the unpruned base model once (task metric, parameters, tokens/s, Brown perplexity)."""
+    recipe = study.recipe(0)
+    d = study.out_dir / "zero-shot"
+    d_raw = recipe_to_dict(recipe)
+    key = sha256_json({k: d_raw[k] for k in ("model", "data", "eval")} | {"seq": recipe.train.seq_len,
+                                                                          "ppl": study.ppl_info})[:16]
+    ev = read_json(d / "eval.json") if (d / "eval.json").is_file() else {}
+    if ev.get("key") != key:
+        log.info("zero-shot: evaluating the unpruned base model")
+        model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation)
+        split = eval_split(recipe)
+        ev = {"key": key, "split": split, "format": recipe.data.format,
+              "base": evaluate_model(model, load_tokenizer(recipe.model), recipe, split)}
+        del model
+        d.mkdir(parents=True, exist_ok=True)
+        ppl = _model_ppl(study, recipe, recipe.model.path)
+        write_json(d / "quality.json", {"method": "zero-shot", "label": "zero-shot (unpruned, no training)",
+                                        "level": None, "seed": None, "uses_estimate": False,
+                                        "ppl": {"pruned_base": ppl, **(study.ppl_info or {})}})
+        write_json(d / "eval.json", ev)
+    study.zero_shot = ev["base"]
+    return ev
+
+
+def run_estimate(study: Study, seed: int) -> Path:
+    """The seed's shared estimation run (skipped when its recorded key still matches)."""
+    recipe = study.recipe(seed)
+    d = study.out_dir / f"seed{seed}" / "estimate-run"
+    if pipeline.stage_done("estimate", recipe, d):
+        log.info("seed %d: estimate up to date, reused", seed)
+    else:
+        log.info("seed %d: estimating (%d steps)", seed, recipe.estimate.steps)
+        pipeline.run_stage("estimate", recipe, d)
+    return d / "estimate"
+
+
+def _link_estimate(shared: Path, row_dir: Path, recipe: Recipe) -> None:
+    target = row_dir / "estimate"
+    if target.exists():
+        try:
+            if read_json(target / "estimate.json").get("key") == estimate_key(recipe) and \
+                    (target / "estimate.json").samefile(shared / "estimate.json"):
+                return
+        except Exception:  # noqa: BLE001 - anything unreadable is replaced below
+            pass
+        shutil.rmtree(target)
+    row_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(shared, target, copy_function=os.link)
+
+
+def row_specs(level_ratios: dict[float, dict], peft_ratios: dict) -> list[tuple[str, float | None, dict, dict]]:
+    """(method, level, prune section, train section) for every row of one seed."""
+    rows = [("lora", None, {"attn_ratio": 0.0, "ffn_ratio": 0.0, "module_ratio": 0.0, "rank_ratio": 0.0,
+                            "random": False}, {"warm_start": False})]
+    for level, ratios in level_ratios.items():
+        rows.append(("lightpeft", level, {**ratios, **peft_ratios, "random": False}, {}))
+        rows.append(("random", level, {**ratios, **peft_ratios, "random": True}, {}))
+    return rows
+
+
+def row_name(method: str, level: float | None) -> str:
+    return method if level is None else f"{method}-{round(100 * level)}"
+
+
+def run_row(study: Study, seed: int, shared: Path, method: str, level: float | None, prune: dict,
+            train: dict) -> Path:
+    recipe = study.recipe(seed, prune=prune, train=train)
+    d = study.out_dir / f"seed{seed}" / row_name(method, level)
+    _link_estimate(shared, d, recipe)
+    pipeline.save_recipe(d, recipe)
+    t0, stale = time.time(), False
+    for stage in ("plan", "prune", "train"):
+        if not stale and pipeline.stage_done(stage, recipe, d):
+            continue
+        stale = True
+        log.info("%s seed %d: stage %s", d.name, seed, stage)
+        pipeline.run_stage(stage, recipe, d)
+    if stale or not pipeline.stage_done("evaluate", recipe, d):
+        result = run_evaluate(recipe, d, baseline=False)
+        result["base"], result["base_from"] = study.zero_shot, str(study.out_dir / "zero-shot")
+        write_json(d / "eval.json", result)
+    q_path = d / "quality.json"
+    plan_hash = read_json(d / "plan.json")["hash"]
+    q = read_json(q_path) if q_path.is_file() else {}
+    if stale or q.get("plan_hash") != plan_hash or q.get("ppl_key") != _ppl_key(study, plan_hash):
+        label = {"lora": "LoRA, full model (all ratios 0)", "lightpeft": "Light-PEFT",
+                 "random": "random pruning"}[method]
+        ppl = _model_ppl(study, recipe, str(d / "pruned_model"))
+        q = {"method": method, "label": label, "level": level, "seed": seed, "uses_estimate": method != "lora",
+             "plan_hash": plan_hash, "prune": recipe_to_dict(recipe)["prune"],
+             "achieved_fraction": read_json(d / "plan.json")["summary"]["prunable_fraction_pruned"],
+             "ppl_key": _ppl_key(study, plan_hash), "ppl": {"pruned_base": ppl, **(study.ppl_info or {})},
+             "row_seconds": round(time.time() - t0, 1)}
+        write_json(q_path, q)
+    write_report(d)
+    return d
+
+
+def run_seed(study: Study, seed: int, levels: list[float], methods: list[str]) -> list[Path]:
+    shared = run_estimate(study, seed)
+    base_prune = study.recipe(seed).prune
+    peft = {"module_ratio": base_prune.module_ratio, "rank_ratio": base_prune.rank_ratio}
+    level_ratios = {lv: solve_level(shared, base_prune, lv)[0] for lv in levels}
+    dirs = []
+    specs = [s for s in row_specs(level_ratios, peft) if s[0] in methods]
+    for i, (method, level, prune, train) in enumerate(specs):
+        log.info("seed %d: row %d/%d %s", seed, i + 1, len(specs), row_name(method, level))
+        dirs.append(run_row(study, seed, shared, method, level, prune, train))
+    return dirs

@@ -1,0 +1,304 @@
+"""Ray Train driver: run the pipeline's stages on a Ray cluster, surviving lost workers.
+
+    ray job submit --working-dir . -- python launchers/ray_train.py --config R.yaml --run-dir /shared/D \
+        --num-workers N [--stage estimate|train|all] [--deepspeed ds_configs/zero3.json]
+
+Why Ray: estimate and train are collective (every rank steps; rank 0 writes), and on a cluster of preemptible or flaky
+nodes a lost rank must not throw the run away. The job is one `TorchTrainer` (Ray creates the torch process group,
+gloo on CPU and nccl on GPU; DeepSpeed joins it inside each worker) with `FailureConfig(max_failures)`: when a worker
+dies, Ray replaces the worker group and calls the stages again; finished stages are skipped by their recorded keys
+and estimation resumes from its last checkpoint (`estimate.checkpoint_every`), which is also handed to
+`ray.train.report` so Ray keeps a copy under `run_dir/ray/`. Plan, prune, evaluate and report run on rank 0 inside
+the same workers (the others wait), or, asked for alone with --stage, as one Ray task.
+
+The run directory must be on storage that every node and the driver can reach (as Ray's own storage_path must be):
+stages talk only through it. Wrong settings fail here, before anything is scheduled, with one `error:` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # a checkout or the copy `ray job submit --working-dir .` makes
+    sys.path.insert(0, str(REPO))
+
+from lightpeft_dist import pipeline  # noqa: E402
+from lightpeft_dist.errors import LightPeftError  # noqa: E402
+from lightpeft_dist.io_utils import write_json  # noqa: E402
+from lightpeft_dist.zero import load_ds_config  # noqa: E402
+
+log = logging.getLogger("lightpeft.ray")
+COLLECTIVE = ("estimate", "train")
+IN_RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by the job supervisor for the entrypoint
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="ray_train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="recipe YAML (default: the run directory's recipe.yaml)")
+    p.add_argument("--run-dir", required=True, type=Path, help="absolute path on storage shared by all nodes")
+    p.add_argument("--num-workers", type=int, default=1, help="ranks for estimate and train")
+    p.add_argument("--stage", default="all", choices=["all", *pipeline.STAGES])
+    p.add_argument("--deepspeed", help="DeepSpeed config JSON for estimate/train, e.g. ds_configs/zero3.json "
+                   "(read by the driver; workers read its copy in D/ray/)")
+    p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts per job (-1: unlimited)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"),
+                   help="Ray cluster (GCS host:port, or 'auto'); default $RAY_ADDRESS or auto")
+    p.add_argument("--connect-timeout", type=float, default=15.0, help="seconds to wait for the head")
+    p.add_argument("--collective-timeout", type=float, default=1800.0,
+                   help="seconds a collective waits for a peer before the rank fails, so a hung rank ends the try "
+                   "(Ray notices a dead one by itself); must exceed the longest prune/evaluate on rank 0")
+    p.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--placement", choices=["PACK", "SPREAD"], default="PACK",
+                   help="PACK fills nodes in turn; SPREAD puts ranks on different nodes")
+    args, rest = p.parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a and "." in a.split("=")[0])]
+    if bad:
+        p.error(f"unrecognized arguments {bad}; recipe overrides look like --section.key=value")
+    if args.num_workers < 1:
+        p.error("--num-workers must be at least 1")
+    return args, rest
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="[lightpeft] %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def check_run_dir(run_dir: Path) -> Path:
+    if IN_RAY_JOB and not run_dir.is_absolute():
+        raise LightPeftError(f"--run-dir {run_dir} is relative, but a Ray job runs in a temporary copy of its "
+                             "--working-dir that disappears with the cluster; pass an absolute path on storage "
+                             "every node can reach")
+    return run_dir.resolve()
+
+
+def check_batches(recipe, num_workers: int, stages: list[str]) -> None:
+    """The only per-world-size recipe constraint; checked here so Ray does not retry a user error."""
+    for name in (s for s in stages if s in COLLECTIVE):
+        cfg = getattr(recipe, name)
+        if cfg.batch_size % (cfg.grad_accum * num_workers):
+            raise LightPeftError(f"{name}.batch_size {cfg.batch_size} is not divisible by grad_accum x "
+                                 f"--num-workers ({cfg.grad_accum} x {num_workers}); change one of them")
+
+
+def connect(address: str, timeout: float) -> None:
+    """ray.init, but an unreachable head or a wrong token is one error line after ~`timeout` s, not a retry loop."""
+    os.environ.setdefault("RAY_NUM_REDIS_GET_RETRIES", str(max(1, int(timeout))))  # ~1 s apart; read at import
+    try:
+        import ray
+    except ImportError:
+        raise LightPeftError(f"ray is not installed for {sys.executable}; `pip install -e '.[ray]'`, and start "
+                             "the cluster from that environment so jobs run its python") from None
+    if address not in ("auto", "local"):
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        except (OSError, ValueError) as exc:
+            raise LightPeftError(f"cannot reach the Ray head at {address} ({exc}); start it with "
+                                 "`ray start --head`, or fix --address / RAY_ADDRESS") from None
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+        if "AuthenticationError" in f"{type(exc).__name__} {exc} {exc.__cause__}":
+            raise LightPeftError(f"the Ray cluster at {address} rejected this client's token; export "
+                                 "RAY_AUTH_MODE=token and the head's RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LightPeftError(f"cannot connect to Ray at {address}: {first}") from None
+
+
+def check_resources(num_workers: int, cpus: float, use_gpu: bool) -> None:
+    """A request the cluster can never satisfy would wait forever for resources; refuse it instead."""
+    import ray
+
+    total = ray.cluster_resources()
+    need = {"CPU": num_workers * cpus, **({"GPU": float(num_workers)} if use_gpu else {})}
+    for kind, amount in need.items():
+        if total.get(kind, 0.0) < amount:
+            raise LightPeftError(f"--num-workers {num_workers} needs {amount:g} {kind} but the cluster has "
+                                 f"{total.get(kind, 0.0):g}; add nodes or lower --num-workers")
+
+
+def _restore_from_ray(run_dir: Path) -> None:
+    """After a restart, put Ray's latest estimation checkpoint back if the run directory lost its own copy."""
+    import ray.train
+
+    from lightpeft_dist.estimate import CHECKPOINT_DIR
+
+    ckpt, target = ray.train.get_checkpoint(), run_dir / CHECKPOINT_DIR
+    if ckpt is None or (target / "state.json").is_file():
+        return
+    tmp = run_dir / f"{CHECKPOINT_DIR}.from-ray"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ckpt.to_directory(str(tmp))
+    os.replace(tmp, target)
+    log.info("restored the estimation checkpoint from Ray's copy %s", ckpt.path)
+
+
+def worker_loop(config: dict) -> None:
+    """One rank of the job inside a Ray Train worker (the process group is already set up by Ray).
+
+    Runs `config["stages"]` the way `lightpeft run` does: stages whose recorded key still matches are skipped (on
+    every rank alike), so the call Ray repeats after a lost worker continues where the job was. Single-process stages
+    run on rank 0 while the other ranks wait (pipeline.run_stage). A LightPeftError (bad input: the same on every try)
+    is written to `user_error` before the rank fails; after the one restart this costs, every rank finds the file
+    and returns, so the driver reports the error instead of Ray retrying it `max_failures` times.
+    """
+    from lightpeft_dist.runtime import current
+
+    _setup_logging()
+    os.environ["LIGHTPEFT_DIST_TIMEOUT_S"] = str(config["timeout_s"])
+    recipe, run_dir, user_error = config["recipe"], Path(config["run_dir"]), Path(config["user_error"])
+    rt = current()
+    if user_error.is_file():
+        return
+    ds = config["deepspeed"]
+    try:
+        stale = False
+        for stage in config["stages"]:
+            done = stage != "report" and not stale and pipeline.stage_done(stage, recipe, run_dir)
+            if all(rt.all_gather_object(done)):
+                log.info("stage %s: up to date, skipped", stage)
+                continue
+            stale = True
+            t0 = time.time()
+            if stage == "estimate":
+                _estimate(recipe, run_dir, ds, rt)
+            else:
+                pipeline.run_stage(stage, recipe, run_dir, deepspeed=ds)
+            log.info("stage %s done in %.1fs", stage, time.time() - t0)
+    except LightPeftError as exc:
+        user_error.parent.mkdir(parents=True, exist_ok=True)
+        tmp = user_error.with_suffix(f".{rt.rank}.tmp")
+        tmp.write_text(str(exc))
+        os.replace(tmp, user_error)
+        raise
+
+
+def _estimate(recipe, run_dir: Path, ds: str | None, rt) -> None:
+    """The estimate stage, with each of its checkpoints also handed to Ray (`ray.train.report`)."""
+    import ray.train
+
+    from lightpeft_dist.estimate import run_estimate
+
+    if rt.is_main:
+        _restore_from_ray(run_dir)
+    rt.barrier()
+
+    def on_checkpoint(path: Path, step: int) -> None:  # on every rank: ray.train.report is a barrier
+        ckpt = ray.train.Checkpoint.from_directory(str(path)) if rt.is_main else None
+        ray.train.report({"stage": "estimate", "step": step}, checkpoint=ckpt,
+                         checkpoint_dir_name=f"step_{step:07d}")
+
+    run_estimate(recipe, run_dir, rt, deepspeed=ds, on_checkpoint=on_checkpoint)
+
+
+def single_stage(stage: str, recipe, run_dir: str) -> None:
+    _setup_logging()
+    pipeline.run_stage(stage, recipe, Path(run_dir))
+
+
+def _user_error(exc: BaseException) -> str | None:
+    """The LightPeftError message behind a Ray failure, if a user error caused it."""
+    todo: list[BaseException] = [exc, *getattr(exc, "worker_failures", {}).values()]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, LightPeftError):
+            return str(e)
+        todo += [c for c in (e.__cause__, e.__context__, getattr(e, "cause", None)) if isinstance(c, BaseException)]
+    text = str(exc)
+    marker = "LightPeftError: "
+    return text.split(marker, 1)[1].splitlines()[0] if marker in text else None
+
+
+def run_collective(stages: list[str], recipe, run_dir: Path, args: argparse.Namespace, use_gpu: bool) -> None:
+    """One TorchTrainer (one worker group, one start-up) for all of `stages`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    name = f"{'-'.join(stages) if len(stages) < 3 else 'all'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    user_error = run_dir / "ray" / name / "user_error.txt"
+    ds = None
+    if args.deepspeed:  # a copy next to Ray's records: workers on any node read it from the shared run dir
+        ds = run_dir / "ray" / name / Path(args.deepspeed).name
+        write_json(ds, load_ds_config(args.deepspeed))
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"stages": stages, "recipe": recipe, "run_dir": str(run_dir), "deepspeed": ds and str(ds),
+                           "timeout_s": args.collective_timeout, "user_error": str(user_error)},
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=use_gpu, placement_strategy=args.placement,
+                                     resources_per_worker={"CPU": args.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(args.collective_timeout)),
+        run_config=RunConfig(name=name, storage_path=str(run_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:  # TrainingFailedError once max_failures is spent
+        msg = user_error.read_text() if user_error.is_file() else _user_error(exc)
+        raise LightPeftError(msg or f"{name} failed on the Ray cluster after {args.max_failures} "
+                             f"restart(s): {str(exc).strip().splitlines()[-1]}") from None
+    if user_error.is_file():
+        raise LightPeftError(user_error.read_text())
+
+
+def run_single(stage: str, recipe, run_dir: Path, args: argparse.Namespace, use_gpu: bool) -> None:
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=max(args.max_failures, 0))(single_stage)
+    try:
+        ray.get(task.remote(stage, recipe, str(run_dir)))
+    except Exception as exc:  # RayTaskError wrapping the stage's exception
+        msg = _user_error(exc)
+        raise LightPeftError(msg or f"stage {stage} failed on the Ray cluster: "
+                             f"{str(exc).strip().splitlines()[-1]}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    _setup_logging()
+    try:
+        run_dir = check_run_dir(args.run_dir)
+        recipe = pipeline.resolve_recipe(run_dir, args.config, overrides)
+        if args.deepspeed:
+            load_ds_config(args.deepspeed)  # a missing or broken file is an error now, not on the workers
+            args.deepspeed = str(Path(args.deepspeed).resolve())  # ray.init may change the working directory
+        stages = list(pipeline.STAGES) if args.stage == "all" else [args.stage]
+        check_batches(recipe, args.num_workers, stages)
+        connect(args.address, args.connect_timeout)
+        import ray
+
+        use_gpu = {"yes": True, "no": False}.get(args.use_gpu, ray.cluster_resources().get("GPU", 0) >= 1)
+        check_resources(args.num_workers, args.cpus_per_worker, use_gpu)
+        if args.stage in ("all", "estimate"):
+            pipeline.save_recipe(run_dir, recipe)
+        log.info("Ray cluster %s: %s; %s on %d worker(s), gpu=%s", args.address,
+                 {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}, args.stage,
+                 args.num_workers, use_gpu)
+        t0 = time.time()
+        if args.stage in ("all", *COLLECTIVE):
+            run_collective(stages, recipe, run_dir, args, use_gpu)
+        else:
+            run_single(args.stage, recipe, run_dir, args, use_gpu)
+        log.info("%s done in %.1fs", args.stage, time.time() - t0)
+    except LightPeftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

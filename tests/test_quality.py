@@ -1,0 +1,115 @@
+"""The quality study's --quick path (issue 6) on a tiny random GQA model: rows, shared estimate, ratio-0 identity,
+random vs scored plans, the aggregated table, the docs section and `lightpeft report --compare`.
+
+Accuracy on a tiny random model is meaningless; what is checked is the machinery the real study relies on.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lightpeft_dist import cli
+from lightpeft_dist.compare import COLUMNS
+from lightpeft_dist.io_utils import read_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.quality import run_quality  # noqa: E402
+from benchmarks.quality.aggregate import BEGIN, END, FIGURE  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def study(tmp_path, tiny_recipe):
+    raw = dict(tiny_recipe)
+    raw["data"] = {**raw["data"], "test_file": raw["data"]["eval_file"]}
+    raw["prune"] = {"module_ratio": 0.5, "rank_ratio": 0.5}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "ppl.txt").write_text(" ".join(["the movie was good and the plot was great ."] * 30))
+    docs = tmp_path / "results.md"
+    docs.write_text("# Results\n\nHand-written demo section.\n")
+    args = ["--out-dir", str(tmp_path / "out"), "--recipe", str(tmp_path / "recipe.yaml"), "--quick",
+            "--ppl-text", str(tmp_path / "ppl.txt"), "--ppl-window-tokens", "12", "--write-docs", str(docs)]
+    return tmp_path, args
+
+
+def kept(plan: dict) -> tuple:
+    return ([(lp["q_heads"], lp["ffn"]) for lp in plan["layers"]], plan["peft_modules"])
+
+
+def test_quick_study_rows_table_docs_and_compare(study, capsys):
+    root, args = study
+    out = root / "out"
+    assert run_quality.main([*args, "--seeds", "0", "1", "--levels", "0.35"]) == 0
+    res = read_json(out / "quality.json")
+
+    # one group per method/level, with the expected number of seeds
+    groups = [(g["method"], g["level"], g["value"]["n"]) for g in res["groups"]]
+    assert groups == [("zero-shot", None, 1), ("lora", None, 2), ("lightpeft", 0.35, 2), ("random", 0.35, 2)]
+    table = (out / "quality.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| method"))
+    assert header == "| " + " | ".join(c.format(metric="accuracy") for c in COLUMNS) + " |"
+    body = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [line.split(" | ")[0] for line in body] == ["| zero-shot (unpruned, no training)",
+                                                        "| LoRA, full model (all ratios 0)", "| Light-PEFT",
+                                                        "| random pruning"]
+    assert all(len(line.split(" | ")) == len(COLUMNS) for line in body)
+
+    zero = read_json(out / "zero-shot" / "eval.json")["base"]
+    for seed in (0, 1):
+        sd = out / f"seed{seed}"
+        shared = sd / "estimate-run" / "estimate" / "estimate.json"
+        for row in ("lora", "lightpeft-35", "random-35"):
+            assert (sd / row / "estimate" / "estimate.json").samefile(shared)  # estimated once per seed
+            assert read_json(sd / row / "eval.json")["base"] == zero
+        lp, rnd = read_json(sd / "lightpeft-35" / "plan.json"), read_json(sd / "random-35" / "plan.json")
+        assert kept(lp) != kept(rnd)
+        assert lp["prune"]["attn_ratio"] == rnd["prune"]["attn_ratio"] == 0.35
+        assert lp["prune"]["ffn_ratio"] == rnd["prune"]["ffn_ratio"] > 0
+        assert abs(lp["summary"]["prunable_fraction_pruned"] - 0.35) < 0.03  # FFN granularity of the tiny model
+
+        # ratio 0 keeps every unit, so the LoRA row's "pruned" model is the base model, tensor for tensor
+        lora_plan = read_json(sd / "lora" / "plan.json")
+        assert lora_plan["summary"]["prunable_fraction_pruned"] == 0
+        assert all(len(r) == 4 for r in lora_plan["peft_modules"].values()) and len(lora_plan["peft_modules"]) == 14
+        base_w = load_file(str(root / "model" / "model.safetensors"))
+        pruned_w = load_file(str(sd / "lora" / "pruned_model" / "model.safetensors"))
+        assert base_w.keys() == pruned_w.keys()
+        assert all(torch.equal(base_w[k], pruned_w[k]) for k in base_w)
+        assert read_json(sd / "lora" / "quality.json")["ppl"]["pruned_base"] == pytest.approx(
+            read_json(out / "zero-shot" / "quality.json")["ppl"]["pruned_base"], rel=1e-5)
+    assert read_json(out / "seed0" / "estimate-run" / "estimate" / "estimate.json")["key"] != \
+        read_json(out / "seed1" / "estimate-run" / "estimate" / "estimate.json")["key"]
+
+    # docs: the generated section is added once, the hand-written text is kept, the figure is a PNG
+    docs = root / "results.md"
+    (docs.parent / "results.md").write_text(docs.read_text() + "\n## Later hand-written section\n")
+    assert run_quality.main([*args, "--aggregate-only"]) == 0
+    text = docs.read_text()
+    assert text.count(BEGIN) == 1 and text.count(END) == 1
+    assert text.startswith("# Results\n\nHand-written demo section.") and "## Later hand-written section" in text
+    assert "| Light-PEFT | 35% |" in text and "levels not run: 20%, 50%" in text
+    assert (root / FIGURE).read_bytes()[:8] == PNG and (out / "accuracy_vs_ratio.png").read_bytes()[:8] == PNG
+
+    # the CLI compares any run directories
+    capsys.readouterr()
+    lp0, rnd0 = out / "seed0" / "lightpeft-35", out / "seed0" / "random-35"
+    assert cli.main(["report", "--run-dir", str(out / "seed0" / "lora"), "--compare", str(lp0), str(rnd0)]) == 0
+    compare = (out / "seed0" / "lora" / "report" / "compare.md").read_text()
+    assert "Comparison of 3 runs" in compare and compare.count("| Light-PEFT |") == 1
+    assert cli.main(["report", "--run-dir", str(lp0), "--compare", str(root / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_level_is_a_one_line_error(study, capsys):
+    root, args = study
+    assert run_quality.main([*args, "--levels", "1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --levels [1.5]")
+    assert not (root / "out").exists()

@@ -1,0 +1,206 @@
+"""launchers/ray_train.py on a real two-node Ray cluster (head + `ray start --address`, this machine, token auth).
+
+What is checked: the pipeline submitted with `ray job submit --working-dir .` runs to the end on 2 workers (one per
+node, DeepSpeed ZeRO-3 inside each) and plans what a run without Ray plans; a worker process SIGKILLed
+mid-estimation is replaced and the job resumes from its last checkpoint (not from step 0) and ends with the same plan;
+bad settings (no recipe, unreachable head, wrong token, more workers than CPUs) end in one `error:` line, fast.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import NEG, POS, write_jsonl
+from ray_cluster import REPO, free_port, local_cluster
+from tiny import save_tiny
+
+LAUNCHER = str(REPO / "launchers" / "ray_train.py")
+DEEPSPEED = "ds_configs/zero3.json"  # relative: resolved inside the job's copy of the working dir
+JOB_TIMEOUT = 400
+STEPS, CHECKPOINT_EVERY = 16, 4
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("ray_recipe")
+    rows = [{"text": t, "label": "positive"} for t in POS] + [{"text": t, "label": "negative"} for t in NEG]
+    raw = {
+        "model": {"path": str(save_tiny(d / "model", "llama-gqa"))},
+        "data": {"format": "classification", "train_file": write_jsonl(d / "train.jsonl", rows * 3),
+                 "eval_file": write_jsonl(d / "eval.jsonl", rows),
+                 "labels": {"positive": "positive", "negative": "negative"},
+                 "template": "review : {text} sentiment :"},
+        "peft": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "estimate": {"steps": STEPS, "batch_size": 4, "seq_len": 24, "lr": 1e-2,
+                     "checkpoint_every": CHECKPOINT_EVERY},
+        "prune": {"attn_ratio": 0.34, "ffn_ratio": 0.3, "module_ratio": 0.5, "rank_ratio": 0.5},
+        "train": {"steps": 4, "batch_size": 4, "seq_len": 24, "lr": 1e-2},
+        "eval": {"batch_size": 8, "speed_batches": 1},
+    }
+    path = d / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_cluster(head_cpus=2, worker_cpus=1) as c:
+        yield c
+
+
+def _launch(run_dir: Path, recipe: Path, *extra: str) -> list[str]:
+    return ["python", "launchers/ray_train.py", "--config", str(recipe), "--run-dir", str(run_dir),
+            "--num-workers", "2", "--placement", "SPREAD", "--deepspeed", DEEPSPEED, *extra]
+
+
+def _plan(run_dir: Path) -> dict:
+    plan = json.loads((run_dir / "plan.json").read_text())
+    return {"layers": plan["layers"], "peft_modules": plan["peft_modules"]}
+
+
+def _driver(args: list[str], env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, LAUNCHER, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def reference(recipe, tmp_path_factory) -> dict:
+    """The plan of a plain single-process run of the same recipe (no Ray, no DeepSpeed)."""
+    from lightpeft_dist.cli import main
+
+    run_dir = tmp_path_factory.mktemp("ray_ref") / "run"
+    assert main(["estimate", "--config", str(recipe), "--run-dir", str(run_dir)]) == 0
+    assert main(["plan", "--run-dir", str(run_dir)]) == 0
+    return _plan(run_dir)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, recipe, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ray_full") / "run"
+    t0 = time.monotonic()
+    job = cluster.submit(_launch(run_dir, recipe, "--stage", "all"), timeout=JOB_TIMEOUT)
+    return run_dir, job, time.monotonic() - t0
+
+
+def test_job_submit_runs_the_pipeline_on_two_nodes(uninterrupted, reference):
+    run_dir, job, seconds = uninterrupted
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+    for out in ("estimate/scores.safetensors", "estimate/adapter/adapter_config.json", "plan.json",
+                "pruned_model/config.json", "pruned_adapter/adapter_config.json", "train/train.json", "eval.json",
+                "report/summary.md"):
+        assert (run_dir / out).is_file(), f"{out} missing after the Ray job ({seconds:.0f}s)"
+    record = json.loads((run_dir / "estimate" / "estimate.json").read_text())
+    assert record["world_size"] == 2 and record["resumed_from_step"] == 0
+    assert json.loads((run_dir / "train" / "train.json").read_text())["world_size"] == 2
+    assert not (run_dir / "estimate.ckpt").exists()  # removed once the estimate is written
+    assert list((run_dir / "ray").glob("*/step_*")), "no checkpoint reached Ray via ray.train.report"
+    assert _plan(run_dir) == reference, "2 Ray workers planned differently from one plain process"
+
+
+def _train_workers(cluster) -> dict[int, list[psutil.Process]]:
+    """Live Ray Train worker processes, by the index of the node (ray start process) they run under."""
+    out: dict[int, list[psutil.Process]] = {}
+    for i, node in enumerate(cluster.procs):
+        for p in psutil.Process(node.pid).children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(p.cmdline()):
+                    out.setdefault(i, []).append(p)
+            except psutil.NoSuchProcess:
+                pass
+    return out
+
+
+def test_worker_killed_mid_estimation_is_replaced_and_resumes(cluster, recipe, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    log_path = tmp_path / "job.log"
+    with open(log_path, "w") as log:
+        job = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard_url,
+             "--working-dir", str(REPO), "--", *_launch(run_dir, recipe, "--stage", "estimate")],
+            env=cluster.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            state = run_dir / "estimate.ckpt" / "state.json"
+            deadline = time.monotonic() + JOB_TIMEOUT
+            while not state.is_file() and job.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert state.is_file(), "no estimation checkpoint appeared\n" + log_path.read_text()[-4000:]
+            killed_after = json.loads(state.read_text())["step"]
+            workers = _train_workers(cluster)
+            assert sorted(workers) == [0, 1] and all(len(v) == 1 for v in workers.values()), \
+                f"expected one train worker per node, got {workers}"
+            victim = workers[1][0]  # the rank on the second node
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+            rc = job.wait(timeout=JOB_TIMEOUT)
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+    text = log_path.read_text()
+    assert rc == 0, text[-6000:]
+    assert "RETRY" in text, "Ray never noticed the lost worker"
+    record = json.loads((run_dir / "estimate" / "estimate.json").read_text())
+    assert record["resumed_from_step"] > 0, "the replacement workers started over instead of resuming"
+    assert record["resumed_from_step"] >= killed_after + 1
+    assert subprocess.run([sys.executable, "-m", "lightpeft_dist", "plan", "--run-dir", str(run_dir)],
+                          capture_output=True, timeout=300, cwd=REPO).returncode == 0
+    full_dir, full_job, _ = uninterrupted
+    assert full_job.returncode == 0
+    assert _plan(run_dir) == _plan(full_dir), "the interrupted run planned differently from the uninterrupted one"
+
+
+def test_error_only_the_workers_see_ends_the_job_without_max_failures_retries(cluster, recipe, tmp_path):
+    """A bad model path passes the driver's checks; the workers' one-line error must end the job after one restart."""
+    job = cluster.submit(["python", "launchers/ray_train.py", "--config", str(recipe), "--run-dir",
+                          str(tmp_path / "run"), "--num-workers", "1", "--stage", "estimate", "--max-failures", "3",
+                          "--model.path=/nonexistent/model"], timeout=JOB_TIMEOUT)
+    out = job.stdout + job.stderr
+    assert job.returncode != 0, out[-4000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: no HF model at /nonexistent/model (config.json missing); set model.path to a local "
+                      "model folder"], out[-4000:]
+    assert "Error count: 1 (max allowed: 3)" in out and "Error count: 2" not in out
+    assert not (tmp_path / "run" / "estimate").exists()
+
+
+def test_missing_recipe_and_unreachable_head_fail_fast(recipe, tmp_path):
+    t0 = time.monotonic()
+    no_recipe = _driver(["--run-dir", str(tmp_path / "empty")])
+    assert no_recipe.returncode == 2
+    assert no_recipe.stderr.strip().splitlines()[-1].startswith("error: no recipe in")
+
+    port = free_port()  # nothing listens there
+    no_head = _driver(["--config", str(recipe), "--run-dir", str(tmp_path / "d"), "--address",
+                       f"127.0.0.1:{port}", "--connect-timeout", "3"])
+    assert no_head.returncode == 2, no_head.stderr[-2000:]
+    assert f"error: cannot reach the Ray head at 127.0.0.1:{port}" in no_head.stderr
+    assert time.monotonic() - t0 < 150
+    assert not (tmp_path / "d").exists()  # nothing written before the cluster was reached
+
+
+def test_wrong_token_and_oversized_request_fail_with_one_line(cluster, recipe, tmp_path):
+    too_many = _driver(["--config", str(recipe), "--run-dir", str(tmp_path / "d"), "--address", cluster.gcs_address,
+                        "--num-workers", "4"], env=cluster.env)
+    assert too_many.returncode == 2, too_many.stderr[-2000:]
+    assert too_many.stderr.strip().splitlines()[-1] == \
+        "error: --num-workers 4 needs 4 CPU but the cluster has 3; add nodes or lower --num-workers"
+
+    bad_env = {**cluster.env, "RAY_AUTH_TOKEN": "0" * 32}
+    t0 = time.monotonic()
+    bad_token = _driver(["--config", str(recipe), "--run-dir", str(tmp_path / "d"), "--address", cluster.gcs_address,
+                         "--connect-timeout", "3"], env=bad_env)
+    assert bad_token.returncode == 2
+    assert "rejected this client's token" in bad_token.stderr.strip().splitlines()[-1]
+    assert time.monotonic() - t0 < 120
+    assert not (tmp_path / "d").exists()
