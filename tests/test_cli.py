@@ -127,11 +127,11 @@ def test_crash_mid_prune_leaves_no_partial_output(finished_run, monkeypatch):
     shutil.rmtree(run / "pruned_model")
     calls = {"n": 0}
 
-    def flaky(path, tensors, metadata=None):
+    def flaky(src, dst, table):  # the base model's shards are written first
         calls["n"] += 1
         raise OSError("disk full")
 
-    monkeypatch.setattr("lightpeft_dist.prune.save_tensors", flaky)
+    monkeypatch.setattr("lightpeft_dist.prune.prune_shard", flaky)
     with pytest.raises(OSError):
         main(["prune", "--run-dir", str(run)])
     assert calls["n"] == 1 and not (run / "pruned_model").exists()
