@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # a checkout or the copy `ray job submit --working-dir .` makes
     sys.path.insert(0, str(REPO))
 
-from lightpeft_dist import pipeline  # noqa: E402
-from lightpeft_dist.errors import LightPeftError  # noqa: E402
-from lightpeft_dist.io_utils import write_json  # noqa: E402
-from lightpeft_dist.zero import load_ds_config  # noqa: E402
+from lightpeft_dist import pipeline
+from lightpeft_dist.errors import LightPeftError
+from lightpeft_dist.io_utils import write_json
+from lightpeft_dist.zero import load_ds_config
 
 log = logging.getLogger("lightpeft.ray")
 COLLECTIVE = ("estimate", "train")
@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    "(read by the driver; workers read its copy in D/ray/)")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts per job (-1: unlimited)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"),
-                   help="Ray cluster (GCS host:port, or 'auto'); default $RAY_ADDRESS or auto")
+                   help="Ray cluster: GCS host:port, 'auto' (the one on this node), or 'local' (start a throw-away "
+                   "one here); default $RAY_ADDRESS or auto")
     p.add_argument("--connect-timeout", type=float, default=15.0, help="seconds to wait for the head")
     p.add_argument("--collective-timeout", type=float, default=1800.0,
                    help="seconds a collective waits for a peer before the rank fails, so a hung rank ends the try "
@@ -207,19 +208,6 @@ def single_stage(stage: str, recipe, run_dir: str) -> None:
     pipeline.run_stage(stage, recipe, Path(run_dir))
 
 
-def _user_error(exc: BaseException) -> str | None:
-    """The LightPeftError message behind a Ray failure, if a user error caused it."""
-    todo: list[BaseException] = [exc, *getattr(exc, "worker_failures", {}).values()]
-    while todo:
-        e = todo.pop()
-        if isinstance(e, LightPeftError):
-            return str(e)
-        todo += [c for c in (e.__cause__, e.__context__, getattr(e, "cause", None)) if isinstance(c, BaseException)]
-    text = str(exc)
-    marker = "LightPeftError: "
-    return text.split(marker, 1)[1].splitlines()[0] if marker in text else None
-
-
 def run_collective(stages: list[str], recipe, run_dir: Path, args: argparse.Namespace, use_gpu: bool) -> None:
     """One TorchTrainer (one worker group, one start-up) for all of `stages`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -245,9 +233,9 @@ def run_collective(stages: list[str], recipe, run_dir: Path, args: argparse.Name
     try:
         trainer.fit()
     except Exception as exc:  # TrainingFailedError once max_failures is spent
-        msg = user_error.read_text() if user_error.is_file() else _user_error(exc)
-        raise LightPeftError(msg or f"{name} failed on the Ray cluster after {args.max_failures} "
-                             f"restart(s): {str(exc).strip().splitlines()[-1]}") from None
+        raise LightPeftError(user_error.read_text() if user_error.is_file() else
+                             f"{name} failed on the Ray cluster after {args.max_failures} restart(s): "
+                             f"{str(exc).strip().splitlines()[-1]}") from None
     if user_error.is_file():
         raise LightPeftError(user_error.read_text())
 
@@ -258,10 +246,10 @@ def run_single(stage: str, recipe, run_dir: Path, args: argparse.Namespace, use_
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=max(args.max_failures, 0))(single_stage)
     try:
         ray.get(task.remote(stage, recipe, str(run_dir)))
-    except Exception as exc:  # RayTaskError wrapping the stage's exception
-        msg = _user_error(exc)
-        raise LightPeftError(msg or f"stage {stage} failed on the Ray cluster: "
-                             f"{str(exc).strip().splitlines()[-1]}") from None
+    except Exception as exc:  # a RayTaskError; `.cause` is the stage's own exception
+        cause = getattr(exc, "cause", exc)
+        raise LightPeftError(str(cause) if isinstance(cause, LightPeftError) else
+                             f"stage {stage} failed on the Ray cluster: {str(exc).strip().splitlines()[-1]}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,14 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         use_gpu = {"yes": True, "no": False}.get(args.use_gpu, ray.cluster_resources().get("GPU", 0) >= 1)
-        check_resources(args.num_workers, args.cpus_per_worker, use_gpu)
+        collective = args.stage in ("all", *COLLECTIVE)
+        check_resources(args.num_workers if collective else 1, args.cpus_per_worker, use_gpu)
         if args.stage in ("all", "estimate"):
             pipeline.save_recipe(run_dir, recipe)
         log.info("Ray cluster %s: %s; %s on %d worker(s), gpu=%s", args.address,
                  {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}, args.stage,
                  args.num_workers, use_gpu)
         t0 = time.time()
-        if args.stage in ("all", *COLLECTIVE):
+        if collective:
             run_collective(stages, recipe, run_dir, args, use_gpu)
         else:
             run_single(args.stage, recipe, run_dir, args, use_gpu)

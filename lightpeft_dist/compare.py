@@ -46,7 +46,9 @@ def run_summary(run_dir: str | Path) -> dict | None:
         "fraction_pruned": plan.get("summary", {}).get("prunable_fraction_pruned", 0.0 if not plan else None),
         "params_total": model.get("params", {}).get("total"),
         "params_trainable": train.get("params", {}).get("trainable", 0 if "pruned" not in ev else None),
-        "train_tokens_per_s": train.get("tokens_per_s"), "infer_tokens_per_s": model.get("tokens_per_s"),
+        "train_tokens_per_s": train.get("tokens_per_s"),
+        "infer_tokens_per_s": q.get("infer_tokens_per_s", model.get("tokens_per_s")),  # interleaved if measured
+        "infer_rounds": len(q.get("infer_rounds") or []),
         "estimate_cost": (est["train_seconds"] / train["train_seconds"]
                           if uses_estimate and est and train.get("train_seconds") else None),
         "ppl": q.get("ppl", {}).get("pruned_base"),

@@ -20,10 +20,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 
@@ -60,7 +60,8 @@ class LocalRayCluster:
         """`ray job submit` (waits for the job and exits non-zero if it failed); output is returned, not raised."""
         cmd = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir), "--",
                *entrypoint]
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=working_dir)
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=working_dir,
+                              check=False)
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-n:])

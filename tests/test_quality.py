@@ -62,12 +62,17 @@ def test_quick_study_rows_table_docs_and_compare(study, capsys):
     assert all(len(line.split(" | ")) == len(COLUMNS) for line in body)
 
     zero = read_json(out / "zero-shot" / "eval.json")["base"]
+    # every row (zero-shot included) was timed in the interleaved speed pass, and the table shows that median
+    timed = {g["method"]: g["infer_tokens_per_s"]["mean"] for g in res["groups"]}
+    zq = read_json(out / "zero-shot" / "quality.json")
+    assert len(zq["infer_rounds"]) == 1 and timed["zero-shot"] == zq["infer_tokens_per_s"] > 0
     for seed in (0, 1):
         sd = out / f"seed{seed}"
         shared = sd / "estimate-run" / "estimate" / "estimate.json"
         for row in ("lora", "lightpeft-35", "random-35"):
             assert (sd / row / "estimate" / "estimate.json").samefile(shared)  # estimated once per seed
             assert read_json(sd / row / "eval.json")["base"] == zero
+            assert len(read_json(sd / row / "quality.json")["infer_rounds"]) == 1
         lp, rnd = read_json(sd / "lightpeft-35" / "plan.json"), read_json(sd / "random-35" / "plan.json")
         assert kept(lp) != kept(rnd)
         assert lp["prune"]["attn_ratio"] == rnd["prune"]["attn_ratio"] == 0.35
@@ -94,7 +99,7 @@ def test_quick_study_rows_table_docs_and_compare(study, capsys):
     text = docs.read_text()
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     assert text.startswith("# Results\n\nHand-written demo section.") and "## Later hand-written section" in text
-    assert "| Light-PEFT | 35% |" in text and "levels not run: 20%, 50%" in text
+    assert "| Light-PEFT | 35% |" in text and "levels not run: 20%, 50%" in text and "median of 1 rounds" in text
     assert (root / FIGURE).read_bytes()[:8] == PNG and (out / "accuracy_vs_ratio.png").read_bytes()[:8] == PNG
 
     # the CLI compares any run directories

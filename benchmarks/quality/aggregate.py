@@ -111,6 +111,14 @@ def _reductions(result: dict) -> list[str]:
     return out
 
 
+def _speed_note(result: dict) -> str:
+    rounds = sorted({r.get("infer_rounds", 0) for r in result["runs"]})
+    if rounds and rounds[0] > 0:
+        return (f"the median of {'/'.join(map(str, rounds))} rounds that time every row in turn "
+                "(benchmarks/quality/speed.py), so rows share the machine's load")
+    return "timed once in each row's evaluate stage (no interleaved speed pass was run), so only indicative"
+
+
 def _counts(sp: dict) -> str:
     counts = sp.get("split", {}).get("counts") or {}
     return " / ".join(f"{k} {v['total']}" for k, v in counts.items()) or "-"
@@ -145,8 +153,10 @@ def section(result: dict, figure: str | None) -> str:
              + (f", {result['ppl']['windows']} windows x {result['ppl']['window_tokens']} tokens; base (unpruned) "
                 f"{result['ppl']['pruned_base']:.2f}; rows show the pruned base model before fine-tuning."
                 if result['ppl'].get('pruned_base') else "") ,
-             "- Accuracy: mean ± sample std (n seeds, min–max). Tokens/s are CPU wall-clock on a shared 2-core "
-             "machine and noisy; estimation / training is the estimate's seconds over the row's training seconds.",
+             "- Accuracy: mean ± sample std (n seeds, min–max). Inference tokens/s: forward passes over test batches "
+             f"of {r['eval']['batch_size']}, {_speed_note(result)}; training tokens/s and estimation / "
+             "training (the estimate's seconds over the row's training seconds) are timed during each row's own "
+             "run on a shared 2-core CPU and are only indicative.",
              "", result["table"], "", "**Verdict (computed)**", "", *result["verdict"], ""]
     red = _reductions(result)
     lines += ["**Reduced against the issue's spec:** " + ("; ".join(red) if red else "nothing") + ".", ""]

