@@ -112,7 +112,7 @@ def table_rows(groups: list[dict]) -> list[list[str]]:
     for g in groups:
         level = "-" if g["level"] is None or g["method"] == "run" else f"{g['level']:.0%}"
         rows.append([g["label"], level, _num(g["fraction_pruned"], ".1%"), _value_cell(g),
-                     "-" if g["of_lora"] is None else f"{g['of_lora']:.1%}", _num(g["ppl"], ".2f"),
+                     "-" if g["of_lora"] is None else f"{g['of_lora']:.1%}", _num(g["ppl"], ",.1f"),
                      _num(g["params_total"], ",.0f"), _num(g["params_trainable"], ",.0f"),
                      _num(g["train_tokens_per_s"], ",.0f"), _num(g["infer_tokens_per_s"], ",.0f"),
                      _num(g["estimate_cost"], ".2f")])
