@@ -154,10 +154,11 @@ def plot_groups(groups: list[dict], out: str | Path) -> Path | None:
             ax.axhline(g["value"]["mean"] * scale, color="#a0aec0", linestyle="--", label="zero-shot, unpruned")
     ax.set(xlabel="fraction of prunable parameters pruned (achieved)",
            ylabel=f"test {metric}" + (" (%)" if metric == "accuracy" else " (lower is better)"))
-    ax.set_xlim(left=0)
+    right = max(g["fraction_pruned"]["mean"] for g in pruned)
+    ax.set_xlim(0, max(0.05, right * 1.15))  # room for the rightmost point and its error bar
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.grid(alpha=0.3)
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="best")
     return _save(fig, out)
 
 

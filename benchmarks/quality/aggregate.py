@@ -72,10 +72,11 @@ def verdict(groups: list[dict]) -> list[str]:
         diff = lp["value"]["mean"] - rnd["value"]["mean"]
         spread = max(lp["value"]["std"] or 0.0, rnd["value"]["std"] or 0.0)
         clear = bool(wins) and all(wins) and diff > spread and len(wins) > 1
+        spread_txt = f"larger spread {100 * spread:.1f} points" if len(wins) > 1 else "no spread with one seed"
         lines.append(f"- Random pruning at the same ratios: {rnd['value']['mean']:.1%}; Light-PEFT "
                      f"{'+' if diff >= 0 else ''}{100 * diff:.1f} points, ahead in {sum(wins)} of {len(wins)} paired "
-                     f"seeds (larger spread {100 * spread:.1f} points). \"Clearly beats random\" (ahead in every seed, "
-                     f"n > 1, gap larger than the spread): **{'yes' if clear else 'no'}**.")
+                     f"seeds ({spread_txt}). \"Clearly beats random\" (ahead in every seed, n > 1, gap larger than "
+                     f"the spread): **{'yes' if clear else 'no'}**.")
     return lines
 
 
