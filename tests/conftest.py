@@ -17,13 +17,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-@pytest.fixture
-def tiny_recipe(tmp_path):
-    """A complete classification recipe over a tiny random GQA model and a tiny sentiment set."""
-    model_dir = save_tiny(tmp_path / "model", "llama-gqa")
+def tiny_recipe_dict(d: Path) -> dict:
+    """A complete classification recipe over a tiny random GQA model and a tiny sentiment set, written under `d`."""
+    model_dir = save_tiny(d / "model", "llama-gqa")
     rows = [{"text": t, "label": "positive"} for t in POS] + [{"text": t, "label": "negative"} for t in NEG]
-    train = write_jsonl(tmp_path / "train.jsonl", rows * 3)
-    evals = write_jsonl(tmp_path / "eval.jsonl", rows)
+    train = write_jsonl(d / "train.jsonl", rows * 3)
+    evals = write_jsonl(d / "eval.jsonl", rows)
     return {
         "model": {"path": str(model_dir)},
         "data": {"format": "classification", "train_file": train, "eval_file": evals,
@@ -35,3 +34,8 @@ def tiny_recipe(tmp_path):
         "train": {"steps": 6, "batch_size": 4, "seq_len": 24, "lr": 1e-2},
         "eval": {"batch_size": 8, "speed_batches": 1},
     }
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    return tiny_recipe_dict(tmp_path)

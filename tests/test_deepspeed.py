@@ -17,8 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import NEG, POS, write_jsonl
-from tiny import save_tiny
+from conftest import tiny_recipe_dict
 
 from lightpeft_dist.cli import main
 from lightpeft_dist.errors import LightPeftError
@@ -46,19 +45,9 @@ def _torchrun(*args: str, env: dict | None = None, expect_ok: bool = True) -> su
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("ds")
-    rows = [{"text": t, "label": "positive"} for t in POS] + [{"text": t, "label": "negative"} for t in NEG]
-    raw = {
-        "model": {"path": str(save_tiny(d / "model", "llama-gqa"))},
-        "data": {"format": "classification", "train_file": write_jsonl(d / "train.jsonl", rows * 3),
-                 "eval_file": write_jsonl(d / "eval.jsonl", rows),
-                 "labels": {"positive": "positive", "negative": "negative"},
-                 "template": "review : {text} sentiment :"},
-        "peft": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "estimate": {"steps": 6, "batch_size": 4, "seq_len": 24, "lr": 1e-2, "checkpoint_every": 2},
-        "prune": {"attn_ratio": 0.34, "ffn_ratio": 0.3, "module_ratio": 0.5, "rank_ratio": 0.5},
-        "train": {"steps": 6, "batch_size": 4, "seq_len": 24, "lr": 1e-2},
-        "eval": {"batch_size": 8, "speed_batches": 1},
-    }
+    raw = tiny_recipe_dict(d)
+    raw["peft"]["dropout"] = 0.0  # N ranks reproduce one process's dropout masks only without dropout
+    raw["estimate"]["checkpoint_every"] = 2
     (d / "recipe.yaml").write_text(yaml.safe_dump(raw))
     return d / "recipe.yaml"
 

@@ -19,9 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import NEG, POS, write_jsonl
+from conftest import tiny_recipe_dict
 from ray_cluster import REPO, free_port, local_cluster
-from tiny import save_tiny
 
 LAUNCHER = str(REPO / "launchers" / "ray_train.py")
 DEEPSPEED = "ds_configs/zero3.json"  # relative: the driver reads it from the job's copy of the working dir
@@ -38,22 +37,12 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("ray_recipe")
-    rows = [{"text": t, "label": "positive"} for t in POS] + [{"text": t, "label": "negative"} for t in NEG]
-    raw = {
-        "model": {"path": str(save_tiny(d / "model", "llama-gqa"))},
-        "data": {"format": "classification", "train_file": write_jsonl(d / "train.jsonl", rows * 3),
-                 "eval_file": write_jsonl(d / "eval.jsonl", rows),
-                 "labels": {"positive": "positive", "negative": "negative"},
-                 "template": "review : {text} sentiment :"},
-        # LoRA dropout 0: every rank draws its dropout masks from the same per-step seed, so with dropout N ranks do
-        # not reproduce one process's masks (a core-loop matter, not Ray's)
-        "peft": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "estimate": {"steps": STEPS, "batch_size": 4, "seq_len": 24, "lr": 1e-2,
-                     "checkpoint_every": CHECKPOINT_EVERY},
-        "prune": {"attn_ratio": 0.34, "ffn_ratio": 0.3, "module_ratio": 0.5, "rank_ratio": 0.5},
-        "train": {"steps": 4, "batch_size": 4, "seq_len": 24, "lr": 1e-2},
-        "eval": {"batch_size": 8, "speed_batches": 1},
-    }
+    raw = tiny_recipe_dict(d)
+    # LoRA dropout 0: every rank draws its dropout masks from the same per-step seed, so with dropout N ranks do
+    # not reproduce one process's masks (a core-loop matter, not Ray's)
+    raw["peft"]["dropout"] = 0.0
+    raw["estimate"].update(steps=STEPS, checkpoint_every=CHECKPOINT_EVERY)
+    raw["train"]["steps"] = 4
     path = d / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
