@@ -5,7 +5,8 @@ cannot express. Rather than fork the modelling code, we register one config/mode
 `lightpeft_<family>`) whose config carries `layer_shapes`; the model builds the stock decoder layer class once per
 layer from a per-layer copy of the config. Importing `lightpeft_dist` registers them with the Auto classes, so
 `AutoModelForCausalLM.from_pretrained(pruned_dir)` just works. Uniform plans need none of this: they are saved as the
-stock config with new counts and load with plain transformers.
+stock config with new counts and load with plain transformers, unless the kept head count does not divide
+hidden_size (the stock configs refuse that even with an explicit head_dim), in which case they use our class too.
 """
 
 from __future__ import annotations
@@ -31,15 +32,40 @@ def _layer_config(config: PretrainedConfig, shape: dict[str, int]) -> Pretrained
     return cfg
 
 
+def check_head_groups(shapes: list[dict[str, Any]]) -> None:
+    for idx, shape in enumerate(shapes):
+        heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+        if heads < 1 or kv < 1 or heads % kv:
+            raise ValueError(f"layer {idx}: {heads} query heads cannot be grouped over {kv} KV heads")
+
+
 def _make_pruned_classes(family: str) -> tuple[type, type]:
     base_cfg_cls, base_model_cls = _BASES[family]
     model_type = PREFIX + family
 
     def cfg_init(self, layer_shapes: list[dict[str, int]] | None = None, **kwargs: Any) -> None:
-        base_cfg_cls.__init__(self, **kwargs)
+        # The stock __init__ runs the stock validators (hidden_size % heads) on its own class; give it one head
+        # and set the real counts afterwards, then run our validation.
+        heads = kwargs.pop("num_attention_heads", None)
+        kv = kwargs.pop("num_key_value_heads", None)
+        if heads is not None and kwargs.get("head_dim") is None:
+            kwargs["head_dim"] = kwargs.get("hidden_size", 4096) // heads
+        base_cfg_cls.__init__(self, num_attention_heads=1, num_key_value_heads=1, **kwargs)
+        self.num_attention_heads = heads if heads is not None else base_cfg_cls().num_attention_heads
+        self.num_key_value_heads = kv if kv is not None else self.num_attention_heads
         self.layer_shapes = layer_shapes or []
+        self.validate()
 
-    cfg_cls = type(f"Pruned{base_cfg_cls.__name__}", (base_cfg_cls,), {"model_type": model_type, "__init__": cfg_init})
+    def validate(self) -> None:
+        # The stock rule `hidden_size % num_attention_heads == 0` assumes head_dim is derived; after pruning it is
+        # explicit and the head count is arbitrary, so check what the attention code really needs, per layer.
+        for validator in base_cfg_cls.__class_validators__:
+            if validator.__name__ != "validate_architecture":
+                validator(self)
+        check_head_groups(getattr(self, "layer_shapes", None) or [vars(self)])
+
+    cfg_cls = type(f"Pruned{base_cfg_cls.__name__}", (base_cfg_cls,), {"model_type": model_type, "__init__": cfg_init,
+                                                                         "validate": validate})
 
     def model_init(self, config: PretrainedConfig) -> None:
         base_model_cls.__init__(self, config)
@@ -70,8 +96,9 @@ def register() -> None:
 
 
 def pruned_config(base_config: PretrainedConfig, shapes: list[dict[str, int]]) -> PretrainedConfig:
-    """The config for a model with these per-layer shapes: stock class when uniform, `lightpeft_<family>` otherwise."""
+    """The config for a model with these per-layer shapes: stock class when uniform and valid there, `lightpeft_<family>` otherwise."""
     register()
+    check_head_groups(shapes)
     family = family_for(base_config).name
     raw = base_config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "layer_shapes", "_name_or_path",
@@ -79,11 +106,14 @@ def pruned_config(base_config: PretrainedConfig, shapes: list[dict[str, int]]) -
         raw.pop(key, None)
     raw["head_dim"] = getattr(base_config, "head_dim", None) or base_config.hidden_size // base_config.num_attention_heads
     uniform = all(s == shapes[0] for s in shapes)
+    # A stock config only loads if its head count divides hidden_size (transformers validates that even when
+    # head_dim is explicit), so uniform plans that break the rule use the per-layer class too.
+    stock_ok = uniform and base_config.hidden_size % shapes[0]["num_attention_heads"] == 0
     # Top-level counts: the first layer's shape when uniform; the widest layer otherwise (so anything sized from
     # the top-level config, e.g. a KV cache preallocation, is large enough).
     top = shapes[0] if uniform else {k: max(s[k] for s in shapes) for k in shapes[0]}
     raw.update(top)
-    if uniform:
+    if stock_ok:
         cfg_cls = _BASES[family][0]
         return cfg_cls(**raw)
     cfg_cls = PRUNED_CLASSES[family][0]

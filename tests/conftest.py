@@ -39,3 +39,28 @@ def tiny_recipe_dict(d: Path) -> dict:
 @pytest.fixture
 def tiny_recipe(tmp_path):
     return tiny_recipe_dict(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def dist_recipe(tmp_path_factory) -> Path:
+    """The recipe the multi-process tests share; dropout 0 because N ranks reproduce one process's dropout masks
+    only without dropout. Checkpoints every 2 steps so kill-and-resume has something to resume from."""
+    import yaml
+
+    d = tmp_path_factory.mktemp("dist")
+    raw = tiny_recipe_dict(d)
+    raw["peft"]["dropout"] = 0.0
+    raw["estimate"]["checkpoint_every"] = 2
+    (d / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    return d / "recipe.yaml"
+
+
+@pytest.fixture(scope="session")
+def dist_single(dist_recipe, tmp_path_factory) -> Path:
+    """The reference the multi-process runs must reproduce: one process, no DeepSpeed, estimate -> plan -> prune."""
+    from dist_checks import run_stages
+
+    run = tmp_path_factory.mktemp("single") / "run"
+    run_stages(run, "estimate", config=dist_recipe)
+    run_stages(run, "plan", "prune")
+    return run

@@ -23,3 +23,14 @@ def test_quick_benchmark_verifies_output_and_cleans_up(tmp_path, capsys):
     assert res["rss_before_prune_bytes"] <= res["peak_rss_bytes"] < 2 * res["rss_before_prune_bytes"]
     assert list(work.iterdir()) == []  # generated checkpoints are deleted
     assert "peak RSS" in capsys.readouterr().out
+
+
+def test_prune_does_not_import_peft_or_deepspeed():
+    """The prune's memory floor is its imports (docs/benchmarks.md): peft alone would add 0.15 GB, so the streaming
+    prune must not pull it (or DeepSpeed) in."""
+    import subprocess
+
+    code = ("import sys; from lightpeft_dist.prune import prune_checkpoint; "
+            "print(sorted(m for m in ('peft', 'deepspeed', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

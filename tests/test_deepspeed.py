@@ -1,95 +1,57 @@
 """DeepSpeed on CPU (gloo, 2 ranks): ZeRO-3 estimation and training agree with the single-process pipeline.
 
-Launch costs dominate (each multi-rank run starts 2 Python processes), so the runs are module fixtures shared by the
-assertions that read them. The first DeepSpeed run on a machine JIT-builds a small op (a minute or two).
+Launch costs dominate (each multi-rank run starts 2 Python processes), so the runs are fixtures shared by the
+assertions that read them (the one-process reference, `dist_single`, lives in conftest and is shared with
+test_multinode.py). The first DeepSpeed run on a machine JIT-builds a small op (a minute or two).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_recipe_dict
+from dist_checks import BIN, REPO, ZERO3, assert_same_scores, launch, run_stages
 
 from lightpeft_dist.cli import main
 from lightpeft_dist.errors import LightPeftError
-from lightpeft_dist.scores import load_scores
 from lightpeft_dist.zero import fill_ds_config
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-ZERO3 = str(REPO / "ds_configs" / "zero3.json")
 pytestmark = pytest.mark.timeout(1200)
 
 
-def _launch(cmd: list[str], env: dict | None = None, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "LIGHTPEFT_DIST_TIMEOUT_S": "120", "PYTHONPATH": str(REPO / "tests"), **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=1100)
-    if expect_ok and proc.returncode != 0:
-        pytest.fail(f"{cmd[:4]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def _torchrun(*args: str, env: dict | None = None, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    return _launch([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *args], env, expect_ok)
+def _torchrun(*args: str, env: dict | None = None, expect_ok: bool = True):
+    return launch([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *args], env, expect_ok)
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ds")
-    raw = tiny_recipe_dict(d)
-    raw["peft"]["dropout"] = 0.0  # N ranks reproduce one process's dropout masks only without dropout
-    raw["estimate"]["checkpoint_every"] = 2
-    (d / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    return d / "recipe.yaml"
-
-
-def _stages(run_dir: Path, *stages: str, config: Path | None = None) -> None:
-    for stage in stages:
-        args = [stage, "--run-dir", str(run_dir)] + (["--config", str(config)] if config else [])
-        assert main(args) == 0
+def recipe(dist_recipe) -> Path:
+    return dist_recipe
 
 
 @pytest.fixture(scope="module")
-def single(recipe, tmp_path_factory) -> Path:
-    """The reference: one process, no DeepSpeed, estimate -> plan -> prune."""
-    run = tmp_path_factory.mktemp("single") / "run"
-    _stages(run, "estimate", config=recipe)
-    _stages(run, "plan", "prune")
-    return run
+def single(dist_single) -> Path:
+    return dist_single
 
 
 @pytest.fixture(scope="module")
 def zero3_two_ranks(recipe, tmp_path_factory) -> Path:
     """ZeRO-3 estimation on 2 ranks through the `deepspeed` launcher, as a user runs it."""
     run = tmp_path_factory.mktemp("z3") / "run"
-    _launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000),
+    launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000),
              "--module", "lightpeft_dist", "estimate", "--config", str(recipe), "--run-dir", str(run),
              "--deepspeed", ZERO3])
-    _stages(run, "plan")
+    run_stages(run, "plan")
     return run
 
 
-def _assert_same_scores(a: Path, b: Path, tol: float = 1e-5) -> None:
-    sa, sb = load_scores(a / "estimate" / "scores.safetensors"), load_scores(b / "estimate" / "scores.safetensors")
-    for x, y in zip(sa.head + sa.ffn, sb.head + sb.ffn):
-        torch.testing.assert_close(x, y, atol=tol, rtol=0)
-    assert sa.module.keys() == sb.module.keys()
-    for name in sa.module:
-        assert sa.module[name] == pytest.approx(sb.module[name], rel=1e-4)
-        torch.testing.assert_close(sa.rank[name], sb.rank[name], rtol=1e-4, atol=1e-12)
-
-
 def test_two_rank_zero3_estimate_gives_the_single_process_plan(single, zero3_two_ranks):
-    _assert_same_scores(single, zero3_two_ranks)
+    assert_same_scores(single, zero3_two_ranks)
     p1, p2 = (json.loads((r / "plan.json").read_text()) for r in (single, zero3_two_ranks))
     assert p1["hash"] == p2["hash"]
     assert p1["layers"] == p2["layers"] and p1["peft_modules"] == p2["peft_modules"]
@@ -99,7 +61,7 @@ def test_two_ranks_without_deepspeed_average_gradients_like_one_process(recipe, 
     run = tmp_path / "run"
     _torchrun("-m", "lightpeft_dist", "estimate", "--config", str(recipe), "--run-dir", str(run))
     assert json.loads((run / "estimate" / "estimate.json").read_text())["world_size"] == 2
-    _assert_same_scores(single, run)
+    assert_same_scores(single, run)
 
 
 def test_masks_are_partitioned_during_zero3_estimation(zero3_two_ranks):
@@ -128,11 +90,11 @@ def test_killed_estimation_resumes_to_the_uninterrupted_scores(recipe, single, t
     assert not (run / "estimate").exists(), "a killed run must leave no estimate behind"
     assert json.loads((run / "estimate.ckpt" / "state.json").read_text())["step"] == 3
     # Resume on a different world size (1 rank): the checkpoint holds whole tensors, not ZeRO shards.
-    _launch([sys.executable, *common])
+    launch([sys.executable, *common])
     record = json.loads((run / "estimate" / "estimate.json").read_text())
     assert record["resumed_from_step"] == 4 and record["world_size"] == 1
     assert not (run / "estimate.ckpt").exists()
-    _assert_same_scores(single, run)
+    assert_same_scores(single, run)
 
 
 def test_zero3_training_on_two_ranks_matches_one_process_and_reloads(recipe, single, tmp_path):
@@ -142,11 +104,11 @@ def test_zero3_training_on_two_ranks_matches_one_process_and_reloads(recipe, sin
     assert record["world_size"] == 2 and record["losses"][-1] < record["losses"][0]
     ds_adapter = load_file(single / "train" / "adapter" / "adapter_model.safetensors")
     assert ds_adapter and all(t.numel() > 0 for t in ds_adapter.values())
-    reloaded = _launch([sys.executable, "-c", RELOAD_LOGITS, str(single), str(tmp_path / "reloaded.safetensors")])
+    reloaded = launch([sys.executable, "-c", RELOAD_LOGITS, str(single), str(tmp_path / "reloaded.safetensors")])
     assert reloaded.returncode == 0
     torch.testing.assert_close(load_file(tmp_path / "reloaded.safetensors")["logits"],
                                load_file(live_logits)["logits"], atol=1e-5, rtol=0)
-    _stages(single, "train")  # the same training in one process, no DeepSpeed
+    run_stages(single, "train")  # the same training in one process, no DeepSpeed
     plain = load_file(single / "train" / "adapter" / "adapter_model.safetensors")
     for k in plain:
         torch.testing.assert_close(plain[k], ds_adapter[k], atol=1e-5, rtol=0)
@@ -167,7 +129,7 @@ with torch.no_grad():
 
 
 def test_estimate_on_two_ranks_then_train_on_one(zero3_two_ranks):
-    _stages(zero3_two_ranks, "prune", "train")
+    run_stages(zero3_two_ranks, "prune", "train")
     record = json.loads((zero3_two_ranks / "train" / "train.json").read_text())
     assert record["world_size"] == 1 and record["losses"][-1] < record["losses"][0]
 
@@ -175,9 +137,9 @@ def test_estimate_on_two_ranks_then_train_on_one(zero3_two_ranks):
 @pytest.mark.parametrize("config", ["zero2.json", "zero3_offload.json"])
 def test_other_shipped_ds_configs_give_the_same_plan(config, recipe, single, tmp_path):
     run = tmp_path / "run"
-    _launch([sys.executable, "-m", "lightpeft_dist", "estimate", "--config", str(recipe), "--run-dir", str(run),
+    launch([sys.executable, "-m", "lightpeft_dist", "estimate", "--config", str(recipe), "--run-dir", str(run),
              "--deepspeed", str(REPO / "ds_configs" / config)])
-    _stages(run, "plan")
+    run_stages(run, "plan")
     assert json.loads((run / "plan.json").read_text())["hash"] == json.loads((single / "plan.json").read_text())["hash"]
 
 

@@ -35,8 +35,8 @@ def random_scores(model, seed: int = 1) -> Scores:
                   rank={n: torch.rand(m.r["default"], generator=g) for n, m in mods})
 
 
-def build(tmp_path, layout, prune_cfg):
-    base_dir = save_tiny(tmp_path / "base", layout)
+def build(tmp_path, layout, prune_cfg, **model_kwargs):
+    base_dir = save_tiny(tmp_path / "base", layout, **model_kwargs)
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     peft_model = get_peft_model(base, lora_config(PeftConfig(r=4, alpha=8, dropout=0.0)))
     randomize_lora(peft_model)
@@ -83,6 +83,31 @@ def test_masked_equals_pruned(tmp_path, layout, uniform):
     assert not torch.allclose(adapted, pruned_logits, atol=1e-3)
     kept_ranks = sum(m.r["default"] for _, m in lora_modules(with_adapter))
     assert kept_ranks == plan["summary"]["lora_ranks_kept"]
+
+
+def test_uniform_plan_whose_head_count_does_not_divide_hidden_still_loads(tmp_path):
+    """hidden 40 with 4 heads of 10; keeping 3 heads everywhere is uniform but 40 % 3 != 0, which the stock config
+    refuses, so the pruned checkpoint must carry its own config class and still match the masked model."""
+    prune_cfg = PruneConfig(attn_ratio=0.25, ffn_ratio=0.25, module_ratio=0.0, rank_ratio=0.0, uniform=True)
+    base_dir, peft_model, plan = build(tmp_path, "llama-mha", prune_cfg, hidden=40)
+    assert plan["summary"]["uniform"] and {len(layer["q_heads"]) for layer in plan["layers"]} == {3}
+    with torch.no_grad():
+        attach_masks(peft_model)
+        set_masks_from_plan(peft_model, plan)
+        with peft_model.disable_adapter():
+            masked = peft_model(INPUT).logits
+    prune_checkpoint(str(base_dir), plan, tmp_path / "pruned")
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert pruned.config.head_dim == 10 and pruned.config.num_attention_heads == 3
+    with torch.no_grad():
+        assert torch.allclose(pruned(INPUT).logits, masked, atol=1e-4)
+
+
+def test_pruned_config_rejects_heads_that_do_not_group(tmp_path):
+    from lightpeft_dist.pruned_model import pruned_config
+    base = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "base", "llama-gqa")).config
+    with pytest.raises(ValueError, match="cannot be grouped"):
+        pruned_config(base, [{"num_attention_heads": 3, "num_key_value_heads": 2, "intermediate_size": 8}] * 2)
 
 
 def test_pruned_artefacts_reload_in_fresh_process(tmp_path):
