@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.deepspeed:
             load_ds_config(args.deepspeed)  # a missing or broken file is an error now, not on the workers
             args.deepspeed = str(Path(args.deepspeed).resolve())  # ray.init may change the working directory
-        stages = list(pipeline.STAGES) if args.stage == "all" else [args.stage]
+        stages = pipeline.stages_for(recipe) if args.stage == "all" else [args.stage]
         check_batches(recipe, args.num_workers, stages)
         connect(args.address, args.connect_timeout)
         import ray

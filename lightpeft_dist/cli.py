@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--random", action="store_true", default=None, help="random-pruning control")
     stage("prune", "slice the base model and the estimation adapter to the plan")
     stage("evaluate", "accuracy / perplexity, parameters and tokens/s, base vs pruned")
+    stage("export", "merge the trained LoRA adapter into the pruned model: one HF checkpoint in RUN_DIR/export")
     stage("report", "write report/summary.md and print the table", config=False).add_argument(
         "--compare", nargs="+", type=Path, metavar="RUN_DIR",
         help="also compare with these runs: report/compare.md and accuracy_vs_ratio.png in --run-dir")

@@ -20,7 +20,7 @@ from .runtime import Runtime, current
 from .scores import load_scores
 
 log = logging.getLogger(__name__)
-STAGES = ("estimate", "plan", "prune", "train", "evaluate", "report")
+STAGES = ("estimate", "plan", "prune", "train", "evaluate", "export", "report")
 
 
 def recipe_path(run_dir: Path) -> Path:
@@ -83,6 +83,7 @@ def _record_key(path: Path, field: str = "key") -> str | None:
 def stage_done(stage: str, recipe: Recipe, run_dir: Path) -> bool:
     from .estimate import estimate_key
     from .evaluate import eval_key
+    from .export import RECORD, export_key
     from .train import train_key
 
     try:
@@ -98,6 +99,8 @@ def stage_done(stage: str, recipe: Recipe, run_dir: Path) -> bool:
             return _record_key(run_dir / "train" / "train.json") == train_key(recipe, run_dir)
         if stage == "evaluate":
             return _record_key(run_dir / "eval.json") == eval_key(recipe, run_dir)
+        if stage == "export":
+            return _record_key(run_dir / "export" / RECORD) == export_key(run_dir, recipe)
     except (LightPeftError, FileNotFoundError):
         return False
     return False
@@ -136,10 +139,22 @@ def _run_single(stage: str, recipe: Recipe, run_dir: Path) -> None:
         from .evaluate import run_evaluate
 
         run_evaluate(recipe, run_dir)
+    elif stage == "export":
+        from .export import run_export
+
+        run_export(recipe, run_dir)
     elif stage == "report":
         from .report import write_report
 
         write_report(run_dir)
+
+
+def stages_for(recipe: Recipe) -> list[str]:
+    """The stages `run` goes through: all of them, except export for adapters that cannot be merged (bottleneck)."""
+    if recipe.peft.type != "lora":
+        log.info("stage export: left out, a %s adapter cannot be merged into the weights", recipe.peft.type)
+        return [s for s in STAGES if s != "export"]
+    return list(STAGES)
 
 
 def run_all(recipe: Recipe, run_dir: Path, deepspeed: str | None = None) -> None:
@@ -148,7 +163,7 @@ def run_all(recipe: Recipe, run_dir: Path, deepspeed: str | None = None) -> None
         save_recipe(run_dir, recipe)
     rt.barrier()
     stale = False
-    for stage in STAGES:
+    for stage in stages_for(recipe):
         done = stage != "report" and not stale and stage_done(stage, recipe, run_dir)
         if all(rt.all_gather_object(done)):
             log.info("stage %s: up to date, skipped", stage)

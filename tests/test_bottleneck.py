@@ -185,6 +185,13 @@ def test_pipeline_runs_with_adapter(tmp_path, tiny_recipe, capsys):
     assert any(not torch.equal(trained[k], pruned_w[k]) for k in trained)  # training moved the warm start
     result = json.loads((run / "eval.json").read_text())
     assert result["pruned"]["params"]["adapter"] == n_adapter and 0 <= result["pruned"]["accuracy"] <= 1
+    # a bottleneck adapter is nonlinear: `run` skips the export, and asking for it is a one-line error
+    assert not (run / "export").exists()
+    capsys.readouterr()
+    assert main(["export", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: a bottleneck adapter") and "cannot be merged" in err[-1]
+    assert not (run / "export").exists()
 
 
 @pytest.mark.parametrize("targets, words", [(["q_proj"], "outputs are pruned"), (["wq"], "not projections")])

@@ -38,7 +38,8 @@ def finished_run(tmp_path, tiny_recipe):
 
 
 def mtimes(run: Path) -> dict[str, float]:
-    files = ["estimate/estimate.json", "plan.json", "pruned_model/config.json", "train/train.json", "eval.json"]
+    files = ["estimate/estimate.json", "plan.json", "pruned_model/config.json", "train/train.json", "eval.json",
+             "export/lightpeft_export.json"]
     return {f: (run / f).stat().st_mtime_ns for f in files}
 
 
@@ -53,10 +54,11 @@ def test_run_writes_every_artefact_and_resumes_stage_by_stage(finished_run, caps
     before = mtimes(run)
     assert main(["run", "--config", cfg, "--run-dir", str(run)]) == 0
     assert mtimes(run) == before  # nothing redone
-    # a train-only change redoes train and evaluate, nothing upstream
+    # a train-only change redoes train, evaluate and export, nothing upstream
     assert main(["run", "--config", cfg, "--run-dir", str(run), "--train.steps=3"]) == 0
     after = mtimes(run)
-    assert [f for f in before if before[f] != after[f]] == ["train/train.json", "eval.json"]
+    assert [f for f in before if before[f] != after[f]] == ["train/train.json", "eval.json",
+                                                            "export/lightpeft_export.json"]
     assert json.loads((run / "train" / "train.json").read_text())["steps"] == 3
 
 

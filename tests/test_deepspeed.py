@@ -175,3 +175,32 @@ def test_missing_or_broken_ds_config_is_one_line_error(recipe, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not valid JSON" in err[0]
     assert not (run / "estimate").exists()
+
+
+def test_qlora_under_zero3_shards_the_4bit_base_and_matches_one_process(recipe, single, tmp_path):
+    """Sharded QLoRA: the NF4-packed base (stored in the model dtype, `bnb_4bit_quant_storage`) is partitioned by
+    ZeRO-3 like any weight, and 2-rank training gives the 1-process QLoRA adapter."""
+    pytest.importorskip("bitsandbytes")
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(single, run, ignore=shutil.ignore_patterns("train", "eval.json", "export", "report"))
+    raw = yaml.safe_load(recipe.read_text())
+    raw["train"]["load_in_4bit"] = True
+    recipe4 = tmp_path / "recipe4.yaml"
+    recipe4.write_text(yaml.safe_dump(raw))
+    logits = tmp_path / "logits.safetensors"
+    _torchrun(str(REPO / "tests" / "zero3_train_worker.py"), str(recipe4), str(run), ZERO3, str(logits))
+    layout = json.loads(Path(str(logits) + ".json").read_text())
+    assert layout["linear4bit"] == 2 * 7 and layout["quant_type"] == ["nf4"]  # 2 layers x 7 projections
+    assert all(0 < local < full for local, full in zip(layout["local_numel"], layout["full_numel"]))
+    z3 = load_file(run / "train" / "adapter" / "adapter_model.safetensors")
+    z3_losses = json.loads((run / "train" / "train.json").read_text())["losses"]
+    assert z3_losses[-1] < z3_losses[0]
+    run_stages(run, "train", config=recipe4)  # one process, same QLoRA recipe
+    one = load_file(run / "train" / "adapter" / "adapter_model.safetensors")
+    assert one.keys() == z3.keys()
+    for k in one:
+        torch.testing.assert_close(one[k], z3[k], atol=1e-6, rtol=0)

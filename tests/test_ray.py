@@ -9,7 +9,6 @@ bad settings (no recipe, unreachable head, wrong token, more workers than CPUs) 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,11 +26,7 @@ DEEPSPEED = "ds_configs/zero3.json"  # relative: the driver reads it from the jo
 JOB_TIMEOUT = 400
 STEPS, CHECKPOINT_EVERY = 24, 4  # the kill lands after the first checkpoint, well before the end
 
-pytestmark = [
-    pytest.mark.timeout(900),
-    # Not yet verified end to end on a clean machine (see the issue 4 note); opt in with LIGHTPEFT_RAY_TESTS=1.
-    pytest.mark.skipif(os.environ.get("LIGHTPEFT_RAY_TESTS") != "1", reason="Ray tests are opt-in for now"),
-]
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
