@@ -118,3 +118,25 @@ def test_bad_level_is_a_one_line_error(study, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --levels [1.5]")
     assert not (root / "out").exists()
+
+
+def test_activation_scores_have_the_estimate_shapes_and_see_dead_units(tmp_path, tiny_recipe):
+    """The damage diagnostic's training-free scorer: one score per head and FFN neuron; a neuron whose down_proj
+    column is zero, or a head whose o_proj columns are zero, contributes nothing and must score exactly 0."""
+    from benchmarks.quality.activation_scores import activation_scores
+    from lightpeft_dist.config import recipe_from_dict
+    from lightpeft_dist.models import load_model, load_tokenizer
+    from lightpeft_dist.scores import Scores
+
+    recipe = recipe_from_dict(tiny_recipe)
+    model = load_model(recipe.model.path)
+    layer = model.model.layers[1]
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        layer.mlp.down_proj.weight[:, 5] = 0
+        layer.self_attn.o_proj.weight[:, 2 * head_dim:3 * head_dim] = 0
+    like = Scores(head=[], ffn=[], module={"m": 1.0}, rank={"m": torch.ones(2)})
+    s = activation_scores(model, load_tokenizer(recipe.model), recipe, like, examples=8, batch_size=4)
+    assert [t.shape[0] for t in s.head] == [6, 6] and [t.shape[0] for t in s.ffn] == [40, 40]
+    assert s.ffn[1][5] == 0 and s.head[1][2] == 0
+    assert (s.ffn[0] > 0).all() and (s.head[0] > 0).all() and s.module == like.module

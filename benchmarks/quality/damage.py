@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plans", nargs="+", required=True, help="ATTN:FFN ratio pairs, e.g. 0.35:0")
     p.add_argument("--random", action="store_true", help="random plans (prune.random, seeded by --seed)")
+    p.add_argument("--scores", choices=["estimate", "activation"], default="estimate",
+                   help="rank units by the estimate's masks, or by calibration activations (activation_scores.py)")
+    p.add_argument("--write-scores", type=Path, help="also save the scores used (a scores.safetensors for `lightpeft plan`)")
     p.add_argument("--ppl-text", default="brown")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -47,6 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     est, scores = read_json(est_dir / "estimate.json"), load_scores(est_dir / "scores.safetensors")
     tok = load_tokenizer(base.model)
     windows, info = load_windows(tok, args.ppl_text, 256, 16)
+    if args.scores == "activation":
+        from benchmarks.quality.activation_scores import activation_scores
+
+        scores = activation_scores(load_model(base.model.path, base.model.dtype, base.model.attn_implementation),
+                                   tok, base, scores)
+    if args.write_scores:
+        from lightpeft_dist.scores import save_scores
+
+        save_scores(args.write_scores, scores)
     rows = []
     for spec in args.plans:
         attn, ffn = (float(x) for x in spec.split(":"))
@@ -61,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             ppl = perplexity(model, tok, windows, 4)["perplexity"]
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        rows.append({"attn_ratio": attn, "ffn_ratio": ffn, "random": args.random,
+        rows.append({"attn_ratio": attn, "ffn_ratio": ffn, "random": args.random, "scores": args.scores,
                      "fraction_pruned": plan["summary"]["prunable_fraction_pruned"], "ppl": ppl})
-        print(f"| attn {attn:.3f} | ffn {ffn:.3f} | {'random' if args.random else 'scored'} | "
+        print(f"| attn {attn:.3f} | ffn {ffn:.3f} | {'random' if args.random else args.scores} | "
               f"{rows[-1]['fraction_pruned']:.1%} pruned | ppl {ppl:,.2f} |", flush=True)
     if args.out:
         old = read_json(args.out) if args.out.is_file() else {"rows": []}
