@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:  # a checkout or the copy `ray job submit --workin
     sys.path.insert(0, str(REPO))
 
 from lightpeft_dist import pipeline
+from lightpeft_dist.cli import guarded
 from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import write_json
 from lightpeft_dist.zero import load_ds_config
@@ -255,38 +256,34 @@ def run_single(stage: str, recipe, run_dir: Path, args: argparse.Namespace, use_
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     _setup_logging()
-    try:
-        run_dir = check_run_dir(args.run_dir)
-        recipe = pipeline.resolve_recipe(run_dir, args.config, overrides)
-        if args.deepspeed:
-            load_ds_config(args.deepspeed)  # a missing or broken file is an error now, not on the workers
-            args.deepspeed = str(Path(args.deepspeed).resolve())  # ray.init may change the working directory
-        stages = pipeline.stages_for(recipe) if args.stage == "all" else [args.stage]
-        check_batches(recipe, args.num_workers, stages)
-        connect(args.address, args.connect_timeout)
-        import ray
+    return guarded(lambda: _run(args, overrides))
 
-        use_gpu = {"yes": True, "no": False}.get(args.use_gpu, ray.cluster_resources().get("GPU", 0) >= 1)
-        collective = args.stage in ("all", *COLLECTIVE)
-        check_resources(args.num_workers if collective else 1, args.cpus_per_worker, use_gpu)
-        if args.stage in ("all", "estimate"):
-            pipeline.save_recipe(run_dir, recipe)
-        log.info("Ray cluster %s: %s; %s on %d worker(s), gpu=%s", args.address,
-                 {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}, args.stage,
-                 args.num_workers, use_gpu)
-        t0 = time.time()
-        if collective:
-            run_collective(stages, recipe, run_dir, args, use_gpu)
-        else:
-            run_single(args.stage, recipe, run_dir, args, use_gpu)
-        log.info("%s done in %.1fs", args.stage, time.time() - t0)
-    except LightPeftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> None:
+    run_dir = check_run_dir(args.run_dir)
+    recipe = pipeline.resolve_recipe(run_dir, args.config, overrides)
+    if args.deepspeed:
+        load_ds_config(args.deepspeed)  # a missing or broken file is an error now, not on the workers
+        args.deepspeed = str(Path(args.deepspeed).resolve())  # ray.init may change the working directory
+    stages = pipeline.stages_for(recipe) if args.stage == "all" else [args.stage]
+    check_batches(recipe, args.num_workers, stages)
+    connect(args.address, args.connect_timeout)
+    import ray
+
+    use_gpu = {"yes": True, "no": False}.get(args.use_gpu, ray.cluster_resources().get("GPU", 0) >= 1)
+    collective = args.stage in ("all", *COLLECTIVE)
+    check_resources(args.num_workers if collective else 1, args.cpus_per_worker, use_gpu)
+    if args.stage in ("all", "estimate"):
+        pipeline.save_recipe(run_dir, recipe)
+    log.info("Ray cluster %s: %s; %s on %d worker(s), gpu=%s", args.address,
+             {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}, args.stage,
+             args.num_workers, use_gpu)
+    t0 = time.time()
+    if collective:
+        run_collective(stages, recipe, run_dir, args, use_gpu)
+    else:
+        run_single(args.stage, recipe, run_dir, args, use_gpu)
+    log.info("%s done in %.1fs", args.stage, time.time() - t0)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .errors import LightPeftError
 from .runtime import init_distributed, shutdown
@@ -106,6 +107,20 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def guarded(work: Callable[[], object]) -> int:
+    """The exit code of every entry point (this CLI, launchers/ray_train.py): a user error is one `error:` line and
+    exit 2, an interrupt exit 130."""
+    try:
+        work()
+    except LightPeftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(_strip_local_rank(sys.argv[1:] if argv is None else argv))
     bad = [a for a in rest if not (a.startswith("--") and "=" in a and "." in a.split("=")[0])]
@@ -116,16 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        dispatch(args, rest)
-    except LightPeftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return guarded(lambda: dispatch(args, rest))
     finally:
         shutdown()
-    return 0
 
 
 if __name__ == "__main__":
