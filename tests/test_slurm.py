@@ -131,16 +131,21 @@ def test_bad_submission_fails_fast_with_a_clear_message(slurm, workdir, args, en
 @pytest.mark.slow
 def test_requeued_estimate_resumes_from_its_checkpoint(slurm, workdir, tiny_recipe):
     """USR1 (what `--signal=B:USR1@300` sends before the time limit) after a checkpoint: requeue, rerun, resume."""
-    tiny_recipe["estimate"].update(steps=80, checkpoint_every=4)
+    # Long enough that the signal lands mid-run on a fast machine too (CI ran 80 steps in about 1 s): the run must
+    # still be going when USR1 arrives, or there is nothing to requeue.
+    tiny_recipe["estimate"].update(steps=1200, checkpoint_every=20)
     (workdir / "long.yaml").write_text(yaml.safe_dump(tiny_recipe))
     t0 = time.monotonic()
     job = submit(slurm, workdir, "-n", "1", str(SLURM / "estimate.sbatch"), "--config", "long.yaml", "--run-dir", "rq")
     state = workdir / "rq" / "estimate.ckpt" / "state.json"
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not state.is_file():
-        assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), \
-            log_of(slurm.job(job))[-3000:]
-        time.sleep(0.2)
+    polls = 0
+    while not state.is_file():  # poll the file often and the (slower) scontrol seldom, so the first checkpoint is seen
+        assert time.monotonic() < deadline, "no estimation checkpoint within the job timeout"
+        if polls % 20 == 0:
+            assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), log_of(slurm.job(job))[-3000:]
+        polls += 1
+        time.sleep(0.05)
     slurm.run(["scancel", "--signal=USR1", "--batch", job])
     info, log = finished(slurm, job)
     assert info["Restarts"] == "1", info
