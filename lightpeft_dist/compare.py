@@ -20,8 +20,8 @@ from .io_utils import read_json, write_json
 from .plots import _save
 
 log = logging.getLogger(__name__)
-METHOD_ORDER = ("zero-shot", "lora", "lightpeft", "random")
-COLORS = {"lightpeft": "#2b6cb0", "random": "#e07b39", "run": "#4a5568"}
+METHOD_ORDER = ("zero-shot", "lora", "lightpeft", "activation", "random")
+COLORS = {"lightpeft": "#2b6cb0", "activation": "#805ad5", "random": "#e07b39", "run": "#4a5568"}
 COLUMNS = ("method", "target pruned", "achieved pruned", "test {metric}", "% of LoRA", "ppl (pruned base)",
            "total params", "trainable params", "train tokens/s", "inference tokens/s", "estimation / training")
 
@@ -141,7 +141,8 @@ def plot_groups(groups: list[dict], out: str | Path) -> Path | None:
     for method in dict.fromkeys(g["method"] for g in pruned):
         pts = sorted((g["fraction_pruned"]["mean"], g["value"]["mean"] * scale, (g["value"]["std"] or 0) * scale)
                      for g in pruned if g["method"] == method)
-        name = {"lightpeft": "Light-PEFT (scored)", "random": "random pruning"}.get(method, method)
+        name = {"lightpeft": "Light-PEFT (mask scores)", "activation": "Light-PEFT plan, activation unit scores",
+                "random": "random pruning"}.get(method, method)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=4,
                     color=COLORS.get(method, "#4a5568"), label=name)
     for g in groups:

@@ -92,6 +92,9 @@ class PruneConfig(_Strict):
     rank_scope: Scope = "global"
     uniform: bool = False
     random: bool = Field(False, description="control: replace every score with seeded noise")
+    unit_scores: Literal["masks", "activation"] = Field(
+        "masks", description="rank heads and FFN neurons by the learned masks (Light-PEFT) or by their measured "
+                             "activations times output weight norms (see activation.py)")
     seed: int = 0
 
     @field_validator("attn_ratio", "ffn_ratio", "module_ratio", "rank_ratio")

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from .activation import ActivationTracker
 from .checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from .config import Recipe, recipe_to_dict
 from .families import config_layer_shapes, head_dim_of
@@ -41,6 +42,7 @@ def estimate_key(recipe: Recipe) -> str:
 
 
 CHECKPOINT_DIR = "estimate.ckpt"
+SCORE_FILES = {"masks": "scores.safetensors", "activation": "activation_scores.safetensors"}  # by prune.unit_scores
 
 
 def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, deepspeed: str | None = None,
@@ -66,6 +68,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
         model = attach_lora(load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation),
                             recipe.peft)
         sink = L1Sink()
+        activations = ActivationTracker(model, rt)  # its hooks run before the mask hooks (prepended)
         attach_masks(model, sink=sink)
         head_masks, ffn_masks = mask_parameters(model)
         tracker = (BottleneckImportanceTracker if recipe.peft.type == "adapter" else PeftImportanceTracker)(
@@ -81,19 +84,22 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
         engine = make_engine(model, optimizer, linear_schedule(optimizer, cfg.steps), cfg.grad_accum,
                              cfg.max_grad_norm, ds_cfg, rt)
     partitioning = mask_partitioning(head_masks + ffn_masks, rt)
-    start = resume(run_dir / CHECKPOINT_DIR, key, engine, trainable, tracker, rt)
+    start = resume(run_dir / CHECKPOINT_DIR, key, engine, trainable, tracker, activations, rt)
 
     def before_forward(batch: dict) -> None:
         tracker.recording, tracker.token_mask, sink.active = True, batch["attention_mask"], True
+        activations.recording, activations.token_mask = True, batch["attention_mask"]
 
     def after_forward() -> None:
-        tracker.recording = sink.active = False
+        tracker.recording = sink.active = activations.recording = False
 
     def after_step(step: int, loss: float) -> None:
         tracker.end_step(step)
+        activations.end_step()
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             path = run_dir / CHECKPOINT_DIR
-            save_checkpoint(path, engine, trainable, step, tracker.state_dict(), {"key": key}, rt)
+            extra = tracker.state_dict() | {f"act.{k}": v for k, v in activations.state_dict().items()}
+            save_checkpoint(path, engine, trainable, step, extra, {"key": key}, rt)
             if on_checkpoint is not None:
                 on_checkpoint(path, step)
 
@@ -107,10 +113,14 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
                       start_step=start, seed=cfg.seed)
     module_scores, rank_scores = tracker.results()
     tracker.remove()
+    activations.remove()
     scores = Scores(head=[full_value(m) for m in head_masks], ffn=[full_value(m) for m in ffn_masks],
                     module=module_scores, rank=rank_scores)
+    act_head, act_ffn = activations.results()
+    activation_scores = Scores(head=act_head, ffn=act_ffn, module=module_scores, rank=rank_scores)
     adapter_state = full_state([(n, p) for n, p in trainable if is_peft_param(n)])
-    plan_hash = make_plan(scores, shapes, recipe.prune, fingerprint(base_config), base_config.hidden_size,
+    plan_hash = make_plan({"masks": scores, "activation": activation_scores}[recipe.prune.unit_scores], shapes,
+                          recipe.prune, fingerprint(base_config), base_config.hidden_size,
                           head_dim_of(base_config))["hash"]
     rt.agree(plan_hash, "plan computed from the gathered masks")
     record = {
@@ -122,13 +132,15 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
         "train_seconds": stats.seconds, "wall_seconds": time.time() - t0, "recipe": recipe_to_dict(recipe),
     }
     if rt.is_main:
-        write_estimate(run_dir / "estimate", scores, model, adapter_state, record)
+        write_estimate(run_dir / "estimate", {"masks": scores, "activation": activation_scores}, model,
+                       adapter_state, record)
         shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     rt.barrier()
     return record
 
 
-def resume(path: Path, key: str, engine, trainable, tracker: PeftImportanceTracker, rt: Runtime) -> int:
+def resume(path: Path, key: str, engine, trainable, tracker: PeftImportanceTracker, activations: ActivationTracker,
+           rt: Runtime) -> int:
     """The first step to run: 0, or the step after a checkpoint written for this same recipe."""
     found = read_checkpoint(path)
     if found is None:
@@ -138,8 +150,12 @@ def resume(path: Path, key: str, engine, trainable, tracker: PeftImportanceTrack
         log.warning("ignoring checkpoint %s: it was written for another recipe (key %s, now %s)", path,
                     meta.get("key"), key)
         return 0
+    if "extra/act.tokens" not in tensors:
+        log.warning("ignoring checkpoint %s: it predates activation statistics; estimating from step 0", path)
+        return 0
     extra = restore_checkpoint(engine, trainable, meta, tensors)
     tracker.load_state_dict(extra)
+    activations.load_state_dict({k.removeprefix("act."): v for k, v in extra.items() if k.startswith("act.")})
     log.info("resumed estimation from %s after step %d (written by %d ranks, now %d)", path, meta["step"],
              meta["world_size"], rt.world_size)
     return int(meta["step"]) + 1
@@ -158,17 +174,20 @@ def mask_partitioning(masks: list[torch.Tensor], rt: Runtime) -> dict | None:
     return out
 
 
-def write_estimate(out_dir: Path, scores: Scores, peft_model, adapter_state: dict, record: dict) -> None:
+def write_estimate(out_dir: Path, all_scores: dict[str, Scores], peft_model, adapter_state: dict,
+                   record: dict) -> None:
+    """Both unit scorings are written; `prune.unit_scores` picks one at plan time, so switching needs no new run."""
     with atomic_dir(out_dir) as tmp:
-        save_scores(tmp / "scores.safetensors", scores, metadata={"strategy": record["strategy"]})
+        for kind, scores in all_scores.items():
+            save_scores(tmp / SCORE_FILES[kind], scores, metadata={"strategy": record["strategy"], "units": kind})
         if record["recipe"]["peft"]["type"] == "adapter":
             save_bottleneck(tmp / "adapter", adapter_state, adapter_config(peft_model))
         else:
             peft_model.save_pretrained(tmp / "adapter", state_dict=adapter_state, safe_serialization=True)
         write_json(tmp / "estimate.json", record)
-    masks = torch.cat([*scores.head, *scores.ffn])
+    masks = torch.cat([*all_scores["masks"].head, *all_scores["masks"].ffn])
     log.info("estimate written to %s: mask range [%.4f, %.4f], mean module score %.4f", out_dir,
              float(masks.min()), float(masks.max()),
-             sum(scores.module.values()) / max(1, len(scores.module)))
+             sum(all_scores["masks"].module.values()) / max(1, len(all_scores["masks"].module)))
 
 

@@ -45,8 +45,19 @@ def save_recipe(run_dir: Path, recipe: Recipe) -> None:
     os.replace(tmp, recipe_path(run_dir))
 
 
+def scores_path(recipe: Recipe, run_dir: Path) -> Path:
+    """The estimate's scores file that `prune.unit_scores` selects."""
+    from .estimate import SCORE_FILES
+
+    path = run_dir / "estimate" / SCORE_FILES[recipe.prune.unit_scores]
+    if not path.is_file() and (run_dir / "estimate" / "estimate.json").is_file():
+        raise LightPeftError(f"{path} not found: this estimate predates prune.unit_scores="
+                             f"{recipe.prune.unit_scores}; delete {path.parent} and rerun `lightpeft estimate`")
+    return path
+
+
 def plan_key(recipe: Recipe, run_dir: Path) -> str:
-    return sha256_json({"scores": sha256_file(run_dir / "estimate" / "scores.safetensors"),
+    return sha256_json({"scores": sha256_file(scores_path(recipe, run_dir)),
                         "prune": recipe_to_dict(recipe)["prune"]})[:16]
 
 
@@ -56,7 +67,7 @@ def run_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> d
 
     rt = runtime or current()
     est = read_json(run_dir / "estimate" / "estimate.json", "estimate record")
-    scores = load_scores(run_dir / "estimate" / "scores.safetensors")
+    scores = load_scores(scores_path(recipe, run_dir))
     plan = make_plan(scores, est["layer_shapes"], recipe.prune, est["model_fingerprint"], est["hidden_size"],
                      est["head_dim"])
     plan["key"] = plan_key(recipe, run_dir)

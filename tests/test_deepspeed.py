@@ -19,7 +19,10 @@ from safetensors.torch import load_file
 from dist_checks import BIN, REPO, ZERO3, assert_same_scores, launch, run_stages
 
 from lightpeft_dist.cli import main
+from lightpeft_dist.config import PruneConfig
 from lightpeft_dist.errors import LightPeftError
+from lightpeft_dist.plan import make_plan
+from lightpeft_dist.scores import load_scores
 from lightpeft_dist.zero import fill_ds_config
 
 pytestmark = pytest.mark.timeout(1200)
@@ -50,11 +53,21 @@ def zero3_two_ranks(recipe, tmp_path_factory) -> Path:
     return run
 
 
+def activation_plan(run: Path) -> dict:
+    record = json.loads((run / "estimate" / "estimate.json").read_text())
+    cfg = PruneConfig(**{**record["recipe"]["prune"], "unit_scores": "activation"})
+    return make_plan(load_scores(run / "estimate" / "activation_scores.safetensors"), record["layer_shapes"], cfg,
+                     record["model_fingerprint"], record["hidden_size"], record["head_dim"])
+
+
 def test_two_rank_zero3_estimate_gives_the_single_process_plan(single, zero3_two_ranks):
     assert_same_scores(single, zero3_two_ranks)
     p1, p2 = (json.loads((r / "plan.json").read_text()) for r in (single, zero3_two_ranks))
     assert p1["hash"] == p2["hash"]
     assert p1["layers"] == p2["layers"] and p1["peft_modules"] == p2["peft_modules"]
+    # the activation unit scores (weight norms probed through ZeRO-3's partitioned projections) plan the same too
+    a1, a2 = (activation_plan(r) for r in (single, zero3_two_ranks))
+    assert a1["hash"] == a2["hash"] and a1["layers"] != p1["layers"]
 
 
 def test_two_ranks_without_deepspeed_average_gradients_like_one_process(recipe, single, tmp_path):

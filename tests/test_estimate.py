@@ -107,6 +107,19 @@ def test_estimation_ranks_irrelevant_units_lowest(tmp_path, tiny_recipe):
     assert all(0 not in lay["q_heads"] for i, lay in enumerate(plan["layers"]) if i != 1)
     assert all(set(lay["ffn"]).isdisjoint(range(8)) for lay in plan["layers"])
     assert dead.isdisjoint(plan["peft_modules"])
+    # The activation unit scores of the same run see dead units exactly: nothing flows through a zero column.
+    act = load_scores(tmp_path / "run" / "estimate" / "activation_scores.safetensors")
+    assert act.module == scores.module and all(torch.equal(act.rank[n], scores.rank[n]) for n in scores.rank)
+    assert float(act.head[1].abs().max()) == 0.0
+    for i in (0, 2):
+        assert float(act.head[i][0]) == 0.0 and float(act.head[i][1:].min()) > 0
+    for ffn in act.ffn:
+        assert float(ffn[:8].abs().max()) == 0.0 and float(ffn[8:].min()) > 0
+    act_plan = make_plan(act, record["layer_shapes"], PruneConfig(attn_ratio=0.25, ffn_ratio=0.2, module_ratio=0,
+                                                                  ffn_scope="layerwise", unit_scores="activation"),
+                         record["model_fingerprint"], record["hidden_size"], record["head_dim"])
+    assert all(sorted(lay["ffn"]) == list(range(8, 40)) for lay in act_plan["layers"])  # exactly the dead ones go
+    assert all(0 not in lay["q_heads"] for i, lay in enumerate(act_plan["layers"]) if i != 1)
     # the estimation adapter is a standard PEFT adapter for the base model
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     loaded = PeftModel.from_pretrained(base, tmp_path / "run" / "estimate" / "adapter")

@@ -48,6 +48,15 @@ def test_pruned_base_loads_in_4bit(pruned_dir):
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9
 
 
+def test_activation_probe_reads_4bit_weights_as_their_dequantized_columns(pruned_dir):
+    from lightpeft_dist.activation import input_column_norms
+
+    layer = load_4bit(pruned_dir).model.layers[0].mlp.down_proj
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    dense = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    torch.testing.assert_close(input_column_norms(layer, dense.shape[1]), dense.norm(dim=0), rtol=1e-3, atol=1e-4)
+
+
 def test_quantization_config_is_zero3_shardable():
     cfg = quantization_config(torch.bfloat16)
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4"

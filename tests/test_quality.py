@@ -20,7 +20,7 @@ from lightpeft_dist.io_utils import read_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.quality import run_quality  # noqa: E402
-from benchmarks.quality.aggregate import BEGIN, END, FIGURE  # noqa: E402
+from benchmarks.quality.aggregate import figure_name, markers  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -51,14 +51,15 @@ def test_quick_study_rows_table_docs_and_compare(study, capsys):
 
     # one group per method/level, with the expected number of seeds
     groups = [(g["method"], g["level"], g["value"]["n"]) for g in res["groups"]]
-    assert groups == [("zero-shot", None, 1), ("lora", None, 2), ("lightpeft", 0.35, 2), ("random", 0.35, 2)]
+    assert groups == [("zero-shot", None, 1), ("lora", None, 2), ("lightpeft", 0.35, 2), ("activation", 0.35, 2),
+                      ("random", 0.35, 2)]
     table = (out / "quality.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| method"))
     assert header == "| " + " | ".join(c.format(metric="accuracy") for c in COLUMNS) + " |"
     body = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [line.split(" | ")[0] for line in body] == ["| zero-shot (unpruned, no training)",
                                                         "| LoRA, full model (all ratios 0)", "| Light-PEFT",
-                                                        "| random pruning"]
+                                                        "| Light-PEFT, activation unit scores", "| random pruning"]
     assert all(len(line.split(" | ")) == len(COLUMNS) for line in body)
 
     zero = read_json(out / "zero-shot" / "eval.json")["base"]
@@ -69,12 +70,16 @@ def test_quick_study_rows_table_docs_and_compare(study, capsys):
     for seed in (0, 1):
         sd = out / f"seed{seed}"
         shared = sd / "estimate-run" / "estimate" / "estimate.json"
-        for row in ("lora", "lightpeft-35", "random-35"):
+        for row in ("lora", "lightpeft-35", "activation-35", "random-35"):
             assert (sd / row / "estimate" / "estimate.json").samefile(shared)  # estimated once per seed
             assert read_json(sd / row / "eval.json")["base"] == zero
             assert len(read_json(sd / row / "quality.json")["infer_rounds"]) == 1
         lp, rnd = read_json(sd / "lightpeft-35" / "plan.json"), read_json(sd / "random-35" / "plan.json")
         assert kept(lp) != kept(rnd)
+        act = read_json(sd / "activation-35" / "plan.json")  # same ratios, same estimate, other unit scores
+        assert act["prune"] == {**lp["prune"], "unit_scores": "activation"} and lp["prune"]["unit_scores"] == "masks"
+        assert [lay["q_heads"] for lay in act["layers"]] != [lay["q_heads"] for lay in lp["layers"]] or \
+            [lay["ffn"] for lay in act["layers"]] != [lay["ffn"] for lay in lp["layers"]]
         assert lp["prune"]["attn_ratio"] == rnd["prune"]["attn_ratio"] == 0.35
         assert lp["prune"]["ffn_ratio"] == rnd["prune"]["ffn_ratio"] > 0
         assert abs(lp["summary"]["prunable_fraction_pruned"] - 0.35) < 0.03  # FFN granularity of the tiny model
@@ -97,10 +102,11 @@ def test_quick_study_rows_table_docs_and_compare(study, capsys):
     (docs.parent / "results.md").write_text(docs.read_text() + "\n## Later hand-written section\n")
     assert run_quality.main([*args, "--aggregate-only"]) == 0
     text = docs.read_text()
-    assert text.count(BEGIN) == 1 and text.count(END) == 1
+    begin, end = markers("out")
+    assert text.count(begin) == 1 and text.count(end) == 1
     assert text.startswith("# Results\n\nHand-written demo section.") and "## Later hand-written section" in text
     assert "| Light-PEFT | 35% |" in text and "levels not run: 20%, 50%" in text and "median of 1 rounds" in text
-    assert (root / FIGURE).read_bytes()[:8] == PNG and (out / "accuracy_vs_ratio.png").read_bytes()[:8] == PNG
+    assert (root / figure_name("out")).read_bytes()[:8] == PNG and (out / "accuracy_vs_ratio.png").read_bytes()[:8] == PNG
 
     # the CLI compares any run directories
     capsys.readouterr()

@@ -8,7 +8,9 @@ base model in every row, which costs minutes per row on a CPU).
 
 Rows: `lora` (all ratios 0: the plan keeps every head, neuron, module and rank, so the "pruned" model is the base
 model; LoRA freshly initialised, i.e. the reference's vanilla baseline), `lightpeft` (scored plan at a level) and
-`random` (the same ratios with prune.random, seeded per seed).
+`random` (the same ratios with prune.random, seeded per seed), `activation` (the same ratios and the same estimation
+run, heads and FFN neurons ranked by prune.unit_scores=activation instead of the masks; PEFT modules and ranks as
+Light-PEFT).
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ def row_specs(level_ratios: dict[float, dict], peft_ratios: dict) -> list[tuple[
                             "random": False}, {"warm_start": False})]
     for level, ratios in level_ratios.items():
         rows.append(("lightpeft", level, {**ratios, **peft_ratios, "random": False}, {}))
+        rows.append(("activation", level, {**ratios, **peft_ratios, "random": False, "unit_scores": "activation"},
+                     {}))
         rows.append(("random", level, {**ratios, **peft_ratios, "random": True}, {}))
     return rows
 
@@ -151,7 +155,7 @@ def run_row(study: Study, seed: int, shared: Path, method: str, level: float | N
     q = read_json(q_path) if q_path.is_file() else {}
     if stale or q.get("plan_hash") != plan_hash or q.get("ppl_key") != _ppl_key(study, plan_hash):
         label = {"lora": "LoRA, full model (all ratios 0)", "lightpeft": "Light-PEFT",
-                 "random": "random pruning"}[method]
+                 "activation": "Light-PEFT, activation unit scores", "random": "random pruning"}[method]
         ppl = _model_ppl(study, recipe, str(d / "pruned_model"))
         q = {"method": method, "label": label, "level": level, "seed": seed, "uses_estimate": method != "lora",
              "plan_hash": plan_hash, "prune": recipe_to_dict(recipe)["prune"],
