@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .bottleneck import SUFFIX as ADAPTER_SUFFIX
 from .families import family_for, head_dim_of, layer_shapes, unwrap
 from .runtime import Runtime
 
@@ -47,6 +48,22 @@ def input_column_norms(linear: nn.Module, in_features: int, head_dim: int = 1) -
         probe[torch.arange(len(rows), device=device), rows] = 1.0
         squares.append((linear(probe).float() - zero).pow(2).sum(-1))
     return torch.cat(squares).reshape(-1, head_dim).sum(-1).sqrt().cpu()
+
+
+@torch.no_grad()
+def output_weight_norms(owner: nn.Module, proj_name: str, in_features: int, head_dim: int = 1) -> torch.Tensor:
+    """Column-group norms of the frozen weight in `owner.<proj_name>`: under a LoRA wrapper the base layer is probed;
+    a bottleneck adapter (a residual forward hook on the projection) is silenced for the probe, because it is
+    nonlinear and would otherwise leak into the columns."""
+    adapter = getattr(owner, proj_name + ADAPTER_SUFFIX, None)
+    saved = getattr(adapter, "scaling", None)
+    if adapter is not None:
+        adapter.scaling = 0.0
+    try:
+        return input_column_norms(base_layer(getattr(owner, proj_name)), in_features, head_dim)
+    finally:
+        if adapter is not None:
+            adapter.scaling = saved
 
 
 class ActivationTracker:
@@ -114,10 +131,9 @@ class ActivationTracker:
         n = float(self.tokens.clamp_min(1))
         heads, ffns = [], []
         for i, layer in enumerate(self.layers):
-            attn_out = base_layer(getattr(self.spec.attention(layer), self.spec.head_out_proj))
-            ffn_out = base_layer(getattr(self.spec.ffn(layer), self.spec.ffn_out_proj))
-            w_heads = input_column_norms(attn_out, self.head_sum[i].numel() * self.head_dim, self.head_dim)
-            w_ffn = input_column_norms(ffn_out, self.ffn_sum[i].numel())
+            w_heads = output_weight_norms(self.spec.attention(layer), self.spec.head_out_proj,
+                                          self.head_sum[i].numel() * self.head_dim, self.head_dim)
+            w_ffn = output_weight_norms(self.spec.ffn(layer), self.spec.ffn_out_proj, self.ffn_sum[i].numel())
             heads.append((self.head_sum[i] / n * w_heads.double()).float())
             ffns.append((self.ffn_sum[i] / n * w_ffn.double()).float())
         return heads, ffns

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from peft import get_peft_model
 
-from lightpeft_dist.activation import ActivationTracker, base_layer, input_column_norms
+from lightpeft_dist.activation import ActivationTracker, base_layer, input_column_norms, output_weight_norms
 from lightpeft_dist.cli import main
 from lightpeft_dist.config import PeftConfig
 from lightpeft_dist.families import head_dim_of
@@ -30,6 +30,18 @@ def test_probe_reads_the_weight_column_norms_of_plain_and_lora_wrapped_layers():
     plain = base_layer(o_proj)
     assert plain is not o_proj and isinstance(plain, torch.nn.Linear)
     torch.testing.assert_close(input_column_norms(plain, 48), plain.weight.norm(dim=0))
+
+
+def test_a_bottleneck_adapter_on_the_projection_does_not_leak_into_its_weight_norms():
+    from lightpeft_dist.bottleneck import attach
+
+    model = tiny_model("llama-gqa")
+    mlp = model.model.layers[0].mlp
+    adapter = attach(model, {"model.layers.0.mlp.down_proj": 4})["model.layers.0.mlp.down_proj"]
+    torch.nn.init.normal_(adapter.up.weight, std=1.0)  # a live adapter (its init is near zero)
+    assert not torch.allclose(mlp.down_proj(torch.eye(40)), torch.eye(40) @ mlp.down_proj.weight.T)
+    torch.testing.assert_close(output_weight_norms(mlp, "down_proj", 40), mlp.down_proj.weight.norm(dim=0))
+    assert adapter.scaling == 1.0  # restored
 
 
 def test_scores_are_mean_activation_on_real_tokens_times_output_weight_norm():
