@@ -4,7 +4,9 @@ Light-PEFT ranks heads and FFN neurons by learned mask values. To tell "the mask
 "these units cannot be pruned cheaply at all", this scores the same units from one pass over task examples, no
 training: an FFN neuron j scores mean|a_j| * ||W_down[:, j]||_2 (its average contribution to the residual stream),
 a head h scores mean ||x_h||_2 * ||W_o[:, h]||_F over the o_proj input slice of that head. Module and rank scores
-are copied from the estimate (they do not affect the pruned base). Not a pipeline strategy: a measuring stick.
+are copied from the estimate (they do not affect the pruned base). A measuring stick on the frozen base model; the
+pipeline's `prune.unit_scores: activation` (lightpeft_dist/activation.py) collects the same statistics during the
+estimation run itself, on the tokens the estimate trains on.
 """
 
 from __future__ import annotations
