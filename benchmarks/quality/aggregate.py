@@ -109,7 +109,7 @@ def aggregate(out_dir: Path) -> dict:
 
     recipe = yaml.safe_load((out_dir / "base_recipe.yaml").read_text())
     inv = out_dir / "invocations.json"
-    result = {"table": cmp["table"], "groups": cmp["groups"], "runs": cmp["runs"], "verdict": verdict(cmp["groups"]),
+    result = {"study": out_dir.resolve().name, "table": cmp["table"], "groups": cmp["groups"], "runs": cmp["runs"], "verdict": verdict(cmp["groups"]),
               "split": split_info(recipe), "recipe": recipe, "ppl": base.get("ppl", {}),
               "invocations": read_json(inv) if inv.is_file() else [], "figure": cmp["plot"]}
     write_json(out_dir / "quality.json", result)
@@ -144,12 +144,18 @@ def _counts(sp: dict) -> str:
     return " / ".join(f"{k} {v['total']}" for k, v in counts.items()) or "-"
 
 
+def _vs_reference(prune: dict) -> str:
+    if (prune["module_ratio"], prune["rank_ratio"]) == (0.75, 0.5):
+        return "as the reference"
+    return "not the reference's 0.75 and 0.5: set on purpose, see the reading below the table"
+
+
 def section(result: dict, figure: str | None) -> str:
     r, sp = result["recipe"], result["split"]
     est, tr, pr, data = r["estimate"], r["train"], r["prune"], r["data"]
     n_test = next((g["runs"] for g in result["groups"] if g["method"] == "zero-shot"), None)
     test_n = read_json(Path(n_test[0]) / "eval.json")["base"].get("n") if n_test else None
-    lines = ["## Quality study: how much accuracy does early pruning cost? (issue 6)", "",
+    lines = [f"## Quality study `{result.get('study', '')}`: how much accuracy does early pruning cost? (issue 6)", "",
              "Command(s) that produced this section (each resumes the same study folder):", "", "```bash",
              *[i["command"] + f"   # {i['started']}, {i['wall_minutes']} min" for i in result["invocations"]],
              "```", "",
@@ -159,9 +165,8 @@ def section(result: dict, figure: str | None) -> str:
              f"{est['mask_lr_coef']}); train {tr['steps']} steps (batch {tr['batch_size']}, seq {tr['seq_len']}, "
              f"LR {tr['lr']}); LoRA r={r['peft']['r']} on {', '.join(r['peft']['targets'])}.",
              f"- PEFT pruning: module ratio {pr['module_ratio']}, rank ratio {pr['rank_ratio']} "
-             f"({'as' if (pr['module_ratio'], pr['rank_ratio']) == (0.75, 0.5) else 'the reference uses 0.75 and 0.5; not as'}"
-             " the reference) "
-             f"(rank scope {pr['rank_scope']}); FFN scope {pr['ffn_scope']}. A level X sets attn_ratio = X and solves "
+             f"({_vs_reference(pr)}; rank scope {pr['rank_scope']}); FFN scope {pr['ffn_scope']}. "
+             "A level X sets attn_ratio = X and solves "
              "ffn_ratio so the planner's prunable_fraction_pruned equals X (benchmarks/quality/levels.py). Random "
              "rows use the same ratios with prune.random (seeded by the seed); activation rows use the same ratios and "
              "estimation run with prune.unit_scores=activation (heads and FFN neurons ranked by measured activation "
