@@ -26,6 +26,15 @@ from .runtime import Runtime
 PROBE_ROWS = 1024  # unit vectors per probe forward: bounds the probe's activation memory
 
 
+def token_weights(token_mask: torch.Tensor | None, like: torch.Tensor,
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """1 for a real token and 0 for padding, shaped like `like` without its feature dimension (all ones when the
+    batch's attention mask does not match, e.g. for a probe)."""
+    if token_mask is not None and token_mask.shape == like.shape[:-1]:
+        return token_mask.to(like.device, dtype)
+    return torch.ones(like.shape[:-1], dtype=dtype, device=like.device)
+
+
 def base_layer(module: nn.Module) -> nn.Module:
     """The frozen projection under a PEFT wrapper (the module itself when it is not wrapped)."""
     get = getattr(module, "get_base_layer", None)
@@ -92,18 +101,15 @@ class ActivationTracker:
             self._handles.append(attn_out.register_forward_pre_hook(self._on_head_input(i), prepend=True))
             self._handles.append(ffn_out.register_forward_pre_hook(self._on_ffn_input(i), prepend=True))
 
-    def _weights(self, x: torch.Tensor) -> torch.Tensor:
-        if self.token_mask is not None and self.token_mask.shape == x.shape[:-1]:
-            return self.token_mask.to(x.device, torch.float64)
-        return torch.ones(x.shape[:-1], dtype=torch.float64, device=x.device)
-
+    # The hooks run on every estimation forward: per-token work stays in fp32 (a float64 copy of a [batch, seq,
+    # intermediate] activation would be the largest tensor of the step); only the per-unit sums are float64.
     def _on_head_input(self, i: int):
         def hook(module, args):
             if self.recording:
                 x = args[0].detach()
-                norms = x.unflatten(-1, (-1, self.head_dim)).double().norm(dim=-1)  # [..., heads]
-                w = self._weights(x)
-                self._step_head[i] += (norms * w[..., None]).flatten(0, -2).sum(0)
+                norms = x.unflatten(-1, (-1, self.head_dim)).float().norm(dim=-1)  # [..., heads]
+                w = token_weights(self.token_mask, x, torch.float32)
+                self._step_head[i] += w.reshape(-1) @ norms.reshape(-1, norms.shape[-1])
                 if i == 0:
                     self._step_tokens += w.sum()
         return hook
@@ -112,18 +118,19 @@ class ActivationTracker:
         def hook(module, args):
             if self.recording:
                 x = args[0].detach()
-                self._step_ffn[i] += (x.double().abs() * self._weights(x)[..., None]).flatten(0, -2).sum(0)
+                w = token_weights(self.token_mask, x, torch.float32)
+                self._step_ffn[i] += w.reshape(-1) @ x.abs().reshape(-1, x.shape[-1]).float()
         return hook
 
     def end_step(self) -> None:
-        """Add this optimizer step's sums, across ranks, to the run totals."""
-        rt = self.runtime
-        for step, total in ((self._step_head, self.head_sum), (self._step_ffn, self.ffn_sum)):
-            for i, t in enumerate(step):
-                total[i] += rt.all_reduce_sum(t.clone()).cpu()
-                t.zero_()
-        self.tokens += rt.all_reduce_sum(self._step_tokens.clone()).cpu()
-        self._step_tokens.zero_()
+        """Add this optimizer step's sums, across ranks (one collective for all layers), to the run totals."""
+        step = [*self._step_head, *self._step_ffn, self._step_tokens]
+        reduced = self.runtime.all_reduce_sum(torch.cat(step)).cpu()
+        for total, part in zip([*self.head_sum, *self.ffn_sum, self.tokens],
+                               reduced.split([t.numel() for t in step]), strict=True):
+            total += part
+        for t in step:
+            t.zero_()
 
     @torch.no_grad()
     def results(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -117,12 +117,12 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     scores = Scores(head=[full_value(m) for m in head_masks], ffn=[full_value(m) for m in ffn_masks],
                     module=module_scores, rank=rank_scores)
     act_head, act_ffn = activations.results()
-    activation_scores = Scores(head=act_head, ffn=act_ffn, module=module_scores, rank=rank_scores)
+    all_scores = {"masks": scores,
+                  "activation": Scores(head=act_head, ffn=act_ffn, module=module_scores, rank=rank_scores)}
     adapter_state = full_state([(n, p) for n, p in trainable if is_peft_param(n)])
-    plan_hash = make_plan({"masks": scores, "activation": activation_scores}[recipe.prune.unit_scores], shapes,
-                          recipe.prune, fingerprint(base_config), base_config.hidden_size,
-                          head_dim_of(base_config))["hash"]
-    rt.agree(plan_hash, "plan computed from the gathered masks")
+    plan_hash = make_plan(all_scores[recipe.prune.unit_scores], shapes, recipe.prune, fingerprint(base_config),
+                          base_config.hidden_size, head_dim_of(base_config))["hash"]
+    rt.agree(plan_hash, "plan computed from the gathered scores")
     record = {
         "key": key, "strategy": "lightpeft", "model_path": recipe.model.path,
         "model_fingerprint": fingerprint(base_config), "layer_shapes": shapes, "plan_hash": plan_hash,
@@ -132,8 +132,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
         "train_seconds": stats.seconds, "wall_seconds": time.time() - t0, "recipe": recipe_to_dict(recipe),
     }
     if rt.is_main:
-        write_estimate(run_dir / "estimate", {"masks": scores, "activation": activation_scores}, model,
-                       adapter_state, record)
+        write_estimate(run_dir / "estimate", all_scores, model, adapter_state, record)
         shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     rt.barrier()
     return record

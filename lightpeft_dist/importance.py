@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from peft.tuners.lora import LoraLayer
 
+from .activation import token_weights
 from .families import unwrap
 from .runtime import Runtime
 
@@ -90,9 +91,7 @@ class PeftImportanceTracker:
         return next(model.parameters()).device
 
     def _tokens(self, like: torch.Tensor) -> torch.Tensor:
-        if self.token_mask is not None and self.token_mask.shape == like.shape[:-1]:
-            return self.token_mask.to(like.device, torch.float64)
-        return torch.ones(like.shape[:-1], dtype=torch.float64, device=like.device)
+        return token_weights(self.token_mask, like)
 
     def _on_base(self, i: int):
         def hook(module, args, out):
