@@ -44,18 +44,19 @@ def run_export(recipe: Recipe, run_dir: Path) -> Path:
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged = merged.to(DTYPES[recipe.model.dtype])
     out = run_dir / "export"
+    params = count_parameters(merged)["total"]
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         load_tokenizer(recipe.model).save_pretrained(tmp)
         weights = sorted(p.name for p in tmp.glob("*.safetensors"))
         write_json(tmp / RECORD, {
             "key": key, "dtype": recipe.model.dtype, "architecture": type(merged).__name__,
-            "model_type": merged.config.model_type, "params": count_parameters(merged)["total"],
+            "model_type": merged.config.model_type, "params": params,
             "plan_hash": read_json(run_dir / "plan.json", "plan").get("hash"),
             "weights_sha256": {name: sha256_file(tmp / name)[:16] for name in weights}})
     needs = "plain transformers" if not getattr(merged.config, "layer_shapes", None) else "`import lightpeft_dist` first"
     log.info("exported the merged model to %s (%s, %s params, %s; loads with %s)", out, type(merged).__name__,
-             f"{count_parameters(merged)['total']:,}", recipe.model.dtype, needs)
+             f"{params:,}", recipe.model.dtype, needs)
     del merged, base
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
