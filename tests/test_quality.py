@@ -19,7 +19,7 @@ from lightpeft_dist.compare import COLUMNS
 from lightpeft_dist.io_utils import read_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.quality import run_quality  # noqa: E402
+from benchmarks.quality import damage, run_quality  # noqa: E402
 from benchmarks.quality.aggregate import figure_name, markers  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -97,6 +97,25 @@ def test_quick_study_rows_table_docs_and_compare(study, capsys):
     assert read_json(out / "seed0" / "estimate-run" / "estimate" / "estimate.json")["key"] != \
         read_json(out / "seed1" / "estimate-run" / "estimate" / "estimate.json")["key"]
 
+    # the damage diagnostic rebuilds a row's pruned base from the study folder alone: the activation row's ratios on
+    # the estimate's activation scores give that row's perplexity, and ratio 0 gives the unpruned base's
+    act = read_json(out / "seed0" / "activation-35" / "quality.json")
+    dmg = root / "damage.json"
+    assert damage.main(["--study", str(out), "--seed", "0", "--scores", "estimate-activation", "--plans",
+                        f"{act['prune']['attn_ratio']}:{act['prune']['ffn_ratio']}", "0:0", "--out", str(dmg),
+                        "--ppl-text", str(root / "ppl.txt"), "--ppl-window-tokens", "12", "--ppl-windows", "2"]) == 0
+    pruned, unpruned = read_json(dmg)["rows"]
+    assert pruned["fraction_pruned"] == pytest.approx(act["achieved_fraction"])
+    assert pruned["ppl"] == pytest.approx(act["ppl"]["pruned_base"], rel=1e-4)
+    assert unpruned["ppl"] == pytest.approx(read_json(out / "zero-shot" / "quality.json")["ppl"]["pruned_base"],
+                                            rel=1e-4)
+    assert damage.main(["--study", str(out), "--seed", "0", "--scores", "estimate", "--plans",
+                        f"{act['prune']['attn_ratio']}:{act['prune']['ffn_ratio']}", "--out", str(dmg),
+                        "--ppl-text", str(root / "ppl.txt"), "--ppl-window-tokens", "12", "--ppl-windows", "2"]) == 0
+    masks_row = read_json(dmg)["rows"][-1]  # the lightpeft row: same ratios, mask scores
+    assert masks_row["ppl"] == pytest.approx(read_json(out / "seed0" / "lightpeft-35" / "quality.json")["ppl"]
+                                             ["pruned_base"], rel=1e-4)
+
     # docs: the generated section is added once, the hand-written text is kept, the figure is a PNG
     docs = root / "results.md"
     (docs.parent / "results.md").write_text(docs.read_text() + "\n## Later hand-written section\n")
@@ -105,7 +124,8 @@ def test_quick_study_rows_table_docs_and_compare(study, capsys):
     begin, end = markers("out")
     assert text.count(begin) == 1 and text.count(end) == 1
     assert text.startswith("# Results\n\nHand-written demo section.") and "## Later hand-written section" in text
-    assert "| Light-PEFT | 35% |" in text and "levels not run: 20%, 50%" in text and "median of 1 rounds" in text
+    assert "| Light-PEFT | 35% |" in text and "median of 1 rounds" in text
+    assert "Light-PEFT not run at: 20%, 50%; random pruning not run at: 20%, 50%" in text
     assert (root / figure_name("out")).read_bytes()[:8] == PNG and (out / "accuracy_vs_ratio.png").read_bytes()[:8] == PNG
 
     # the CLI compares any run directories

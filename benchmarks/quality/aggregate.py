@@ -123,10 +123,11 @@ def _reductions(result: dict) -> list[str]:
            for g in groups if g["value"]["n"] < SPEC["seeds"]]
     if few:
         out.append(f"fewer than {SPEC['seeds']} seeds for: " + ", ".join(few))
-    levels = sorted({g["level"] for g in groups if g["method"] == "lightpeft"})
-    missing = [lv for lv in SPEC["levels"] if lv not in levels]
-    if missing:
-        out.append("levels not run: " + ", ".join(f"{lv:.0%}" for lv in missing))
+    for method, label in (("lightpeft", "Light-PEFT"), ("random", "random pruning")):  # the spec's required rows
+        have = {g["level"] for g in groups if g["method"] == method}
+        missing = [lv for lv in SPEC["levels"] if lv not in have]
+        if missing:
+            out.append(f"{label} not run at: " + ", ".join(f"{lv:.0%}" for lv in missing))
     return out
 
 

@@ -2,7 +2,8 @@
 """How much does each part of a plan damage the base model, before any fine-tuning? (a quality-study diagnostic)
 
     python benchmarks/quality/damage.py --study runs/quality --seed 0 --plans 0.35:0 0:0.376 0.35:0.376 \
-        [--random] [--out runs/quality/damage.json]
+        [--random] [--scores estimate|estimate-activation|activation] [--ffn-scope global] \
+        [--out runs/quality/damage.json]
 
 For each ATTN:FFN pair, plans from the seed's shared estimate (the study's prune settings otherwise), prunes the base
 checkpoint into a temporary folder with the project's prune, and measures the perplexity of the pruned base model on
@@ -38,18 +39,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plans", nargs="+", required=True, help="ATTN:FFN ratio pairs, e.g. 0.35:0")
     p.add_argument("--random", action="store_true", help="random plans (prune.random, seeded by --seed)")
-    p.add_argument("--scores", choices=["estimate", "activation"], default="estimate",
-                   help="rank units by the estimate's masks, or by calibration activations (activation_scores.py)")
+    p.add_argument("--scores", choices=["estimate", "estimate-activation", "activation"], default="estimate",
+                   help="rank units by the estimate's masks, by the estimate's activation scores "
+                        "(prune.unit_scores=activation), or by calibration activations on the frozen base "
+                        "(activation_scores.py)")
+    p.add_argument("--ffn-scope", choices=["layerwise", "global"], help="override the study's prune.ffn_scope")
     p.add_argument("--write-scores", type=Path, help="also save the scores used (a scores.safetensors for `lightpeft plan`)")
     p.add_argument("--ppl-text", default="brown")
+    p.add_argument("--ppl-windows", type=int, default=16, help="number of perplexity windows")
+    p.add_argument("--ppl-window-tokens", type=int, default=256)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[damage] %(message)s")
     base = recipe_from_dict(yaml.safe_load((args.study / "base_recipe.yaml").read_text()))
     est_dir = args.study / f"seed{args.seed}" / "estimate-run" / "estimate"
-    est, scores = read_json(est_dir / "estimate.json"), load_scores(est_dir / "scores.safetensors")
+    est = read_json(est_dir / "estimate.json")
+    scores_file = "activation_scores.safetensors" if args.scores == "estimate-activation" else "scores.safetensors"
+    scores = load_scores(est_dir / scores_file)
     tok = load_tokenizer(base.model)
-    windows, info = load_windows(tok, args.ppl_text, 256, 16)
+    windows, info = load_windows(tok, args.ppl_text, args.ppl_window_tokens, args.ppl_windows)
     if args.scores == "activation":
         from benchmarks.quality.activation_scores import activation_scores
 
@@ -63,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.plans:
         attn, ffn = (float(x) for x in spec.split(":"))
         cfg = base.prune.model_copy(update={"attn_ratio": attn, "ffn_ratio": ffn, "random": args.random,
-                                             "seed": args.seed})
+                                             "seed": args.seed,
+                                             **({"ffn_scope": args.ffn_scope} if args.ffn_scope else {})})
         plan = make_plan(scores, est["layer_shapes"], cfg, est["model_fingerprint"], est["hidden_size"],
                          est["head_dim"])
         tmp = Path(tempfile.mkdtemp(prefix="damage."))
@@ -73,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             ppl = perplexity(model, tok, windows, 4)["perplexity"]
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        rows.append({"attn_ratio": attn, "ffn_ratio": ffn, "random": args.random, "scores": args.scores,
+        rows.append({"attn_ratio": attn, "ffn_ratio": ffn, "ffn_scope": cfg.ffn_scope, "random": args.random,
+                     "scores": args.scores,
                      "fraction_pruned": plan["summary"]["prunable_fraction_pruned"], "ppl": ppl})
-        print(f"| attn {attn:.3f} | ffn {ffn:.3f} | {'random' if args.random else args.scores} | "
+        print(f"| attn {attn:.3f} | ffn {ffn:.3f} {cfg.ffn_scope} | {'random' if args.random else args.scores} | "
               f"{rows[-1]['fraction_pruned']:.1%} pruned | ppl {ppl:,.2f} |", flush=True)
     if args.out:
         old = read_json(args.out) if args.out.is_file() else {"rows": []}
