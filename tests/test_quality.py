@@ -101,17 +101,16 @@ def test_quick_study_rows_table_docs_and_compare(study, capsys):
     # the estimate's activation scores give that row's perplexity, and ratio 0 gives the unpruned base's
     act = read_json(out / "seed0" / "activation-35" / "quality.json")
     dmg = root / "damage.json"
-    assert damage.main(["--study", str(out), "--seed", "0", "--scores", "estimate-activation", "--plans",
-                        f"{act['prune']['attn_ratio']}:{act['prune']['ffn_ratio']}", "0:0", "--out", str(dmg),
-                        "--ppl-text", str(root / "ppl.txt"), "--ppl-window-tokens", "12", "--ppl-windows", "2"]) == 0
+    row_plan = f"{act['prune']['attn_ratio']}:{act['prune']['ffn_ratio']}"
+    damage_args = ["--study", str(out), "--seed", "0", "--out", str(dmg), "--ppl-text", str(root / "ppl.txt"),
+                   "--ppl-window-tokens", "12", "--ppl-windows", "2"]  # the quick study's perplexity windows
+    assert damage.main([*damage_args, "--scores", "estimate-activation", "--plans", row_plan, "0:0"]) == 0
     pruned, unpruned = read_json(dmg)["rows"]
     assert pruned["fraction_pruned"] == pytest.approx(act["achieved_fraction"])
     assert pruned["ppl"] == pytest.approx(act["ppl"]["pruned_base"], rel=1e-4)
     assert unpruned["ppl"] == pytest.approx(read_json(out / "zero-shot" / "quality.json")["ppl"]["pruned_base"],
                                             rel=1e-4)
-    assert damage.main(["--study", str(out), "--seed", "0", "--scores", "estimate", "--plans",
-                        f"{act['prune']['attn_ratio']}:{act['prune']['ffn_ratio']}", "--out", str(dmg),
-                        "--ppl-text", str(root / "ppl.txt"), "--ppl-window-tokens", "12", "--ppl-windows", "2"]) == 0
+    assert damage.main([*damage_args, "--scores", "estimate", "--plans", row_plan]) == 0
     masks_row = read_json(dmg)["rows"][-1]  # the lightpeft row: same ratios, mask scores
     assert masks_row["ppl"] == pytest.approx(read_json(out / "seed0" / "lightpeft-35" / "quality.json")["ppl"]
                                              ["pruned_base"], rel=1e-4)

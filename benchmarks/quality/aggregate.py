@@ -16,6 +16,8 @@ from lightpeft_dist.compare import write_comparison
 from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import read_json, sha256_file, sha256_json, write_json
 
+from .rows import LABELS
+
 
 def markers(study: str) -> tuple[str, str]:
     """The delimiters of one study's generated section (one section per study folder name)."""
@@ -123,11 +125,11 @@ def _reductions(result: dict) -> list[str]:
            for g in groups if g["value"]["n"] < SPEC["seeds"]]
     if few:
         out.append(f"fewer than {SPEC['seeds']} seeds for: " + ", ".join(few))
-    for method, label in (("lightpeft", "Light-PEFT"), ("random", "random pruning")):  # the spec's required rows
+    for method in ("lightpeft", "random"):  # the rows the spec asks for at every level
         have = {g["level"] for g in groups if g["method"] == method}
         missing = [lv for lv in SPEC["levels"] if lv not in have]
         if missing:
-            out.append(f"{label} not run at: " + ", ".join(f"{lv:.0%}" for lv in missing))
+            out.append(f"{LABELS[method]} not run at: " + ", ".join(f"{lv:.0%}" for lv in missing))
     return out
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from benchmarks.quality.perplexity import load_windows, perplexity  # noqa: E402
 from lightpeft_dist.config import recipe_from_dict  # noqa: E402
+from lightpeft_dist.estimate import SCORE_FILES  # noqa: E402
 from lightpeft_dist.io_utils import read_json, write_json  # noqa: E402
 from lightpeft_dist.models import load_model, load_tokenizer  # noqa: E402
 from lightpeft_dist.plan import make_plan  # noqa: E402
@@ -54,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     base = recipe_from_dict(yaml.safe_load((args.study / "base_recipe.yaml").read_text()))
     est_dir = args.study / f"seed{args.seed}" / "estimate-run" / "estimate"
     est = read_json(est_dir / "estimate.json")
-    scores_file = "activation_scores.safetensors" if args.scores == "estimate-activation" else "scores.safetensors"
-    scores = load_scores(est_dir / scores_file)
+    scores = load_scores(est_dir / SCORE_FILES["activation" if args.scores == "estimate-activation" else "masks"])
     tok = load_tokenizer(base.model)
     windows, info = load_windows(tok, args.ppl_text, args.ppl_window_tokens, args.ppl_windows)
     if args.scores == "activation":

@@ -34,6 +34,8 @@ from .levels import solve_level
 from .perplexity import perplexity
 
 log = logging.getLogger("quality.rows")
+LABELS = {"lora": "LoRA, full model (all ratios 0)", "lightpeft": "Light-PEFT",
+          "activation": "Light-PEFT, activation unit scores", "random": "random pruning"}  # row labels in tables
 
 
 @dataclass
@@ -154,8 +156,7 @@ def run_row(study: Study, seed: int, shared: Path, method: str, level: float | N
     plan_hash = read_json(d / "plan.json")["hash"]
     q = read_json(q_path) if q_path.is_file() else {}
     if stale or q.get("plan_hash") != plan_hash or q.get("ppl_key") != _ppl_key(study, plan_hash):
-        label = {"lora": "LoRA, full model (all ratios 0)", "lightpeft": "Light-PEFT",
-                 "activation": "Light-PEFT, activation unit scores", "random": "random pruning"}[method]
+        label = LABELS[method]
         ppl = _model_ppl(study, recipe, str(d / "pruned_model"))
         q = {"method": method, "label": label, "level": level, "seed": seed, "uses_estimate": method != "lora",
              "plan_hash": plan_hash, "prune": recipe_to_dict(recipe)["prune"],
