@@ -120,6 +120,9 @@ class TrainConfig(_Strict):
     load_in_4bit: bool = Field(False, description="QLoRA: the pruned base in 4-bit NF4 (bitsandbytes), LoRA on top")
     gradient_checkpointing: bool = False
     packing: bool = Field(False, description="pack examples into rows of seq_len tokens; batch_size counts rows")
+    distill_weight: float = Field(0.0, ge=0.0, le=1.0, description="share of the loss that is KL to the unpruned "
+                                  "base model's next-token distribution on every real token (0 = off; distill.py)")
+    distill_temperature: float = Field(1.0, gt=0.0)
 
 
 class EvalConfig(_Strict):

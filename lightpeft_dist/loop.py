@@ -104,8 +104,10 @@ def run_steps(model: torch.nn.Module, engine, batches, steps: int, grad_accum: i
               desc: str, extra_loss: Callable[[], torch.Tensor] | None = None,
               before_forward: Callable[[dict], None] | None = None, after_forward: Callable[[], None] | None = None,
               after_step: Callable[[int, float], None] | None = None, start_step: int = 0,
-              seed: int = 0) -> LoopStats:
-    """Steps `start_step..steps-1`; torch is reseeded per step (dropout), so a resumed run replays the same steps."""
+              seed: int = 0, loss_fn: Callable[[dict, object], torch.Tensor] | None = None) -> LoopStats:
+    """Steps `start_step..steps-1`; torch is reseeded per step (dropout), so a resumed run replays the same steps.
+
+    `loss_fn(batch, output)` replaces the model's own loss (e.g. distillation); by default `output.loss`."""
     stats = LoopStats()
     model.train()
     bar = tqdm(range(start_step, steps), desc=desc, unit="step", disable=not runtime.is_main, dynamic_ncols=True,
@@ -118,7 +120,8 @@ def run_steps(model: torch.nn.Module, engine, batches, steps: int, grad_accum: i
             n_tokens = pop_token_count(batch)  # packed batches carry it; never passed to the model
             if before_forward:
                 before_forward(batch)
-            loss = engine.forward(batch).loss
+            output = engine.forward(batch)
+            loss = output.loss if loss_fn is None else loss_fn(batch, output)
             if extra_loss is not None:
                 loss = loss + extra_loss()
             if after_forward:

@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from .bottleneck import adapter_config, load_bottleneck, save_bottleneck
 from .config import Recipe, recipe_to_dict
+from .distill import make_distiller
 from .evaluate import task_metrics
 from .fastpath import prepare_for_training
 from .io_utils import atomic_dir, read_json, sha256_json, write_json
@@ -32,7 +33,10 @@ log = logging.getLogger(__name__)
 def train_key(recipe: Recipe, run_dir: Path) -> str:
     prune_record = read_json(run_dir / "pruned_model" / "lightpeft_prune.json", "prune record")
     d = recipe_to_dict(recipe)
-    return sha256_json({"plan": prune_record["plan_hash"], "train": d["train"], "data": d["data"]})[:16]
+    train = dict(d["train"])
+    if not train["distill_weight"]:  # off: keys of runs made before distillation existed stay valid
+        train.pop("distill_weight"), train.pop("distill_temperature")
+    return sha256_json({"plan": prune_record["plan_hash"], "train": train, "data": d["data"]})[:16]
 
 
 def load_trainable(run_dir: Path, recipe: Recipe) -> PeftModel:
@@ -83,9 +87,10 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
             model.train()
             log.info("step %d eval: %s", step + 1, evals[-1])
 
+    distiller = make_distiller(recipe, rt.device, tokenizer.pad_token_id)
     t0 = time.time()
     stats = run_steps(model, engine, batches, cfg.steps, cfg.grad_accum, rt, "train", after_step=after_step,
-                      seed=cfg.seed)
+                      seed=cfg.seed, loss_fn=distiller)
     if on_trained is not None:
         on_trained(engine.module)
     adapter_state = full_state(named)  # collective under ZeRO-3: the saved adapter is complete, never shape [0]
@@ -93,7 +98,10 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
               "tokens": stats.tokens * rt.world_size, "train_seconds": stats.seconds,
               "tokens_per_s": stats.tokens * rt.world_size / max(stats.seconds, 1e-9),
               "wall_seconds": time.time() - t0, "params": params, "evals": evals, "world_size": rt.world_size,
-              "peak_memory_bytes": peak_memory_bytes(), "deepspeed": ds_cfg}
+              "peak_memory_bytes": peak_memory_bytes(), "deepspeed": ds_cfg,
+              "distill": None if distiller is None else {"weight": cfg.distill_weight,
+                                                         "temperature": cfg.distill_temperature,
+                                                         "teacher": recipe.model.path, "last_kl": distiller.last_kl}}
     if rt.is_main:
         with atomic_dir(run_dir / "train") as tmp:
             if recipe.peft.type == "adapter":

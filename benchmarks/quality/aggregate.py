@@ -175,7 +175,10 @@ def section(result: dict, figure: str | None) -> str:
              "times output weight norm, lightpeft_dist/activation.py).",
              "- LoRA row: every ratio 0 (the plan keeps every unit, the pruned model equals the base) and "
              "train.warm_start false (fresh LoRA, the reference's vanilla baseline). Light-PEFT, activation and random rows "
-             "warm-start from the sliced estimation adapter, as the reference does.",
+             "warm-start from the sliced estimation adapter, as the reference does."
+             + (f" Pruned rows distil from the unpruned base while fine-tuning (train.distill_weight "
+                f"{tr['distill_weight']}, temperature {tr['distill_temperature']}, lightpeft_dist/distill.py); the "
+                "LoRA row does not." if tr.get("distill_weight") else ""),
              f"- Seeds change the estimation, the training order/init and the random plan. Data split hash "
              f"`{sp.get('split', {}).get('hash', 'n/a')}` (split seed {sp.get('split', {}).get('seed', '-')}, "
              f"rows {_counts(sp)}); file sha256: "

@@ -122,7 +122,7 @@ def _link_estimate(shared: Path, row_dir: Path, recipe: Recipe) -> None:
 def row_specs(level_ratios: dict[float, dict], peft_ratios: dict) -> list[tuple[str, float | None, dict, dict]]:
     """(method, level, prune section, train section) for every row of one seed."""
     rows = [("lora", None, {"attn_ratio": 0.0, "ffn_ratio": 0.0, "module_ratio": 0.0, "rank_ratio": 0.0,
-                            "random": False}, {"warm_start": False})]
+                            "random": False}, {"warm_start": False, "distill_weight": 0.0})]
     for level, ratios in level_ratios.items():
         rows.append(("lightpeft", level, {**ratios, **peft_ratios, "random": False}, {}))
         rows.append(("activation", level, {**ratios, **peft_ratios, "random": False, "unit_scores": "activation"},
