@@ -108,7 +108,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
              sum(s["intermediate_size"] for s in shapes))
     t0 = time.time()
     stats = run_steps(model, engine, batches, cfg.steps, cfg.grad_accum, rt, "estimate",
-                      extra_loss=lambda: cfg.l1 * sink.pop(),  # a sum, not a mean (spec 1.2)
+                      loss_fn=lambda _batch, out: out.loss + cfg.l1 * sink.pop(),  # a sum, not a mean (spec 1.2)
                       before_forward=before_forward, after_forward=after_forward, after_step=after_step,
                       start_step=start, seed=cfg.seed)
     module_scores, rank_scores = tracker.results()

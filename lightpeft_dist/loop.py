@@ -101,13 +101,14 @@ class LoopStats:
 
 
 def run_steps(model: torch.nn.Module, engine, batches, steps: int, grad_accum: int, runtime: Runtime,
-              desc: str, extra_loss: Callable[[], torch.Tensor] | None = None,
+              desc: str,
               before_forward: Callable[[dict], None] | None = None, after_forward: Callable[[], None] | None = None,
               after_step: Callable[[int, float], None] | None = None, start_step: int = 0,
               seed: int = 0, loss_fn: Callable[[dict, object], torch.Tensor] | None = None) -> LoopStats:
     """Steps `start_step..steps-1`; torch is reseeded per step (dropout), so a resumed run replays the same steps.
 
-    `loss_fn(batch, output)` replaces the model's own loss (e.g. distillation); by default `output.loss`."""
+    `loss_fn(batch, output)` is the loss to minimise (the estimate's L1 term, distillation); by default
+    `output.loss`."""
     stats = LoopStats()
     model.train()
     bar = tqdm(range(start_step, steps), desc=desc, unit="step", disable=not runtime.is_main, dynamic_ncols=True,
@@ -122,8 +123,6 @@ def run_steps(model: torch.nn.Module, engine, batches, steps: int, grad_accum: i
                 before_forward(batch)
             output = engine.forward(batch)
             loss = output.loss if loss_fn is None else loss_fn(batch, output)
-            if extra_loss is not None:
-                loss = loss + extra_loss()
             if after_forward:
                 after_forward()
             engine.backward(loss)
