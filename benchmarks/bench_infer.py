@@ -31,7 +31,7 @@ log = logging.getLogger("bench")
 
 
 def infer_child(model_dir: str, s: dict) -> dict:
-    from lightpeft_dist.models import count_parameters, load_model
+    from lightpeft_dist.models.loading import count_parameters, load_model
 
     device = setup_child(s["seed"], s["cpu_threads"])
     mem = PeakMemory()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Memory and throughput of the streaming prune (lightpeft_dist.prune.prune_checkpoint) on a multi-GB checkpoint.
+"""Memory and throughput of the streaming prune (lightpeft_dist.pruning.slicing.prune_checkpoint) on a multi-GB checkpoint.
 
     python benchmarks/bench_prune.py [--size-gb 2.1] [--shard-mb 1024] [--quick] [--out bench_prune.json]
 
@@ -35,7 +35,7 @@ def child(plan_path: str, src: str, out: str) -> None:
     """Runs in the measured process: import, record the RSS, prune, report JSON on stdout."""
     import psutil
 
-    from lightpeft_dist.prune import prune_checkpoint
+    from lightpeft_dist.pruning.slicing import prune_checkpoint
 
     rss0 = psutil.Process().memory_info().rss
     plan = json.loads(Path(plan_path).read_text())
@@ -58,10 +58,10 @@ def make_plan_for(ckpt: Path, attn: float, ffn: float, seed: int) -> dict:
     import torch
 
     from lightpeft_dist.config import PruneConfig
-    from lightpeft_dist.families import head_dim_of
-    from lightpeft_dist.models import fingerprint, load_config
-    from lightpeft_dist.plan import make_plan
-    from lightpeft_dist.scores import Scores
+    from lightpeft_dist.models.families import head_dim_of
+    from lightpeft_dist.models.loading import fingerprint, load_config
+    from lightpeft_dist.pruning.plan import make_plan
+    from lightpeft_dist.pruning.scores import Scores
 
     cfg = load_config(str(ckpt))
     n = cfg.num_hidden_layers

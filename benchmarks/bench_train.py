@@ -34,10 +34,10 @@ log = logging.getLogger("bench")
 
 def estimate_child(base_dir: str, adapter_out: str, s: dict) -> dict:
     """Time estimation steps (the estimate stage's per-step work) and save its LoRA adapter for pruning."""
-    from lightpeft_dist.importance import PeftImportanceTracker
-    from lightpeft_dist.loop import PlainEngine, linear_schedule
-    from lightpeft_dist.masks import attach_masks, mask_parameters
-    from lightpeft_dist.models import attach_lora, load_model
+    from lightpeft_dist.pruning.importance import PeftImportanceTracker
+    from lightpeft_dist.training.loop import PlainEngine, linear_schedule
+    from lightpeft_dist.pruning.masks import attach_masks, mask_parameters
+    from lightpeft_dist.models.loading import attach_lora, load_model
     from lightpeft_dist.runtime import current
 
     device = setup_child(s["seed"], s["cpu_threads"])
@@ -73,9 +73,9 @@ def train_child(model_dir: str, adapter_dir: str | None, s: dict) -> dict:
     """Train steps on one variant, loaded and prepared exactly as the train stage does."""
     from peft import PeftModel
 
-    from lightpeft_dist.fastpath import prepare_for_training
-    from lightpeft_dist.loop import PlainEngine, linear_schedule
-    from lightpeft_dist.models import attach_lora, count_parameters, load_model
+    from lightpeft_dist.models.fastpath import prepare_for_training
+    from lightpeft_dist.training.loop import PlainEngine, linear_schedule
+    from lightpeft_dist.models.loading import attach_lora, count_parameters, load_model
 
     device = setup_child(s["seed"], s["cpu_threads"])
     mem = PeakMemory()

@@ -21,12 +21,12 @@ import torch
 
 import lightpeft_dist  # noqa: F401  (registers the pruned model types)
 from lightpeft_dist.config import PeftConfig, PruneConfig
-from lightpeft_dist.families import FAMILIES, head_dim_of
+from lightpeft_dist.models.families import FAMILIES, head_dim_of
 from lightpeft_dist.io_utils import write_json
-from lightpeft_dist.models import fingerprint, load_config
-from lightpeft_dist.plan import make_plan
-from lightpeft_dist.prune import prune_adapter, prune_checkpoint
-from lightpeft_dist.scores import Scores
+from lightpeft_dist.models.loading import fingerprint, load_config
+from lightpeft_dist.pruning.plan import make_plan
+from lightpeft_dist.pruning.slicing import prune_adapter, prune_checkpoint
+from lightpeft_dist.pruning.scores import Scores
 
 log = logging.getLogger("bench")
 RATIOS = (0.2, 0.3, 0.4, 0.5)
@@ -181,7 +181,7 @@ def sync() -> None:
 def setup_child(seed: int, cpu_threads: int) -> torch.device:
     """Per-process set-up. On CPU torch gets `cpu_threads` threads (default 1, see `time_steps`)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("lightpeft_dist.attention").setLevel(logging.INFO)
+    logging.getLogger("lightpeft_dist.models.attention").setLevel(logging.INFO)
     torch.manual_seed(seed)
     if not torch.cuda.is_available():
         torch.set_num_threads(cpu_threads)

@@ -30,11 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # a checkout or the copy `ray job submit --working-dir .` makes
     sys.path.insert(0, str(REPO))
 
-from lightpeft_dist import pipeline
+from lightpeft_dist.pipeline import stages as pipeline
 from lightpeft_dist.cli import guarded
 from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import write_json
-from lightpeft_dist.zero import load_ds_config
+from lightpeft_dist.training.zero import load_ds_config
 
 log = logging.getLogger("lightpeft.ray")
 COLLECTIVE = ("estimate", "train")
@@ -134,7 +134,7 @@ def _restore_from_ray(run_dir: Path) -> None:
     """After a restart, put Ray's latest estimation checkpoint back if the run directory lost its own copy."""
     import ray.train
 
-    from lightpeft_dist.estimate import CHECKPOINT_DIR
+    from lightpeft_dist.strategies.lightpeft import CHECKPOINT_DIR
 
     ckpt, target = ray.train.get_checkpoint(), run_dir / CHECKPOINT_DIR
     if ckpt is None or (target / "state.json").is_file():
@@ -190,7 +190,7 @@ def _estimate(recipe, run_dir: Path, ds: str | None, rt) -> None:
     """The estimate stage, with each of its checkpoints also handed to Ray (`ray.train.report`)."""
     import ray.train
 
-    from lightpeft_dist.estimate import run_estimate
+    from lightpeft_dist.strategies.lightpeft import run_estimate
 
     if rt.is_main:
         _restore_from_ray(run_dir)

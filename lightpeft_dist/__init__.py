@@ -4,7 +4,7 @@ Importing the package registers the `lightpeft_<family>` model types, so pruned 
 through `transformers.AutoModelForCausalLM`.
 """
 
-from .pruned_model import register as _register
+from .models.pruned_model import register as _register
 
 _register()
 

@@ -59,17 +59,17 @@ def _plan_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
-    from . import pipeline
+    from .pipeline import stages as pipeline
 
     run_dir: Path = args.run_dir
     if args.stage == "report":
-        from .report import summary_table, write_report
+        from .reporting.report import summary_table, write_report
 
         out = write_report(run_dir)
         print(summary_table(run_dir))
         print(f"report written to {out}")
         if args.compare:
-            from .compare import write_comparison
+            from .reporting.compare import write_comparison
 
             print(write_comparison([run_dir, *args.compare], out)["table"])
             print(f"comparison written to {out / 'compare.md'}")
@@ -78,7 +78,7 @@ def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
     config = str(DEMO_RECIPE) if args.stage == "demo" and not args.config else args.config
     recipe = pipeline.resolve_recipe(run_dir, config, overrides + _plan_overrides(args))
     if deepspeed:
-        from .zero import load_ds_config
+        from .training.zero import load_ds_config
 
         load_ds_config(deepspeed)  # a missing or broken config fails before any rank loads a model
     rt = init_distributed(require_group=bool(deepspeed))
@@ -87,7 +87,7 @@ def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.stage in ("run", "demo"):
         pipeline.run_all(recipe, run_dir, deepspeed=deepspeed)
         if rt.is_main:
-            from .report import summary_table
+            from .reporting.report import summary_table
 
             print(summary_table(run_dir))
         return

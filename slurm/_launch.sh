@@ -74,7 +74,7 @@ import sys
 from pathlib import Path
 try:
     from lightpeft_dist.errors import LightPeftError
-    from lightpeft_dist.pipeline import resolve_recipe
+    from lightpeft_dist.pipeline.stages import resolve_recipe
 except ImportError as exc:
     sys.exit(f"error: cannot import lightpeft_dist with {sys.executable} ({exc}); set LIGHTPEFT_PYTHON")
 try:

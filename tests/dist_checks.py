@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightpeft_dist.cli import main
-from lightpeft_dist.scores import load_scores
+from lightpeft_dist.pruning.scores import load_scores
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM
 
 import lightpeft_dist  # noqa: F401  (registers the pruned model types)
 from lightpeft_dist.config import PruneConfig
-from lightpeft_dist.families import head_dim_of, layer_shapes
-from lightpeft_dist.models import fingerprint
-from lightpeft_dist.plan import make_plan
-from lightpeft_dist.prune import prune_checkpoint
-from lightpeft_dist.scores import Scores
+from lightpeft_dist.models.families import head_dim_of, layer_shapes
+from lightpeft_dist.models.loading import fingerprint
+from lightpeft_dist.pruning.plan import make_plan
+from lightpeft_dist.pruning.slicing import prune_checkpoint
+from lightpeft_dist.pruning.scores import Scores
 from tiny import save_tiny
 
 # llama-gqa tiny: 6 query heads in 2 KV groups of 3, FFN 40. Per layer: (kept q heads, kept kv heads, kept FFN).

@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 from peft import get_peft_model
 
-from lightpeft_dist.activation import ActivationTracker, base_layer, input_column_norms, output_weight_norms
+from lightpeft_dist.pruning.activation import ActivationTracker, base_layer, input_column_norms, output_weight_norms
 from lightpeft_dist.cli import main
 from lightpeft_dist.config import PeftConfig
-from lightpeft_dist.families import head_dim_of
-from lightpeft_dist.models import lora_config
+from lightpeft_dist.models.families import head_dim_of
+from lightpeft_dist.models.loading import lora_config
 from lightpeft_dist.runtime import Runtime
 from tiny import randomize_lora, tiny_model
 
@@ -33,7 +33,7 @@ def test_probe_reads_the_weight_column_norms_of_plain_and_lora_wrapped_layers():
 
 
 def test_a_bottleneck_adapter_on_the_projection_does_not_leak_into_its_weight_norms():
-    from lightpeft_dist.bottleneck import attach
+    from lightpeft_dist.adapters.bottleneck import attach
 
     model = tiny_model("llama-gqa")
     mlp = model.model.layers[0].mlp

@@ -9,11 +9,11 @@ import logging
 import pytest
 import torch
 
-from lightpeft_dist.attention import choose_attention, flash_attn_usable
+from lightpeft_dist.models.attention import choose_attention, flash_attn_usable
 from lightpeft_dist.config import recipe_from_dict
 from lightpeft_dist.errors import LightPeftError
-from lightpeft_dist.families import FAMILIES, layer_shapes
-from lightpeft_dist.models import load_model
+from lightpeft_dist.models.families import FAMILIES, layer_shapes
+from lightpeft_dist.models.loading import load_model
 from pruned_tiny import save_pruned, save_uneven
 
 IDS = torch.tensor([[3, 5, 7, 9, 11, 13, 4, 6, 8, 10], [8, 10, 12, 14, 16, 18, 20, 22, 2, 2]])
@@ -95,7 +95,7 @@ def test_flash_attention_2_matches_sdpa_on_pruned_model(pruned_dirs):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
 def test_auto_is_sdpa_on_cpu_and_is_logged(caplog):
-    with caplog.at_level(logging.INFO, logger="lightpeft_dist.attention"):
+    with caplog.at_level(logging.INFO, logger="lightpeft_dist.models.attention"):
         assert choose_attention("auto", torch.float32) == "sdpa"
         assert choose_attention(None, torch.bfloat16) == "sdpa"
     assert "attention backend: sdpa" in caplog.text

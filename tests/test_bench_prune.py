@@ -30,7 +30,7 @@ def test_prune_does_not_import_peft_or_deepspeed():
     prune must not pull it (or DeepSpeed) in."""
     import subprocess
 
-    code = ("import sys; from lightpeft_dist.prune import prune_checkpoint; "
+    code = ("import sys; from lightpeft_dist.pruning.slicing import prune_checkpoint; "
             "print(sorted(m for m in ('peft', 'deepspeed', 'datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"

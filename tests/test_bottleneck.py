@@ -15,19 +15,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import lightpeft_dist  # noqa: F401  (registers pruned model types)
-from lightpeft_dist.bottleneck import (adapter_config, adapter_modules, attach_from_config, load_bottleneck,
+from lightpeft_dist.adapters.bottleneck import (adapter_config, adapter_modules, attach_from_config, load_bottleneck,
                                        prune_bottleneck, save_bottleneck)
-from lightpeft_dist.bottleneck_importance import BottleneckImportanceTracker
+from lightpeft_dist.pruning.bottleneck_importance import BottleneckImportanceTracker
 from lightpeft_dist.cli import main
 from lightpeft_dist.config import PeftConfig, PruneConfig
 from lightpeft_dist.errors import LightPeftError
-from lightpeft_dist.families import head_dim_of, layer_shapes
-from lightpeft_dist.masks import attach_masks, set_masks_from_plan
-from lightpeft_dist.models import attach_lora, fingerprint
-from lightpeft_dist.plan import make_plan
-from lightpeft_dist.prune import prune_checkpoint
+from lightpeft_dist.models.families import head_dim_of, layer_shapes
+from lightpeft_dist.pruning.masks import attach_masks, set_masks_from_plan
+from lightpeft_dist.models.loading import attach_lora, fingerprint
+from lightpeft_dist.pruning.plan import make_plan
+from lightpeft_dist.pruning.slicing import prune_checkpoint
 from lightpeft_dist.runtime import Runtime
-from lightpeft_dist.scores import Scores
+from lightpeft_dist.pruning.scores import Scores
 from tiny import save_tiny, tiny_model
 
 INPUT = torch.tensor([[3, 5, 7, 9, 11, 13, 4, 6], [8, 10, 12, 14, 16, 18, 20, 22]])
@@ -145,7 +145,7 @@ def test_save_reload_in_fresh_process_is_identical(tmp_path):
 import torch
 from transformers import AutoModelForCausalLM
 from safetensors.torch import save_file
-from lightpeft_dist.bottleneck import load_bottleneck
+from lightpeft_dist.adapters.bottleneck import load_bottleneck
 m = load_bottleneck(AutoModelForCausalLM.from_pretrained({str(base_dir)!r}), {str(tmp_path / 'adapter')!r}).eval()
 with torch.no_grad():
     save_file({{"logits": m(torch.tensor({INPUT.tolist()})).logits}}, {str(tmp_path / 'logits.safetensors')!r})

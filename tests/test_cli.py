@@ -133,7 +133,7 @@ def test_crash_mid_prune_leaves_no_partial_output(finished_run, monkeypatch):
         calls["n"] += 1
         raise OSError("disk full")
 
-    monkeypatch.setattr("lightpeft_dist.prune.prune_shard", flaky)
+    monkeypatch.setattr("lightpeft_dist.pruning.slicing.prune_shard", flaky)
     with pytest.raises(OSError):
         main(["prune", "--run-dir", str(run)])
     assert calls["n"] == 1 and not (run / "pruned_model").exists()

@@ -15,9 +15,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lightpeft_dist.config import DataConfig
-from lightpeft_dist.data import (Collator, StepBatches, encode_example, encode_split, ensure_pad_token, load_rows)
+from lightpeft_dist.data.batches import (Collator, StepBatches, encode_example, encode_split, ensure_pad_token, load_rows)
 from lightpeft_dist.errors import LightPeftError
-from lightpeft_dist.metrics import classification_accuracy, classification_scores, lm_loss
+from lightpeft_dist.pipeline.metrics import classification_accuracy, classification_scores, lm_loss
 
 WORDS = ["<pad>", "<unk>", "<s>", "</s>", "Review", ":", "Sentiment", "great", "movie", "bad", "film", "plot",
          "the", "was", "positive", "not", "good", "Q", "A", "why", "because"]

@@ -21,9 +21,9 @@ from dist_checks import BIN, REPO, ZERO3, assert_same_scores, launch, run_stages
 from lightpeft_dist.cli import main
 from lightpeft_dist.config import PruneConfig
 from lightpeft_dist.errors import LightPeftError
-from lightpeft_dist.plan import make_plan
-from lightpeft_dist.scores import load_scores
-from lightpeft_dist.zero import fill_ds_config
+from lightpeft_dist.pruning.plan import make_plan
+from lightpeft_dist.pruning.scores import load_scores
+from lightpeft_dist.training.zero import fill_ds_config
 
 pytestmark = pytest.mark.timeout(1200)
 

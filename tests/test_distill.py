@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from dist_checks import run_stages
 from lightpeft_dist.config import recipe_from_dict
-from lightpeft_dist.distill import distill_kl
+from lightpeft_dist.training.distill import distill_kl
 from lightpeft_dist.io_utils import read_json
-from lightpeft_dist.train import train_key
+from lightpeft_dist.pipeline.train import train_key
 
 
 def test_distill_kl_is_temperature_scaled_kl_over_attended_tokens():

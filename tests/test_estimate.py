@@ -10,13 +10,13 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lightpeft_dist.config import PeftConfig, PruneConfig, recipe_from_dict
-from lightpeft_dist.estimate import run_estimate
-from lightpeft_dist.families import head_dim_of
-from lightpeft_dist.importance import PeftImportanceTracker, lora_modules
-from lightpeft_dist.models import lora_config
-from lightpeft_dist.plan import make_plan
+from lightpeft_dist.strategies.lightpeft import run_estimate
+from lightpeft_dist.models.families import head_dim_of
+from lightpeft_dist.pruning.importance import PeftImportanceTracker, lora_modules
+from lightpeft_dist.models.loading import lora_config
+from lightpeft_dist.pruning.plan import make_plan
 from lightpeft_dist.runtime import Runtime
-from lightpeft_dist.scores import load_scores
+from lightpeft_dist.pruning.scores import load_scores
 from tiny import randomize_lora, save_tiny, tiny_model
 
 

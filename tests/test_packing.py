@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from lightpeft_dist.config import DataConfig, TrainConfig
-from lightpeft_dist.data import IGNORE_INDEX, Collator, StepBatches, encode_split
+from lightpeft_dist.data.batches import IGNORE_INDEX, Collator, StepBatches, encode_split
 from lightpeft_dist.errors import LightPeftError
-from lightpeft_dist.fastpath import prepare_for_training
-from lightpeft_dist.models import load_model
-from lightpeft_dist.packing import (NUM_TOKENS, PackedCollator, assign_rows, pack_dataset, packed_batches,
+from lightpeft_dist.models.fastpath import prepare_for_training
+from lightpeft_dist.models.loading import load_model
+from lightpeft_dist.data.packing import (NUM_TOKENS, PackedCollator, assign_rows, pack_dataset, packed_batches,
                                     pop_token_count)
 from pruned_tiny import save_uneven
 from tiny import tiny_tokenizer

@@ -7,8 +7,8 @@ import torch
 
 from lightpeft_dist.config import PruneConfig, recipe_from_dict
 from lightpeft_dist.errors import LightPeftError
-from lightpeft_dist.plan import choose_heads, head_shapes, make_plan, plan_ffn, plan_peft
-from lightpeft_dist.scores import Scores
+from lightpeft_dist.pruning.plan import choose_heads, head_shapes, make_plan, plan_ffn, plan_peft
+from lightpeft_dist.pruning.scores import Scores
 
 
 def shapes(n_layers=3, heads=8, kv=8, ffn=20):

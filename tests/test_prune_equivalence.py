@@ -13,13 +13,13 @@ from transformers import AutoModelForCausalLM
 
 import lightpeft_dist  # noqa: F401  (registers pruned model types)
 from lightpeft_dist.config import PeftConfig, PruneConfig
-from lightpeft_dist.families import head_dim_of, layer_shapes
-from lightpeft_dist.importance import lora_modules
-from lightpeft_dist.masks import attach_masks, set_masks_from_plan
-from lightpeft_dist.models import fingerprint, lora_config
-from lightpeft_dist.plan import make_plan
-from lightpeft_dist.prune import prune_adapter, prune_checkpoint
-from lightpeft_dist.scores import Scores
+from lightpeft_dist.models.families import head_dim_of, layer_shapes
+from lightpeft_dist.pruning.importance import lora_modules
+from lightpeft_dist.pruning.masks import attach_masks, set_masks_from_plan
+from lightpeft_dist.models.loading import fingerprint, lora_config
+from lightpeft_dist.pruning.plan import make_plan
+from lightpeft_dist.pruning.slicing import prune_adapter, prune_checkpoint
+from lightpeft_dist.pruning.scores import Scores
 from tiny import LAYOUTS, randomize_lora, save_tiny
 
 INPUT = torch.tensor([[3, 5, 7, 9, 11, 13, 4, 6], [8, 10, 12, 14, 16, 18, 20, 22]])
@@ -104,7 +104,7 @@ def test_uniform_plan_whose_head_count_does_not_divide_hidden_still_loads(tmp_pa
 
 
 def test_pruned_config_rejects_heads_that_do_not_group(tmp_path):
-    from lightpeft_dist.pruned_model import pruned_config
+    from lightpeft_dist.models.pruned_model import pruned_config
     base = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "base", "llama-gqa")).config
     with pytest.raises(ValueError, match="cannot be grouped"):
         pruned_config(base, [{"num_attention_heads": 3, "num_key_value_heads": 2, "intermediate_size": 8}] * 2)

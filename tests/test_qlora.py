@@ -17,9 +17,9 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 
 from lightpeft_dist.config import PeftConfig, TrainConfig  # noqa: E402
 from lightpeft_dist.errors import LightPeftError  # noqa: E402
-from lightpeft_dist.fastpath import prepare_for_training  # noqa: E402
-from lightpeft_dist.models import load_model, lora_config  # noqa: E402
-from lightpeft_dist.quant import quantization_config  # noqa: E402
+from lightpeft_dist.models.fastpath import prepare_for_training  # noqa: E402
+from lightpeft_dist.models.loading import load_model, lora_config  # noqa: E402
+from lightpeft_dist.models.quant import quantization_config  # noqa: E402
 from pruned_tiny import save_uneven  # noqa: E402
 
 IDS = torch.tensor([[3, 5, 7, 9, 11, 13, 4, 6, 8, 10, 12, 14], [8, 10, 12, 14, 16, 18, 20, 22, 3, 5, 7, 9]])
@@ -49,7 +49,7 @@ def test_pruned_base_loads_in_4bit(pruned_dir):
 
 
 def test_activation_probe_reads_4bit_weights_as_their_dequantized_columns(pruned_dir):
-    from lightpeft_dist.activation import input_column_norms
+    from lightpeft_dist.pruning.activation import input_column_norms
 
     layer = load_4bit(pruned_dir).model.layers[0].mlp.down_proj
     assert isinstance(layer, bnb.nn.Linear4bit)
@@ -118,7 +118,7 @@ def test_train_stage_runs_qlora_from_the_recipe(tmp_path, tiny_recipe, caplog):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
     run, cfg = tmp_path / "run", str(tmp_path / "r.yaml")
     few = ["--estimate.steps=2", "--train.steps=3", "--train.load_in_4bit=true", "--train.gradient_checkpointing=true"]
-    with caplog.at_level(logging.INFO, logger="lightpeft_dist.quant"):
+    with caplog.at_level(logging.INFO, logger="lightpeft_dist.models.quant"):
         for stage in ("estimate", "plan", "prune", "train"):
             assert main([stage, "--config", cfg, "--run-dir", str(run), *few]) == 0
     assert "4-bit NF4" in caplog.text

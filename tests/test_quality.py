@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lightpeft_dist import cli
-from lightpeft_dist.compare import COLUMNS
+from lightpeft_dist.reporting.compare import COLUMNS
 from lightpeft_dist.io_utils import read_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -150,8 +150,8 @@ def test_activation_scores_have_the_estimate_shapes_and_see_dead_units(tmp_path,
     column is zero, or a head whose o_proj columns are zero, contributes nothing and must score exactly 0."""
     from benchmarks.quality.activation_scores import activation_scores
     from lightpeft_dist.config import recipe_from_dict
-    from lightpeft_dist.models import load_model, load_tokenizer
-    from lightpeft_dist.scores import Scores
+    from lightpeft_dist.models.loading import load_model, load_tokenizer
+    from lightpeft_dist.pruning.scores import Scores
 
     recipe = recipe_from_dict(tiny_recipe)
     model = load_model(recipe.model.path)

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from lightpeft_dist import plots
+from lightpeft_dist.reporting import plots
 from lightpeft_dist.io_utils import write_json
-from lightpeft_dist.plan import summarize
-from lightpeft_dist.report import layer_rows, write_report
-from lightpeft_dist.scores import Scores, save_scores
+from lightpeft_dist.pruning.plan import summarize
+from lightpeft_dist.reporting.report import layer_rows, write_report
+from lightpeft_dist.pruning.scores import Scores, save_scores
 
 HEADS, KV, FFN, R, HIDDEN, HEAD_DIM = 6, 2, 16, 4, 48, 8
 TYPES = ("q", "k", "v", "o", "gate", "up", "down")

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lightpeft_dist.errors import LightPeftError
-from lightpeft_dist.prune import prune_shard, slice_base_tensor, sliced_shape
-from lightpeft_dist.safetensors_stream import ShardReader, ShardWriter
+from lightpeft_dist.pruning.slicing import prune_shard, slice_base_tensor, sliced_shape
+from lightpeft_dist.pruning.safetensors_stream import ShardReader, ShardWriter
 
 
 def sample() -> dict[str, torch.Tensor]:
@@ -104,11 +104,11 @@ def test_single_indexed_shard_keeps_its_index_and_loads(tmp_path):
 
     import lightpeft_dist  # noqa: F401 - registers the pruned model types
     from lightpeft_dist.config import PruneConfig
-    from lightpeft_dist.families import head_dim_of
-    from lightpeft_dist.models import fingerprint, load_config
-    from lightpeft_dist.plan import make_plan
-    from lightpeft_dist.prune import prune_checkpoint
-    from lightpeft_dist.scores import Scores
+    from lightpeft_dist.models.families import head_dim_of
+    from lightpeft_dist.models.loading import fingerprint, load_config
+    from lightpeft_dist.pruning.plan import make_plan
+    from lightpeft_dist.pruning.slicing import prune_checkpoint
+    from lightpeft_dist.pruning.scores import Scores
 
     src = save_tiny(tmp_path / "src", "llama-gqa")
     shard = "model-00001-of-00001.safetensors"

@@ -14,7 +14,7 @@ import torch
 from lightpeft_dist.config import load_recipe
 from lightpeft_dist.io_utils import save_tensors
 from lightpeft_dist.runtime import init_distributed, shutdown
-from lightpeft_dist.train import run_train
+from lightpeft_dist.pipeline.train import run_train
 
 FIXED_INPUTS = torch.tensor([[3, 5, 7, 9, 11, 13, 4, 6], [8, 10, 12, 14, 16, 18, 20, 22]])
 

@@ -5,7 +5,7 @@ Light-PEFT ranks heads and FFN neurons by learned mask values. To tell "the mask
 training: an FFN neuron j scores mean|a_j| * ||W_down[:, j]||_2 (its average contribution to the residual stream),
 a head h scores mean ||x_h||_2 * ||W_o[:, h]||_F over the o_proj input slice of that head. Module and rank scores
 are copied from the estimate (they do not affect the pruned base). A measuring stick on the frozen base model; the
-pipeline's `prune.unit_scores: activation` (lightpeft_dist/activation.py) collects the same statistics during the
+pipeline's `prune.unit_scores: activation` (lightpeft_dist/pruning/activation.py) collects the same statistics during the
 estimation run itself, on the tokens the estimate trains on.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from lightpeft_dist.data import Collator, encode_split, load_rows
-from lightpeft_dist.families import family_for, head_dim_of
-from lightpeft_dist.scores import Scores
+from lightpeft_dist.data.batches import Collator, encode_split, load_rows
+from lightpeft_dist.models.families import family_for, head_dim_of
+from lightpeft_dist.pruning.scores import Scores
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from lightpeft_dist import assets
-from lightpeft_dist.compare import write_comparison
+from lightpeft_dist.reporting.compare import write_comparison
 from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import read_json, sha256_file, sha256_json, write_json
 
@@ -172,12 +172,12 @@ def section(result: dict, figure: str | None) -> str:
              "ffn_ratio so the planner's prunable_fraction_pruned equals X (benchmarks/quality/levels.py). Random "
              "rows use the same ratios with prune.random (seeded by the seed); activation rows use the same ratios and "
              "estimation run with prune.unit_scores=activation (heads and FFN neurons ranked by measured activation "
-             "times output weight norm, lightpeft_dist/activation.py).",
+             "times output weight norm, lightpeft_dist/pruning/activation.py).",
              "- LoRA row: every ratio 0 (the plan keeps every unit, the pruned model equals the base) and "
              "train.warm_start false (fresh LoRA, the reference's vanilla baseline). Light-PEFT, activation and random rows "
              "warm-start from the sliced estimation adapter, as the reference does."
              + (f" Pruned rows distil from the unpruned base while fine-tuning (train.distill_weight "
-                f"{tr['distill_weight']}, temperature {tr['distill_temperature']}, lightpeft_dist/distill.py); the "
+                f"{tr['distill_weight']}, temperature {tr['distill_temperature']}, lightpeft_dist/training/distill.py); the "
                 "LoRA row does not." if tr.get("distill_weight") else ""),
              f"- Seeds change the estimation, the training order/init and the random plan. Data split hash "
              f"`{sp.get('split', {}).get('hash', 'n/a')}` (split seed {sp.get('split', {}).get('seed', '-')}, "

@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from benchmarks.quality.perplexity import load_windows, perplexity  # noqa: E402
 from lightpeft_dist.config import recipe_from_dict  # noqa: E402
-from lightpeft_dist.estimate import SCORE_FILES  # noqa: E402
+from lightpeft_dist.strategies.lightpeft import SCORE_FILES  # noqa: E402
 from lightpeft_dist.io_utils import read_json, write_json  # noqa: E402
-from lightpeft_dist.models import load_model, load_tokenizer  # noqa: E402
-from lightpeft_dist.plan import make_plan  # noqa: E402
-from lightpeft_dist.prune import prune_checkpoint  # noqa: E402
-from lightpeft_dist.scores import load_scores  # noqa: E402
+from lightpeft_dist.models.loading import load_model, load_tokenizer  # noqa: E402
+from lightpeft_dist.pruning.plan import make_plan  # noqa: E402
+from lightpeft_dist.pruning.slicing import prune_checkpoint  # noqa: E402
+from lightpeft_dist.pruning.scores import load_scores  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = activation_scores(load_model(base.model.path, base.model.dtype, base.model.attn_implementation),
                                    tok, base, scores)
     if args.write_scores:
-        from lightpeft_dist.scores import save_scores
+        from lightpeft_dist.pruning.scores import save_scores
 
         save_scores(args.write_scores, scores)
     rows = []

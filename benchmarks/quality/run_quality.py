@@ -32,7 +32,7 @@ from benchmarks.quality.speed import speed_pass  # noqa: E402
 from lightpeft_dist.config import apply_overrides, load_recipe, recipe_to_dict  # noqa: E402
 from lightpeft_dist.errors import LightPeftError  # noqa: E402
 from lightpeft_dist.io_utils import read_json, write_json  # noqa: E402
-from lightpeft_dist.models import load_tokenizer  # noqa: E402
+from lightpeft_dist.models.loading import load_tokenizer  # noqa: E402
 
 log = logging.getLogger("quality")
 DEFAULT_RECIPE = HERE / "smollm2_quality.yaml"

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from lightpeft_dist.evaluate import eval_split, forward_tokens_per_s
+from lightpeft_dist.pipeline.evaluate import eval_split, forward_tokens_per_s
 from lightpeft_dist.io_utils import read_json, write_json
-from lightpeft_dist.models import load_model, load_tokenizer
-from lightpeft_dist.pipeline import resolve_recipe
+from lightpeft_dist.models.loading import load_model, load_tokenizer
+from lightpeft_dist.pipeline.stages import resolve_recipe
 
 log = logging.getLogger("quality.speed")
 

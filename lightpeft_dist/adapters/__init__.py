@@ -1,0 +1,1 @@
+"""PEFT adapter kinds (LoRA, bottleneck)."""

@@ -1,0 +1,1 @@
+"""Model families, loading, the pruned-model config, attention choice, 4-bit loading, fast paths."""

@@ -1,0 +1,129 @@
+"""Loading base/pruned models and tokenizers, attaching LoRA, and fingerprinting a model's shape.
+
+The fingerprint ties every artefact in a run directory to the exact architecture it was computed for, so a plan
+made for one model can never be applied to another.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .. import assets
+from . import quant
+from .attention import choose_attention
+from ..config import ModelConfig, PeftConfig
+from ..errors import LightPeftError
+from .families import family_for, head_dim_of
+from ..io_utils import sha256_json
+
+if TYPE_CHECKING:  # peft costs ~0.15 GB of RSS at import; prune never needs it, so import it on use
+    from peft import LoraConfig, PeftModel
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_dir(path: str) -> Path:
+    real = Path(assets.resolve(path))
+    if not (real / "config.json").is_file():
+        raise LightPeftError(f"no HF model at {path} (config.json missing); set model.path to a local model folder")
+    return real
+
+
+def load_config(path: str):
+    real = resolve_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(real)
+    except (ValueError, KeyError) as exc:
+        raise LightPeftError(f"cannot read the model config at {real} ({str(exc).splitlines()[0]})") from None
+    family_for(config)  # unsupported architectures fail here, before any weights are read
+    return config
+
+
+def load_model(path: str, dtype: str = "float32", attn_implementation: str | None = None,
+               load_in_4bit: bool = False) -> PreTrainedModel:
+    real = resolve_model_dir(path)
+    load_config(path)
+    kwargs = {"dtype": DTYPES[dtype]}
+    kwargs["attn_implementation"] = choose_attention(attn_implementation, DTYPES[dtype])
+    if load_in_4bit:
+        kwargs.update(quant.load_kwargs(DTYPES[dtype]))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(real, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise LightPeftError(f"cannot load model weights from {real} ({str(exc).splitlines()[0]})") from None
+    log.info("loaded %s from %s (%s params, attention=%s)", type(model).__name__, real,
+             f"{count_parameters(model)['total']:,}", model.config._attn_implementation)
+    return model
+
+
+def load_tokenizer(cfg: ModelConfig):
+    real = assets.resolve(cfg.tokenizer or cfg.path)
+    try:
+        tok = AutoTokenizer.from_pretrained(real)
+    except (OSError, ValueError) as exc:
+        raise LightPeftError(f"cannot load a tokenizer from {real} ({str(exc).splitlines()[0]}); "
+                             "set model.tokenizer to a folder with tokenizer files") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def fingerprint(config) -> str:
+    """Hash of everything that decides tensor shapes and names (not weights: those are checked by the loader)."""
+    spec = family_for(config)
+    fields = {k: getattr(config, k, None) for k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+        "vocab_size", "tie_word_embeddings", "attention_bias", "mlp_bias")}
+    fields["head_dim"] = head_dim_of(config)
+    fields["family"] = spec.name
+    fields["layer_shapes"] = getattr(config, "layer_shapes", None) or None
+    return sha256_json(fields)[:16]
+
+
+def lora_config(cfg: PeftConfig, target_modules: list[str] | None = None, **extra) -> LoraConfig:
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=target_modules or list(cfg.targets), bias="none", task_type="CAUSAL_LM", **extra)
+
+
+def attach_lora(model: PreTrainedModel, cfg: PeftConfig) -> PeftModel:
+    if cfg.type == "adapter":  # bottleneck adapter: our own module, PEFT has no such type (bottleneck.py)
+        from ..adapters.bottleneck import attach_from_config
+
+        return attach_from_config(model, cfg)
+    if cfg.type != "lora":
+        raise LightPeftError(f"peft.type {cfg.type!r} is not implemented; use peft.type: lora or adapter")
+    spec = family_for(model)
+    unknown = [t for t in cfg.targets if t not in spec.slicing]
+    if unknown:
+        raise LightPeftError(f"peft.targets {unknown} are not projections of the {spec.name} family; "
+                             f"choose from {sorted(spec.slicing)}")
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(cfg))
+
+
+def is_peft_param(name: str) -> bool:
+    """A LoRA or bottleneck-adapter parameter (what estimation trains besides the masks, and what is saved)."""
+    return "lora_" in name or "_adapter." in name
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Total, trainable and adapter (LoRA) parameter counts; ZeRO-3 partitioned parameters count in full."""
+    seen, counts = set(), {"total": 0, "trainable": 0, "adapter": 0}
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        counts["total"] += n
+        counts["trainable"] += n if p.requires_grad else 0
+        counts["adapter"] += n if is_peft_param(name) else 0
+    return counts

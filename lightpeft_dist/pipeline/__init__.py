@@ -1,0 +1,1 @@
+"""The stages of a run directory and the stage functions shared by every strategy."""

@@ -1,0 +1,81 @@
+"""Stage 5: task quality, size and speed of the pruned + fine-tuned model, next to the unpruned base.
+
+The base row is the zero-shot starting point (no adapter), so one eval.json answers "what did pruning and
+fine-tuning buy, at what size". Speed is forward tokens/s over the same eval batches for both models.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from ..adapters.bottleneck import is_bottleneck_dir, load_bottleneck
+from ..config import Recipe, recipe_to_dict
+from ..data.batches import Collator, encode_split, load_rows
+from ..io_utils import read_json, sha256_json, write_json
+from .metrics import classification_accuracy, lm_loss
+from ..models.loading import count_parameters, load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def eval_split(recipe: Recipe) -> str:
+    return "test" if recipe.data.test_file else "eval"
+
+
+def task_metrics(model, tokenizer, recipe: Recipe, split: str) -> dict:
+    rows = load_rows(recipe.data, split)
+    seq_len, bs = recipe.train.seq_len, recipe.eval.batch_size
+    if recipe.data.format == "classification":
+        out = classification_accuracy(model, tokenizer, rows, recipe.data, seq_len, bs)
+        return {"accuracy": out["accuracy"], "n": out["n"]}
+    encoded = encode_split(rows, recipe.data, tokenizer, seq_len)
+    out = lm_loss(model, encoded, Collator(tokenizer.pad_token_id), bs)
+    return {"loss": out["loss"], "perplexity": out["perplexity"], "n": len(rows)}
+
+
+@torch.no_grad()
+def forward_tokens_per_s(model, tokenizer, recipe: Recipe, split: str) -> float:
+    encoded = encode_split(load_rows(recipe.data, split), recipe.data, tokenizer, recipe.train.seq_len)
+    collate, bs = Collator(tokenizer.pad_token_id), recipe.eval.batch_size
+    batches = [collate([encoded[j] for j in range(i, min(i + bs, len(encoded)))])
+               for i in range(0, min(len(encoded), bs * recipe.eval.speed_batches), bs)]
+    model.eval()
+    model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])  # warm-up
+    tokens, t0 = 0, time.perf_counter()
+    for b in batches:
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        tokens += int(b["attention_mask"].sum())
+    return tokens / (time.perf_counter() - t0)
+
+
+def evaluate_model(model, tokenizer, recipe: Recipe, split: str) -> dict:
+    return {**task_metrics(model, tokenizer, recipe, split), "params": count_parameters(model),
+            "tokens_per_s": forward_tokens_per_s(model, tokenizer, recipe, split)}
+
+
+def eval_key(recipe: Recipe, run_dir: Path) -> str:
+    train = read_json(run_dir / "train" / "train.json", "train record")
+    return sha256_json({"train": train["key"], "eval": recipe_to_dict(recipe)["eval"]})[:16]
+
+
+def run_evaluate(recipe: Recipe, run_dir: Path, baseline: bool = True) -> dict:
+    tokenizer = load_tokenizer(recipe.model)
+    split = eval_split(recipe)
+    result: dict = {"key": eval_key(recipe, run_dir), "split": split, "format": recipe.data.format}
+    if baseline:
+        base = load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation)
+        result["base"] = evaluate_model(base, tokenizer, recipe, split)
+        log.info("base (zero-shot, unpruned): %s", result["base"])
+        del base
+    pruned = load_model(str(run_dir / "pruned_model"), recipe.model.dtype, recipe.model.attn_implementation)
+    adapter = run_dir / "train" / "adapter"
+    model = load_bottleneck(pruned, adapter) if is_bottleneck_dir(adapter) else PeftModel.from_pretrained(pruned, adapter)
+    result["pruned"] = evaluate_model(model, tokenizer, recipe, split)
+    log.info("pruned + fine-tuned: %s", result["pruned"])
+    write_json(run_dir / "eval.json", result)
+    return result

@@ -1,0 +1,1 @@
+"""The strategy-agnostic pruning kit: units, masks, trackers, scores, planner, slicing, streaming."""

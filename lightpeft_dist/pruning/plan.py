@@ -1,0 +1,178 @@
+"""Turn importance scores into a pruning plan: which heads, FFN neurons, PEFT modules and LoRA ranks survive.
+
+Planning is shared by every scoring strategy: it sees only `Scores` (per-unit numbers, higher = keep) and the
+model's per-layer shapes. Deliberate deviations from the reference (spec 1.4, 6.4), documented in docs/method.md:
+- exact counts: k_pruned = round(ratio * n) with a top-k, instead of `score > quantile` (which prunes more, and
+  prunes every tie at the threshold); ties break toward the lower index, so plans are deterministic;
+- a layer never loses all of its heads or all of its FFN neurons (global ranking then prunes the next-lowest unit
+  elsewhere, keeping the total exact);
+- GQA: query heads are kept in equal numbers inside each kept KV group (see `choose_heads`).
+"""
+
+from __future__ import annotations
+
+import logging
+import torch
+
+from ..config import PruneConfig
+from ..errors import LightPeftError
+from ..io_utils import sha256_json
+from .scores import Scores
+
+log = logging.getLogger(__name__)
+PLAN_VERSION = 1
+
+
+def n_pruned(ratio: float, n: int) -> int:
+    return int(round(ratio * n))
+
+
+def _order(scores: torch.Tensor) -> torch.Tensor:
+    """Indices from most to least important; ties keep the lower index first."""
+    return torch.sort(scores.float(), descending=True, stable=True).indices
+
+
+def _best_groups(scores: torch.Tensor, n_kv: int, groups: int, per_group: int) -> tuple[float, list[int], list[int]]:
+    rep = scores.numel() // n_kv
+    by_group = scores.float().view(n_kv, rep)
+    top_in_group = [_order(by_group[g])[:per_group] for g in range(n_kv)]
+    group_score = torch.stack([by_group[g][idx].sum() for g, idx in enumerate(top_in_group)])
+    kept_groups = sorted(_order(group_score)[:groups].tolist())
+    q_heads = sorted(g * rep + int(i) for g in kept_groups for i in top_in_group[g])
+    return float(group_score[kept_groups].sum()), q_heads, kept_groups
+
+
+def head_shapes(n_heads: int, n_kv: int, target: int) -> list[tuple[int, int]]:
+    """Valid (kept KV groups, query heads per group) whose head count is nearest to `target` (ties: more heads)."""
+    rep = n_heads // n_kv
+    shapes = [(g, q) for g in range(1, n_kv + 1) for q in range(1, rep + 1)]
+    nearest = min(abs(g * q - target) for g, q in shapes)
+    count = max(g * q for g, q in shapes if abs(g * q - target) == nearest)
+    return [(g, q) for g, q in shapes if g * q == count]
+
+
+def choose_heads(scores: torch.Tensor, n_kv: int, ratio: float,
+                 shape: tuple[int, int] | None = None) -> tuple[list[int], list[int]]:
+    """Kept (query heads, KV heads) of one layer.
+
+    HF attention maps query head h to KV head h // (H / n_kv), so a valid pruned layer keeps some KV groups and the
+    same number of query heads in each. Among the valid shapes whose head count is nearest round-exact to the target,
+    pick the one whose kept query-head scores sum highest. For MHA (n_kv = H) this is plain top-k; for GQA it can
+    choose between dropping whole groups and thinning every group, whichever the scores favour.
+    """
+    n_heads = scores.numel()
+    target = max(1, n_heads - n_pruned(ratio, n_heads))
+    candidates = [shape] if shape else head_shapes(n_heads, n_kv, target)
+    best = max((_best_groups(scores, n_kv, g, q) for g, q in candidates), key=lambda r: r[0])
+    return best[1], best[2]
+
+
+def _keep_global(scores: list[torch.Tensor], ratio: float) -> list[list[int]]:
+    """Global top-k over all layers' units, never emptying a layer; total pruned is exactly round(ratio * n)."""
+    flat = torch.cat([s.float() for s in scores])
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
+    local = torch.cat([torch.arange(s.numel()) for s in scores])
+    to_prune = n_pruned(ratio, flat.numel())
+    left = [s.numel() for s in scores]
+    pruned = torch.zeros(flat.numel(), dtype=torch.bool)
+    # ascending, ties: higher global index pruned first (mirror of "lower index kept first")
+    for j in reversed(_order(flat).tolist()):
+        if to_prune == 0:
+            break
+        if left[owner[j]] > 1:
+            pruned[j] = True
+            left[owner[j]] -= 1
+            to_prune -= 1
+    return [sorted(local[(owner == i) & ~pruned].tolist()) for i in range(len(scores))]
+
+
+def _keep_layerwise(scores: list[torch.Tensor], ratio: float) -> list[list[int]]:
+    return [sorted(_order(s)[: max(1, s.numel() - n_pruned(ratio, s.numel()))].tolist()) for s in scores]
+
+
+def plan_ffn(scores: list[torch.Tensor], ratio: float, scope: str) -> list[list[int]]:
+    return (_keep_global if scope == "global" else _keep_layerwise)(scores, ratio)
+
+
+def plan_heads(scores: list[torch.Tensor], kv_heads: list[int], ratio: float, uniform: bool):
+    if not uniform:
+        return [choose_heads(s, kv, ratio) for s, kv in zip(scores, kv_heads)]
+    n_heads, n_kv = scores[0].numel(), kv_heads[0]
+    target = max(1, n_heads - n_pruned(ratio, n_heads))
+    shapes = head_shapes(n_heads, n_kv, target)
+    total = {sh: sum(_best_groups(s, n_kv, *sh)[0] for s in scores) for sh in shapes}
+    shape = max(shapes, key=lambda sh: total[sh])
+    return [choose_heads(s, n_kv, ratio, shape) for s in scores]
+
+
+def plan_peft(module: dict[str, float], rank: dict[str, torch.Tensor], cfg: PruneConfig) -> dict[str, list[int]]:
+    """Kept LoRA modules -> kept rank indices. Modules rank globally (spec 2.1); ranks per `rank_scope`."""
+    names = list(module)
+    if not names:
+        return {}
+    n_keep = max(1, len(names) - n_pruned(cfg.module_ratio, len(names)))
+    keep = [names[i] for i in sorted(_order(torch.tensor([module[n] for n in names]))[:n_keep].tolist())]
+    rank_scores = [rank[n] for n in keep]
+    if cfg.rank_scope == "global":
+        kept = _keep_global_allow_empty(rank_scores, cfg.rank_ratio)
+    else:
+        kept = _keep_layerwise(rank_scores, cfg.rank_ratio)
+    # A module whose every rank is pruned is dropped, as in the reference (spec 2.2).
+    return {n: k for n, k in zip(keep, kept) if k}
+
+
+def _keep_global_allow_empty(scores: list[torch.Tensor], ratio: float) -> list[list[int]]:
+    flat = torch.cat([s.float() for s in scores])
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[_order(flat)[: flat.numel() - n_pruned(ratio, flat.numel())]] = True
+    out, start = [], 0
+    for s in scores:
+        out.append(torch.nonzero(keep[start:start + s.numel()]).flatten().tolist())
+        start += s.numel()
+    return out
+
+
+def make_plan(scores: Scores, shapes: list[dict[str, int]], cfg: PruneConfig, model_fingerprint: str,
+              hidden_size: int, head_dim: int) -> dict:
+    if cfg.random:
+        scores = scores.randomized(cfg.seed)
+    if len(scores.head) != len(shapes):
+        raise LightPeftError(f"scores cover {len(scores.head)} layers but the model has {len(shapes)}; "
+                             "re-run estimate for this model")
+    if cfg.uniform:
+        if len({s["intermediate_size"] for s in shapes}) > 1 or len({s["num_attention_heads"] for s in shapes}) > 1:
+            raise LightPeftError("prune.uniform needs a model whose layers all have the same shape; set uniform: false")
+    heads = plan_heads(scores.head, [s["num_key_value_heads"] for s in shapes], cfg.attn_ratio, cfg.uniform)
+    ffn = plan_ffn(scores.ffn, cfg.ffn_ratio, "layerwise" if cfg.uniform else cfg.ffn_scope)
+    peft = plan_peft(scores.module, scores.rank, cfg)
+    layers = [{"q_heads": q, "kv_heads": kv, "ffn": f} for (q, kv), f in zip(heads, ffn)]
+    plan = {"version": PLAN_VERSION, "model_fingerprint": model_fingerprint, "prune": cfg.model_dump(mode="json"),
+            "layers": layers, "peft_modules": peft}
+    plan["summary"] = summarize(plan, shapes, hidden_size, head_dim)
+    plan["hash"] = sha256_json({k: v for k, v in plan.items() if k != "summary"})[:16]
+    return plan
+
+
+def prunable_params(shapes: list[dict[str, int]], hidden_size: int, head_dim: int) -> int:
+    """Weights of the projections that pruning can shrink (biases and norms are negligible and left out)."""
+    return sum(hidden_size * head_dim * (2 * s["num_attention_heads"] + 2 * s["num_key_value_heads"])
+               + 3 * hidden_size * s["intermediate_size"] for s in shapes)
+
+
+def summarize(plan: dict, shapes: list[dict[str, int]], hidden_size: int, head_dim: int) -> dict:
+    after_shapes = kept_shapes(plan)
+    keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    before_p = prunable_params(shapes, hidden_size, head_dim)
+    after_p = prunable_params(after_shapes, hidden_size, head_dim)
+    return {"before": {k: sum(s[k] for s in shapes) for k in keys},
+            "after": {k: sum(s[k] for s in after_shapes) for k in keys},
+            "prunable_params_before": before_p, "prunable_params_after": after_p,
+            "prunable_fraction_pruned": round(1 - after_p / before_p, 6),
+            "uniform": all(s == after_shapes[0] for s in after_shapes),
+            "peft_modules_kept": len(plan["peft_modules"]),
+            "lora_ranks_kept": sum(len(r) for r in plan["peft_modules"].values())}
+
+
+def kept_shapes(plan: dict) -> list[dict[str, int]]:
+    return [{"num_attention_heads": len(lp["q_heads"]), "num_key_value_heads": len(lp["kv_heads"]),
+             "intermediate_size": len(lp["ffn"])} for lp in plan["layers"]]

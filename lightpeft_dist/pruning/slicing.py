@@ -1,0 +1,182 @@
+"""Physically slice a base checkpoint and the estimation adapter to a plan.
+
+The base checkpoint is read and written one tensor at a time (safetensors_stream), so memory holds one tensor,
+not a shard or the model, whatever the shard size (benchmarks/bench_prune.py measures it; docs/benchmarks.md). The
+estimation-stage LoRA weights are sliced the same way and warm-start training, as the reference does (spec 3, step 5):
+rows of lora_B where the projection's outputs are pruned, columns of lora_A where its inputs are, then rank cuts
+(rows of A, columns of B). The LoRA scale alpha / r_init is kept by setting alpha per module to alpha * r_kept / r_init.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..adapters.bottleneck import is_bottleneck_dir, prune_bottleneck
+from ..errors import LightPeftError
+from ..models.families import FamilySpec, family_for, head_dim_of
+from ..io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from ..models.loading import fingerprint, load_config, resolve_model_dir
+from .plan import kept_shapes
+from ..models.pruned_model import architecture_name, pruned_config
+from .safetensors_stream import ShardReader, ShardWriter
+
+log = logging.getLogger(__name__)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+ADAPTER_PREFIX = "base_model.model."
+
+
+def unit_index(plan_layer: dict, unit: str, head_dim: int) -> torch.Tensor:
+    """Row/column indices of a projection kept by the plan, for a unit kind (heads expand to head_dim rows each)."""
+    if unit == "ffn":
+        return torch.as_tensor(plan_layer["ffn"], dtype=torch.long)
+    heads = torch.as_tensor(plan_layer["q_heads" if unit == "q_heads" else "kv_heads"], dtype=torch.long)
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def slicing_table(spec: FamilySpec, plan: dict, head_dim: int) -> dict[str, tuple[str, torch.Tensor]]:
+    """Module path -> (side, kept indices) for every sliced projection."""
+    table = {}
+    for i, layer in enumerate(plan["layers"]):
+        for proj, (side, unit) in spec.slicing.items():
+            table[spec.proj_path(i, proj)] = (side, unit_index(layer, unit, head_dim))
+    return table
+
+
+def slice_base_tensor(name: str, tensor: torch.Tensor, table: dict) -> torch.Tensor:
+    module, _, kind = name.rpartition(".")
+    if module not in table:
+        return tensor
+    side, idx = table[module]
+    if side == "out":
+        return tensor.index_select(0, idx)
+    return tensor.index_select(1, idx) if kind == "weight" else tensor  # an input-side bias is kept whole
+
+
+def sliced_shape(name: str, shape: list[int], table: dict) -> list[int]:
+    """The shape `slice_base_tensor` gives this tensor, known before reading it (shard headers come first)."""
+    module, _, kind = name.rpartition(".")
+    if module not in table:
+        return list(shape)
+    side, idx = table[module]
+    if side == "out":
+        return [len(idx), *shape[1:]]
+    return [shape[0], len(idx), *shape[2:]] if kind == "weight" else list(shape)
+
+
+def prune_shard(src: Path, dst: Path, table: dict) -> dict[str, tuple[int, int]]:
+    """Slice one shard tensor by tensor; memory holds one tensor, never the shard. Returns name -> (numel, bytes).
+
+    Untouched tensors (embeddings, norms) are copied through in chunks; see safetensors_stream for why neither
+    safe_open (mapped pages stay resident) nor save_file (needs the whole shard) is used here.
+    """
+    with ShardReader(src) as reader:
+        entries = [(n, reader.dtype(n), sliced_shape(n, reader.shape(n), table)) for n in reader.keys()]
+        with ShardWriter(dst, entries, metadata={"format": "pt"}) as writer:
+            for name in reader.keys():
+                if name.rpartition(".")[0] in table:
+                    writer.write(name, slice_base_tensor(name, reader.get(name), table))
+                else:
+                    reader.copy_to(name, writer)
+    return {n: (math.prod(shape), writer.sizes[n]) for n, _, shape in entries}
+
+
+def _shards(model_dir: Path) -> list[str]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(read_json(index, "weight index")["weight_map"].values()))
+    if (model_dir / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise LightPeftError(f"no safetensors weights in {model_dir}; convert the checkpoint to safetensors first")
+
+
+def check_plan(plan: dict, config) -> None:
+    if plan.get("model_fingerprint") != fingerprint(config):
+        raise LightPeftError(f"plan.json was made for model {plan.get('model_fingerprint')} but model.path is "
+                             f"{fingerprint(config)}; re-run estimate and plan for this model")
+    if len(plan["layers"]) != config.num_hidden_layers:
+        raise LightPeftError("plan.json layer count does not match the model; re-run plan")
+
+
+def prune_checkpoint(model_path: str, plan: dict, out_dir: Path) -> dict:
+    src = resolve_model_dir(model_path)
+    config = load_config(model_path)
+    check_plan(plan, config)
+    spec, hd = family_for(config), head_dim_of(config)
+    table = slicing_table(spec, plan, hd)
+    new_config = pruned_config(config, kept_shapes(plan))
+    new_config.architectures = [architecture_name(new_config)]
+    shards = _shards(src)
+    weight_map, total_bytes, n_params = {}, 0, 0
+    with atomic_dir(out_dir) as tmp:
+        for shard in tqdm(shards, desc="prune shards", unit="shard"):
+            for name, (numel, nbytes) in prune_shard(src / shard, tmp / shard, table).items():
+                weight_map[name] = shard
+                total_bytes += nbytes
+                n_params += numel
+        if shards != ["model.safetensors"]:  # an indexed source keeps its index, even with one shard
+            write_json(tmp / "model.safetensors.index.json",
+                       {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
+        new_config.save_pretrained(tmp)
+        for extra in src.iterdir():
+            if extra.is_file() and extra.name not in (*WEIGHT_FILES, "config.json") and extra.suffix != ".safetensors":
+                shutil.copy2(extra, tmp / extra.name)
+        record = {"plan_hash": plan["hash"], "source": str(src), "params": n_params,
+                  "architecture": new_config.architectures[0], "fingerprint": fingerprint(new_config)}
+        write_json(tmp / "lightpeft_prune.json", record)
+    log.info("pruned model -> %s (%s, %s params)", out_dir, record["architecture"], f"{n_params:,}")
+    return record
+
+
+def prune_adapter(adapter_dir: Path, plan: dict, config, model_dir: Path, out_dir: Path) -> dict:
+    """Slice the estimation LoRA to the pruned shapes, keep the planned modules and ranks, save in PEFT format."""
+    spec, hd = family_for(config), head_dim_of(config)
+    table = slicing_table(spec, plan, hd)
+    peft_cfg = read_json(adapter_dir / "adapter_config.json", "estimation adapter config")
+    weights = load_tensors(adapter_dir / "adapter_model.safetensors", "estimation adapter weights")
+    r_init, alpha = int(peft_cfg["r"]), float(peft_cfg["lora_alpha"])
+    kept_modules = plan["peft_modules"]
+    out: dict[str, torch.Tensor] = {}
+    for module, ranks in kept_modules.items():
+        a_key, b_key = f"{ADAPTER_PREFIX}{module}.lora_A.weight", f"{ADAPTER_PREFIX}{module}.lora_B.weight"
+        if a_key not in weights or b_key not in weights:
+            raise LightPeftError(f"estimation adapter has no LoRA weights for {module}; re-run estimate")
+        ranks_t = torch.as_tensor(ranks, dtype=torch.long)
+        a, b = weights[a_key].index_select(0, ranks_t), weights[b_key].index_select(1, ranks_t)
+        side, idx = table[module]
+        if side == "out":
+            b = b.index_select(0, idx)
+        else:
+            a = a.index_select(1, idx)
+        out[a_key], out[b_key] = a.contiguous(), b.contiguous()
+    names = list(kept_modules)
+    peft_cfg.update({
+        "target_modules": names,
+        "rank_pattern": {n: len(r) for n, r in kept_modules.items()},
+        "alpha_pattern": {n: alpha * len(r) / r_init for n, r in kept_modules.items()},
+        "base_model_name_or_path": str(model_dir.resolve()),
+    })
+    with atomic_dir(out_dir) as tmp:
+        save_tensors(tmp / "adapter_model.safetensors", out, metadata={"format": "pt"})
+        write_json(tmp / "adapter_config.json", peft_cfg)
+    n = sum(t.numel() for t in out.values())
+    log.info("pruned adapter -> %s (%d modules, %d ranks, %s params)", out_dir, len(names),
+             sum(len(r) for r in kept_modules.values()), f"{n:,}")
+    return {"modules": len(names), "params": n}
+
+
+def run_prune(run_dir: Path, model_path: str) -> dict:
+    plan = read_json(run_dir / "plan.json", "plan")
+    record = prune_checkpoint(model_path, plan, run_dir / "pruned_model")  # checks the plan against the model first
+    est_adapter = run_dir / "estimate" / "adapter"
+    if is_bottleneck_dir(est_adapter):  # hidden-size adapters: only modules and units are cut (bottleneck.py)
+        record["adapter"] = prune_bottleneck(est_adapter, plan, run_dir / "pruned_adapter")
+        return record
+    record["adapter"] = prune_adapter(est_adapter, plan, load_config(model_path),
+                                      run_dir / "pruned_model", run_dir / "pruned_adapter")
+    return record

@@ -1,0 +1,102 @@
+"""Human-readable summary of a run directory: one table (Markdown) that `demo` and `report` print.
+
+`write_report` adds a per-layer kept-structure table and the PNG figures of plots.py under report/. Works on whatever
+stages have finished; missing stages show as '-', missing figures are left out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..io_utils import read_json, write_json
+
+
+def _maybe(path: Path) -> dict:
+    return read_json(path) if path.is_file() else {}
+
+
+def _fmt(value, spec: str = ",") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec)
+
+
+def summary_rows(run_dir: Path) -> list[tuple[str, str, str]]:
+    ev = _maybe(run_dir / "eval.json")
+    base, pruned = ev.get("base", {}), ev.get("pruned", {})
+    plan = _maybe(run_dir / "plan.json").get("summary", {})
+    metric = "accuracy" if "accuracy" in pruned or "accuracy" in base else "perplexity"
+    spec = ".2%" if metric == "accuracy" else ".2f"
+    rows = [
+        ("parameters (total)", _fmt(base.get("params", {}).get("total")),
+         _fmt(pruned.get("params", {}).get("total"))),
+        ("trainable parameters (LoRA)", "-", _fmt(pruned.get("params", {}).get("adapter"))),
+        ("prunable parameters", _fmt(plan.get("prunable_params_before")), _fmt(plan.get("prunable_params_after"))),
+        (f"{metric} ({ev.get('split', '-')})", _fmt(base.get(metric), spec), _fmt(pruned.get(metric), spec)),
+        ("inference tokens/s", _fmt(base.get("tokens_per_s"), ",.0f"), _fmt(pruned.get("tokens_per_s"), ",.0f")),
+    ]
+    train = _maybe(run_dir / "train" / "train.json")
+    est = _maybe(run_dir / "estimate" / "estimate.json")
+    if train:
+        rows.append(("training tokens/s", "-", _fmt(train.get("tokens_per_s"), ",.0f")))
+    if train and est:
+        rows.append(("estimation cost / training", "-", f"{est['train_seconds'] / max(train['train_seconds'], 1e-9):.2f}"))
+    return rows
+
+
+def summary_table(run_dir: Path) -> str:
+    rows = [("", "before (base, zero-shot)", "after (pruned + LoRA)"), *summary_rows(run_dir)]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(rows[0]), sep, *(line(r) for r in rows[1:])])
+
+
+def layer_rows(run_dir: Path) -> list[tuple[str, str, str, str]]:
+    """Per layer 'kept / original' query heads, KV heads and FFN neurons; empty until a plan exists.
+
+    Without estimate.json (original shapes) only the kept counts are shown.
+    """
+    plan = _maybe(run_dir / "plan.json")
+    shapes = _maybe(run_dir / "estimate" / "estimate.json").get("layer_shapes") or []
+    if len(shapes) != len(plan.get("layers", [])):
+        shapes = [{}] * len(plan.get("layers", []))
+    cell = lambda kept, orig: f"{kept} / {orig}" if orig is not None else str(kept)  # noqa: E731
+    return [(str(i), cell(len(lp["q_heads"]), sh.get("num_attention_heads")),
+             cell(len(lp["kv_heads"]), sh.get("num_key_value_heads")),
+             cell(len(lp["ffn"]), sh.get("intermediate_size")))
+            for i, (lp, sh) in enumerate(zip(plan.get("layers", []), shapes))]
+
+
+def layer_table(run_dir: Path) -> str:
+    rows = layer_rows(run_dir)
+    if not rows:
+        return ""
+    head = "| layer | query heads kept | KV heads kept | FFN neurons kept |"
+    return "\n".join([head, "|---:|---:|---:|---:|", *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write report/summary.md (table, per-layer table, figures) and summary.json; works after any finished stage.
+
+    Figures come from `plots.plot_run`; one that cannot be drawn is left out (and its link with it).
+    """
+    from .plots import plot_run
+
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_run(run_dir, out)
+    parts = [f"# Light-PEFT run: {run_dir.name}\n\n{summary_table(run_dir)}\n"]
+    if table := layer_table(run_dir):
+        parts.append(f"## Kept structure per layer\n\n{table}\n")
+    if plots:
+        parts.append("## Figures\n\n" + "\n".join(f"![{name[:-4].replace('_', ' ')}]({name})\n"
+                                                   for name in plots))
+    tmp = out / f".summary.md.{os.getpid()}.tmp"
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, out / "summary.md")
+    write_json(out / "summary.json", {"rows": summary_rows(run_dir), "layers": layer_rows(run_dir),
+                                      "plots": list(plots)})
+    return out

@@ -1,0 +1,192 @@
+"""Stage 1, the Light-PEFT scoring strategy: a short masked run that learns what to prune.
+
+Masks on heads and FFN neurons (L1-penalised, their own optimizer groups) train together with LoRA on all target
+projections for a fixed step budget with a linearly decaying LR; PEFT module and rank importance are tracked on the
+way (see importance.py). The output is a `Scores` file plus the estimation adapter, which warm-starts training after
+pruning (spec 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..pruning.activation import ActivationTracker
+from ..training.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
+from ..config import Recipe, recipe_to_dict
+from ..models.families import config_layer_shapes, head_dim_of
+from ..adapters.bottleneck import adapter_config, save_bottleneck
+from ..pruning.bottleneck_importance import BottleneckImportanceTracker
+from ..pruning.importance import PeftImportanceTracker
+from ..io_utils import atomic_dir, sha256_json, write_json
+from ..training.loop import linear_schedule, make_engine, run_steps, train_batches
+from ..pruning.masks import L1Sink, attach_masks, mask_parameters
+from ..models.loading import attach_lora, fingerprint, is_peft_param, load_config, load_model, load_tokenizer
+from ..pruning.plan import make_plan
+from ..runtime import Runtime, current
+from ..pruning.scores import Scores, save_scores
+from ..training.zero import full_state, full_value, is_partitioned, prepare_ds_config, zero3_loading
+
+log = logging.getLogger(__name__)
+
+
+def estimate_key(recipe: Recipe) -> str:
+    """Hash of everything estimation depends on; a finished estimate with the same key is reused."""
+    d = recipe_to_dict(recipe)
+    return sha256_json({k: d[k] for k in ("model", "data", "peft", "estimate")})[:16]
+
+
+CHECKPOINT_DIR = "estimate.ckpt"
+SCORE_FILES = {"masks": "scores.safetensors", "activation": "activation_scores.safetensors"}  # by prune.unit_scores
+
+
+def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, deepspeed: str | None = None,
+                 on_checkpoint: Callable[[Path, int], None] | None = None) -> dict:
+    """Estimate on every rank of the job (collective); rank 0 writes `run_dir/estimate/`.
+
+    With `deepspeed` (a DeepSpeed config path) the model is built under ZeRO-3's `zero.Init` when the config says
+    stage 3, and masks, LoRA and optimizer state are partitioned across ranks. With `estimate.checkpoint_every` the
+    run checkpoints to `run_dir/estimate.ckpt/` and a rerun with the same recipe resumes from it.
+    """
+    rt = runtime or current()
+    cfg = recipe.estimate
+    key = estimate_key(recipe)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    base_config = load_config(recipe.model.path)
+    shapes = config_layer_shapes(base_config)
+    ds_cfg = prepare_ds_config(deepspeed, cfg, recipe.model.dtype, base_config.hidden_size,
+                               min(min(s["num_attention_heads"], s["intermediate_size"]) for s in shapes),
+                               rt.world_size)
+    batches = train_batches(recipe.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.seed, rt)
+    with zero3_loading(ds_cfg):
+        model = attach_lora(load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation),
+                            recipe.peft)
+        sink = L1Sink()
+        activations = ActivationTracker(model, rt)  # its hooks run before the mask hooks (prepended)
+        attach_masks(model, sink=sink)
+        head_masks, ffn_masks = mask_parameters(model)
+        tracker = (BottleneckImportanceTracker if recipe.peft.type == "adapter" else PeftImportanceTracker)(
+            model, cfg.steps, rt)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        peft_params = [p for n, p in trainable if is_peft_param(n)]
+        mask_lr = cfg.lr * cfg.mask_lr_coef
+        optimizer = torch.optim.AdamW([
+            {"params": peft_params, "lr": cfg.lr, "name": "peft"},
+            {"params": head_masks, "lr": mask_lr, "name": "head_masks"},
+            {"params": ffn_masks, "lr": mask_lr, "name": "ffn_masks"},
+        ], weight_decay=0.0)
+        engine = make_engine(model, optimizer, linear_schedule(optimizer, cfg.steps), cfg.grad_accum,
+                             cfg.max_grad_norm, ds_cfg, rt)
+    partitioning = mask_partitioning(head_masks + ffn_masks, rt)
+    start = resume(run_dir / CHECKPOINT_DIR, key, engine, trainable, tracker, activations, rt)
+
+    def before_forward(batch: dict) -> None:
+        tracker.recording, tracker.token_mask, sink.active = True, batch["attention_mask"], True
+        activations.recording, activations.token_mask = True, batch["attention_mask"]
+
+    def after_forward() -> None:
+        tracker.recording = sink.active = activations.recording = False
+
+    def after_step(step: int, loss: float) -> None:
+        tracker.end_step(step)
+        activations.end_step()
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            path = run_dir / CHECKPOINT_DIR
+            extra = tracker.state_dict() | {f"act.{k}": v for k, v in activations.state_dict().items()}
+            save_checkpoint(path, engine, trainable, step, extra, {"key": key}, rt)
+            if on_checkpoint is not None:
+                on_checkpoint(path, step)
+
+    log.info("estimate: steps %d..%d, batch %d, %d PEFT modules, %d head masks, %d FFN masks", start, cfg.steps,
+             cfg.batch_size, len(tracker.modules), sum(s["num_attention_heads"] for s in shapes),
+             sum(s["intermediate_size"] for s in shapes))
+    t0 = time.time()
+    stats = run_steps(model, engine, batches, cfg.steps, cfg.grad_accum, rt, "estimate",
+                      loss_fn=lambda _batch, out: out.loss + cfg.l1 * sink.pop(),  # a sum, not a mean (spec 1.2)
+                      before_forward=before_forward, after_forward=after_forward, after_step=after_step,
+                      start_step=start, seed=cfg.seed)
+    module_scores, rank_scores = tracker.results()
+    tracker.remove()
+    activations.remove()
+    scores = Scores(head=[full_value(m) for m in head_masks], ffn=[full_value(m) for m in ffn_masks],
+                    module=module_scores, rank=rank_scores)
+    act_head, act_ffn = activations.results()
+    all_scores = {"masks": scores,
+                  "activation": Scores(head=act_head, ffn=act_ffn, module=module_scores, rank=rank_scores)}
+    adapter_state = full_state([(n, p) for n, p in trainable if is_peft_param(n)])
+    plan_hash = make_plan(all_scores[recipe.prune.unit_scores], shapes, recipe.prune, fingerprint(base_config),
+                          base_config.hidden_size, head_dim_of(base_config))["hash"]
+    rt.agree(plan_hash, "plan computed from the gathered scores")
+    record = {
+        "key": key, "strategy": "lightpeft", "model_path": recipe.model.path,
+        "model_fingerprint": fingerprint(base_config), "layer_shapes": shapes, "plan_hash": plan_hash,
+        "hidden_size": base_config.hidden_size, "head_dim": head_dim_of(base_config),
+        "steps": cfg.steps, "resumed_from_step": start, "seed": cfg.seed, "world_size": rt.world_size,
+        "deepspeed": ds_cfg, "mask_partitioning": partitioning, "losses": stats.losses, "tokens": stats.tokens * rt.world_size,
+        "train_seconds": stats.seconds, "wall_seconds": time.time() - t0, "recipe": recipe_to_dict(recipe),
+    }
+    if rt.is_main:
+        write_estimate(run_dir / "estimate", all_scores, model, adapter_state, record)
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    rt.barrier()
+    return record
+
+
+def resume(path: Path, key: str, engine, trainable, tracker: PeftImportanceTracker, activations: ActivationTracker,
+           rt: Runtime) -> int:
+    """The first step to run: 0, or the step after a checkpoint written for this same recipe."""
+    found = read_checkpoint(path)
+    if found is None:
+        return 0
+    meta, tensors = found
+    if meta.get("key") != key:
+        log.warning("ignoring checkpoint %s: it was written for another recipe (key %s, now %s)", path,
+                    meta.get("key"), key)
+        return 0
+    if "extra/act.tokens" not in tensors:
+        log.warning("ignoring checkpoint %s: it predates activation statistics; estimating from step 0", path)
+        return 0
+    extra = restore_checkpoint(engine, trainable, meta, tensors)
+    tracker.load_state_dict(extra)
+    activations.load_state_dict({k.removeprefix("act."): v for k, v in extra.items() if k.startswith("act.")})
+    log.info("resumed estimation from %s after step %d (written by %d ranks, now %d)", path, meta["step"],
+             meta["world_size"], rt.world_size)
+    return int(meta["step"]) + 1
+
+
+def mask_partitioning(masks: list[torch.Tensor], rt: Runtime) -> dict | None:
+    """How ZeRO-3 placed the masks (elements held by each rank, any kept persistent); None when not partitioned."""
+    if not masks or not is_partitioned(masks[0]):
+        return None
+    local = sum(m.ds_tensor.numel() for m in masks)
+    persistent = sum(bool(getattr(m, "ds_persist", False)) for m in masks)
+    out = {"total_elements": sum(m.ds_numel for m in masks), "elements_per_rank": rt.all_gather_object(local),
+           "persistent_masks_per_rank": rt.all_gather_object(persistent)}
+    log.info("masks are ZeRO-3 partitioned: elements per rank %s of %d, persistent %s", out["elements_per_rank"],
+             out["total_elements"], out["persistent_masks_per_rank"])
+    return out
+
+
+def write_estimate(out_dir: Path, all_scores: dict[str, Scores], peft_model, adapter_state: dict,
+                   record: dict) -> None:
+    """Both unit scorings are written; `prune.unit_scores` picks one at plan time, so switching needs no new run."""
+    with atomic_dir(out_dir) as tmp:
+        for kind, scores in all_scores.items():
+            save_scores(tmp / SCORE_FILES[kind], scores, metadata={"strategy": record["strategy"], "units": kind})
+        if record["recipe"]["peft"]["type"] == "adapter":
+            save_bottleneck(tmp / "adapter", adapter_state, adapter_config(peft_model))
+        else:
+            peft_model.save_pretrained(tmp / "adapter", state_dict=adapter_state, safe_serialization=True)
+        write_json(tmp / "estimate.json", record)
+    masks = torch.cat([*all_scores["masks"].head, *all_scores["masks"].ffn])
+    log.info("estimate written to %s: mask range [%.4f, %.4f], mean module score %.4f", out_dir,
+             float(masks.min()), float(masks.max()),
+             sum(all_scores["masks"].module.values()) / max(1, len(all_scores["masks"].module)))
+
+

@@ -1,0 +1,1 @@
+"""The one training loop, its engines (plain, DeepSpeed), checkpoints and distillation."""

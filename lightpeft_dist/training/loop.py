@@ -1,0 +1,157 @@
+"""The one training loop behind `estimate` and `train`.
+
+It talks to an engine with DeepSpeed's surface (`backward(loss)`, `step()`), so the DeepSpeed path swaps the engine,
+not the loop. Batches come from `StepBatches`, a pure function of the step number, which is what makes resuming and
+"N ranks == 1 process" comparisons exact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+from ..config import DataConfig
+from ..data.batches import Collator, StepBatches, encode_split, load_rows
+from ..errors import LightPeftError
+from ..data.packing import pop_token_count
+from ..runtime import Runtime
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 0) -> LambdaLR:
+    """Linear warm-up, then linear decay to 0 at `steps` (the reference's schedule; spec 6.11)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return LambdaLR(optimizer, factor)
+
+
+def train_batches(data: DataConfig, tokenizer, seq_len: int, batch_size: int, grad_accum: int, seed: int,
+                  runtime: Runtime) -> StepBatches:
+    """The train split as step-indexed micro-batches; `batch_size` is global per optimizer step, for any world size."""
+    if batch_size % (grad_accum * runtime.world_size):
+        raise LightPeftError(f"batch_size {batch_size} is not divisible by grad_accum x world size "
+                             f"({grad_accum} x {runtime.world_size}); choose a batch_size that is")
+    encoded = encode_split(load_rows(data, "train"), data, tokenizer, seq_len)
+    return StepBatches(encoded, batch_size // grad_accum, seed, runtime.rank, runtime.world_size,
+                       collator=Collator(tokenizer.pad_token_id))
+
+
+class PlainEngine:
+    """Engine without DeepSpeed: gradient accumulation, clipping, optimizer and schedule steps.
+
+    Under a multi-rank launcher without `--deepspeed` it averages gradients across ranks before clipping (what DDP
+    does, without wrapping the model), so every rank takes the same step and N ranks equal one process.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+                 grad_accum: int, max_grad_norm: float, runtime: Runtime | None = None):
+        self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.grad_accum, self.max_grad_norm = grad_accum, max_grad_norm
+        self.runtime = runtime
+
+    def forward(self, batch: dict):
+        return self.module(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.runtime is not None and self.runtime.distributed:
+            self._average_gradients(params)
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _average_gradients(self, params: list[torch.Tensor]) -> None:
+        for p in params:  # every rank must join every reduction, with or without a gradient of its own
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params]) if params else torch.zeros(0)
+        self.runtime.all_reduce_sum(flat)
+        flat /= self.runtime.world_size
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+
+@dataclass
+class LoopStats:
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def run_steps(model: torch.nn.Module, engine, batches, steps: int, grad_accum: int, runtime: Runtime,
+              desc: str,
+              before_forward: Callable[[dict], None] | None = None, after_forward: Callable[[], None] | None = None,
+              after_step: Callable[[int, float], None] | None = None, start_step: int = 0,
+              seed: int = 0, loss_fn: Callable[[dict, object], torch.Tensor] | None = None) -> LoopStats:
+    """Steps `start_step..steps-1`; torch is reseeded per step (dropout), so a resumed run replays the same steps.
+
+    `loss_fn(batch, output)` is the loss to minimise (the estimate's L1 term, distillation); by default
+    `output.loss`."""
+    stats = LoopStats()
+    model.train()
+    bar = tqdm(range(start_step, steps), desc=desc, unit="step", disable=not runtime.is_main, dynamic_ncols=True,
+               initial=start_step, total=steps)
+    for step in bar:
+        t0, step_loss = time.perf_counter(), 0.0
+        torch.manual_seed(seed * 1_000_003 + step)
+        for micro in range(grad_accum):
+            batch = {k: v.to(runtime.device) for k, v in batches.batch_for_step(step * grad_accum + micro).items()}
+            n_tokens = pop_token_count(batch)  # packed batches carry it; never passed to the model
+            if before_forward:
+                before_forward(batch)
+            output = engine.forward(batch)
+            loss = output.loss if loss_fn is None else loss_fn(batch, output)
+            if after_forward:
+                after_forward()
+            engine.backward(loss)
+            step_loss += float(loss.detach()) / grad_accum
+            stats.tokens += n_tokens
+        engine.step()
+        stats.seconds += time.perf_counter() - t0
+        if runtime.distributed:  # the job's loss, not rank 0's shard of it
+            step_loss = float(runtime.all_reduce_sum(torch.tensor([step_loss], dtype=torch.float64))) / runtime.world_size
+        stats.losses.append(step_loss if math.isfinite(step_loss) else float("nan"))
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        if after_step:
+            after_step(step, step_loss)
+        _maybe_fault(step, runtime)
+    return stats
+
+
+def _maybe_fault(step: int, runtime: Runtime) -> None:
+    """Fault injection for resume tests: LIGHTPEFT_FAULT_AFTER="RANK:STEP" SIGKILLs that rank after that step."""
+    spec = os.environ.get("LIGHTPEFT_FAULT_AFTER")
+    if spec and spec == f"{runtime.rank}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def make_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, grad_accum: int,
+                max_grad_norm: float, ds_config: dict | None, runtime: Runtime):
+    """PlainEngine for one process without a DeepSpeed config, DeepSpeed's engine (any ZeRO stage) otherwise."""
+    if ds_config is None:
+        return PlainEngine(model.to(runtime.device), optimizer, scheduler, grad_accum, max_grad_norm, runtime)
+    from .zero import DeepSpeedEngine
+
+    return DeepSpeedEngine(model, optimizer, scheduler, ds_config, runtime)
