@@ -30,14 +30,15 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # a checkout or the copy `ray job submit --working-dir .` makes
     sys.path.insert(0, str(REPO))
 
-from lightpeft_dist.pipeline import stages as pipeline
 from lightpeft_dist.cli import guarded
 from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import write_json
+from lightpeft_dist.pipeline import stages as pipeline
+from lightpeft_dist.rundir import RunDir
+from lightpeft_dist.training import checkpoint
 from lightpeft_dist.training.zero import load_ds_config
 
 log = logging.getLogger("lightpeft.ray")
-COLLECTIVE = ("estimate", "train")
 IN_RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by the job supervisor for the entrypoint
 
 
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--config", help="recipe YAML (default: the run directory's recipe.yaml)")
     p.add_argument("--run-dir", required=True, type=Path, help="absolute path on storage shared by all nodes")
     p.add_argument("--num-workers", type=int, default=1, help="ranks for estimate and train")
-    p.add_argument("--stage", default="all", choices=["all", *pipeline.STAGES])
+    p.add_argument("--stage", default="all", choices=["all", *pipeline.all_stages()])
     p.add_argument("--deepspeed", help="DeepSpeed config JSON for estimate/train, e.g. ds_configs/zero3.json "
                    "(read by the driver; workers read its copy in D/ray/)")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts per job (-1: unlimited)")
@@ -84,9 +85,9 @@ def check_run_dir(run_dir: Path) -> Path:
     return run_dir.resolve()
 
 
-def check_batches(recipe, num_workers: int, stages: list[str]) -> None:
+def check_batches(recipe, num_workers: int, stages: list) -> None:
     """The only per-world-size recipe constraint; checked here so Ray does not retry a user error."""
-    for name in (s for s in stages if s in COLLECTIVE):
+    for name in (s.name for s in stages if s.collective):
         cfg = getattr(recipe, name)
         if cfg.batch_size % (cfg.grad_accum * num_workers):
             raise LightPeftError(f"{name}.batch_size {cfg.batch_size} is not divisible by grad_accum x "
@@ -131,19 +132,34 @@ def check_resources(num_workers: int, cpus: float, use_gpu: bool) -> None:
 
 
 def _restore_from_ray(run_dir: Path) -> None:
-    """After a restart, put Ray's latest estimation checkpoint back if the run directory lost its own copy."""
+    """After a restart, put Ray's latest checkpoint back if the run directory lost its own copy. Its folder name
+    says which stage wrote it (`<stage>_step_NNNNNNN`, see `_report_checkpoint`)."""
     import ray.train
 
-    from lightpeft_dist.strategies.lightpeft import CHECKPOINT_DIR
-
-    ckpt, target = ray.train.get_checkpoint(), run_dir / CHECKPOINT_DIR
-    if ckpt is None or (target / "state.json").is_file():
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
         return
-    tmp = run_dir / f"{CHECKPOINT_DIR}.from-ray"
+    stage = Path(ckpt.path).name.rpartition("_step_")[0]
+    target = RunDir(run_dir).checkpoint(stage)
+    if not stage or (target / "state.json").is_file():
+        return
+    tmp = target.with_name(f"{target.name}.from-ray")
     shutil.rmtree(tmp, ignore_errors=True)
     ckpt.to_directory(str(tmp))
     os.replace(tmp, target)
-    log.info("restored the estimation checkpoint from Ray's copy %s", ckpt.path)
+    log.info("restored the %s checkpoint from Ray's copy %s", stage, ckpt.path)
+
+
+def _report_checkpoint(path: Path, step: int) -> None:
+    """A checkpoint listener (training.checkpoint): hand each stage checkpoint to Ray as well. Called on every
+    rank, since ray.train.report is a barrier; only rank 0 has the files to give."""
+    import ray.train
+
+    from lightpeft_dist.runtime import current
+
+    stage = path.name.removesuffix(".ckpt")
+    ckpt = ray.train.Checkpoint.from_directory(str(path)) if current().is_main else None
+    ray.train.report({"stage": stage, "step": step}, checkpoint=ckpt, checkpoint_dir_name=f"{stage}_step_{step:07d}")
 
 
 def worker_loop(config: dict) -> None:
@@ -164,44 +180,23 @@ def worker_loop(config: dict) -> None:
     if user_error.is_file():
         return
     ds = config["deepspeed"]
+    stages = [pipeline.stage_named(name, recipe) for name in config["stages"]]
+    if _report_checkpoint not in checkpoint.LISTENERS:
+        checkpoint.LISTENERS.append(_report_checkpoint)
     try:
-        stale = False
-        for stage in config["stages"]:
-            done = stage != "report" and not stale and pipeline.stage_done(stage, recipe, run_dir)
-            if all(rt.all_gather_object(done)):
-                log.info("stage %s: up to date, skipped", stage)
-                continue
-            stale = True
+        if rt.is_main:
+            _restore_from_ray(run_dir)
+        rt.barrier()
+        for stage in pipeline.pending(recipe, run_dir, stages, runtime=rt):
             t0 = time.time()
-            if stage == "estimate":
-                _estimate(recipe, run_dir, ds, rt)
-            else:
-                pipeline.run_stage(stage, recipe, run_dir, deepspeed=ds)
-            log.info("stage %s done in %.1fs", stage, time.time() - t0)
+            pipeline.run_stage(stage.name, recipe, run_dir, deepspeed=ds, runtime=rt, stage=stage)
+            log.info("stage %s done in %.1fs", stage.name, time.time() - t0)
     except LightPeftError as exc:
         user_error.parent.mkdir(parents=True, exist_ok=True)
         tmp = user_error.with_suffix(f".{rt.rank}.tmp")
         tmp.write_text(str(exc))
         os.replace(tmp, user_error)
         raise
-
-
-def _estimate(recipe, run_dir: Path, ds: str | None, rt) -> None:
-    """The estimate stage, with each of its checkpoints also handed to Ray (`ray.train.report`)."""
-    import ray.train
-
-    from lightpeft_dist.strategies.lightpeft import run_estimate
-
-    if rt.is_main:
-        _restore_from_ray(run_dir)
-    rt.barrier()
-
-    def on_checkpoint(path: Path, step: int) -> None:  # on every rank: ray.train.report is a barrier
-        ckpt = ray.train.Checkpoint.from_directory(str(path)) if rt.is_main else None
-        ray.train.report({"stage": "estimate", "step": step}, checkpoint=ckpt,
-                         checkpoint_dir_name=f"step_{step:07d}")
-
-    run_estimate(recipe, run_dir, rt, deepspeed=ds, on_checkpoint=on_checkpoint)
 
 
 def single_stage(stage: str, recipe, run_dir: str) -> None:
@@ -265,22 +260,22 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.deepspeed:
         load_ds_config(args.deepspeed)  # a missing or broken file is an error now, not on the workers
         args.deepspeed = str(Path(args.deepspeed).resolve())  # ray.init may change the working directory
-    stages = pipeline.stages_for(recipe) if args.stage == "all" else [args.stage]
+    stages = pipeline.stages_for(recipe) if args.stage == "all" else [pipeline.stage_named(args.stage, recipe)]
     check_batches(recipe, args.num_workers, stages)
     connect(args.address, args.connect_timeout)
     import ray
 
     use_gpu = {"yes": True, "no": False}.get(args.use_gpu, ray.cluster_resources().get("GPU", 0) >= 1)
-    collective = args.stage in ("all", *COLLECTIVE)
+    collective = any(s.collective for s in stages)
     check_resources(args.num_workers if collective else 1, args.cpus_per_worker, use_gpu)
-    if args.stage in ("all", "estimate"):
+    if args.stage == "all" or stages[0] is pipeline.strategy_for(recipe).stages[0]:
         pipeline.save_recipe(run_dir, recipe)
     log.info("Ray cluster %s: %s; %s on %d worker(s), gpu=%s", args.address,
              {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}, args.stage,
              args.num_workers, use_gpu)
     t0 = time.time()
     if collective:
-        run_collective(stages, recipe, run_dir, args, use_gpu)
+        run_collective([s.name for s in stages], recipe, run_dir, args, use_gpu)
     else:
         run_single(args.stage, recipe, run_dir, args, use_gpu)
     log.info("%s done in %.1fs", args.stage, time.time() - t0)

@@ -19,33 +19,37 @@ DEMO_RECIPE = REPO_RECIPES / "smollm2_sentiment.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lightpeft", description="Light-PEFT early pruning for LLaMA-family models.")
+    from .pipeline.stages import all_stages
+
+    p = argparse.ArgumentParser(prog="lightpeft", description="Structured pruning + PEFT (Light-PEFT) for "
+                                "LLaMA-family models, single process to DeepSpeed ZeRO-3.")
     sub = p.add_subparsers(dest="stage", required=True)
 
-    def stage(name: str, help_: str, config: bool = True) -> argparse.ArgumentParser:
+    def stage(name: str, help_: str, config: bool = True, collective: bool = False) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--run-dir", required=name != "demo", type=Path, default=Path("runs/demo"))
         if config:
             sp.add_argument("--config", help="recipe YAML (default: the run directory's recipe.yaml)")
+        if collective:
+            sp.add_argument("--deepspeed", help="DeepSpeed config JSON (ds_configs/zero3.json, ...); launch with "
+                            "deepspeed/torchrun for several ranks")
         return sp
 
-    ds_help = "DeepSpeed config JSON (ds_configs/zero3.json, ...); launch with deepspeed/torchrun for several ranks"
-    stage("run", "all stages into one run directory, skipping finished ones").add_argument("--deepspeed", help=ds_help)
-    for name in ("estimate", "train"):
-        stage(name, f"the {name} stage").add_argument("--deepspeed", help=ds_help)
-    sp = stage("plan", "plan from the estimate's scores (re-plan at other ratios without re-estimating)")
-    for ratio in ("attn", "ffn", "module", "rank"):
-        sp.add_argument(f"--{ratio}-ratio", type=float)
-    sp.add_argument("--ffn-scope", choices=["layerwise", "global"])
-    sp.add_argument("--rank-scope", choices=["layerwise", "global"])
-    sp.add_argument("--uniform", action="store_true", default=None, help="same shape in every layer (stock HF config)")
-    sp.add_argument("--random", action="store_true", default=None, help="random-pruning control")
-    stage("prune", "slice the base model and the estimation adapter to the plan")
-    stage("evaluate", "accuracy / perplexity, parameters and tokens/s, base vs pruned")
-    stage("export", "merge the trained LoRA adapter into the pruned model: one HF checkpoint in RUN_DIR/export")
-    stage("report", "write report/summary.md and print the table", config=False).add_argument(
-        "--compare", nargs="+", type=Path, metavar="RUN_DIR",
-        help="also compare with these runs: report/compare.md and accuracy_vs_ratio.png in --run-dir")
+    stage("run", "all stages into one run directory, skipping finished ones", collective=True)
+    for st in all_stages().values():  # one subcommand per registered stage
+        sp = stage(st.name, st.help or f"the {st.name} stage", config=st.name != "report", collective=st.collective)
+        if st.name == "plan":
+            for ratio in ("attn", "ffn", "module", "rank"):
+                sp.add_argument(f"--{ratio}-ratio", type=float)
+            sp.add_argument("--ffn-scope", choices=["layerwise", "global"])
+            sp.add_argument("--rank-scope", choices=["layerwise", "global"])
+            sp.add_argument("--uniform", action="store_true", default=None,
+                            help="same shape in every layer (stock HF config)")
+            sp.add_argument("--random", action="store_true", default=None, help="random-pruning control")
+        if st.name == "report":
+            sp.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR",
+                            help="also compare with these runs: report/compare.md and accuracy_vs_ratio.png in "
+                            "--run-dir")
     stage("demo", "the whole pipeline on the embedded SmolLM2-135M + movie-review sentiment (offline)")
     return p
 

@@ -7,6 +7,7 @@ mapping before validation, so they get the same checks as the file.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,7 +131,19 @@ class EvalConfig(_Strict):
     speed_batches: int = Field(3, ge=1, description="batches timed for tokens/s")
 
 
+# Strategies live above this module; their descriptors (names, recipe sections) are found through the registry by
+# name, the one place where the schema looks up the layers (docs/architecture.md, "Strategies").
+STRATEGY_REGISTRY = "lightpeft_dist.strategies.registry"
+
+
+def _strategies() -> dict:
+    return importlib.import_module(STRATEGY_REGISTRY).STRATEGIES
+
+
 class Recipe(_Strict):
+    model_config = ConfigDict(extra="allow")  # strategy sections (apt:, prunepeft:, ...), each checked below
+
+    strategy: str = Field("lightpeft", description="what decides the pruning: lightpeft (masked estimate)")
     model: ModelConfig
     data: DataConfig
     peft: PeftConfig = PeftConfig()
@@ -138,6 +151,51 @@ class Recipe(_Strict):
     prune: PruneConfig = PruneConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _strategy_sections(self) -> "Recipe":
+        """`strategy` must be registered; a section of another strategy's is an error, an unknown key too."""
+        strategies = _strategies()
+        if self.strategy not in strategies:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {sorted(strategies)}")
+        owners = {s.section: s for s in strategies.values() if s.section_model is not None}
+        for key, value in list((self.model_extra or {}).items()):
+            owner = owners.get(key)
+            if owner is None:
+                raise ValueError(f"{key}: unknown key; check its spelling against the recipe reference in README.md")
+            if owner.name != self.strategy:
+                raise ValueError(f"section '{key}:' belongs to strategy {owner.name}; set strategy: {owner.name} "
+                                 f"or remove the section")
+            try:
+                self.model_extra[key] = owner.section_model.model_validate(value or {})
+            except ValidationError as exc:
+                raise ValueError(_format_validation_error(exc, "", prefix=key).removeprefix("invalid recipe : "))
+        for strategy in strategies.values():  # the chosen strategy's section is there even when not written
+            if strategy.name == self.strategy and strategy.section_model is not None and \
+                    strategy.section not in (self.model_extra or {}):
+                self.model_extra[strategy.section] = strategy.section_model()
+        return self
+
+    def section(self, name: str) -> BaseModel:
+        """A strategy's recipe section (e.g. `recipe.section("apt")`)."""
+        return getattr(self, name)
+
+
+# Fields added after run directories already existed, with the default they had implicitly before. Cache keys leave
+# them out while they sit at that default, so adding a field never invalidates a finished stage.
+ADDED_LATER: dict[str, dict[str, Any]] = {
+    "train": {"distill_weight": 0.0, "distill_temperature": 1.0},
+}
+
+
+def keyed_section(recipe: Recipe, section: str) -> dict[str, Any]:
+    """A recipe section as cache keys hash it: without the later-added fields that are at their old default."""
+    values = dict(recipe_to_dict(recipe)[section])
+    added = ADDED_LATER.get(section, {})
+    if all(values.get(k) == v for k, v in added.items()):
+        for k in added:
+            values.pop(k, None)
+    return values
 
 
 def _coerce(text: str) -> Any:
@@ -160,9 +218,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def _format_validation_error(exc: ValidationError, source: str, prefix: str = "") -> str:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "recipe"
+    where = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]]) or "recipe"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key; check its spelling against the recipe reference in README.md"

@@ -47,15 +47,25 @@ def _tmp_sibling(path: Path, directory: bool = False) -> Path:
     return Path(name)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_text(path: str | Path, text: str) -> None:
+    """Atomic text write (recipes, reports): a reader sees the old file or the new one, never half of one."""
     path = Path(path)
     tmp = _tmp_sibling(path)
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
         _publishable(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json_if_present(path: str | Path, what: str = "file") -> Any | None:
+    """`read_json`, or None when the file does not exist (a stage that has not run yet); corrupt is still an error."""
+    return read_json(path, what) if Path(path).is_file() else None
 
 
 def read_json(path: str | Path, what: str = "file") -> Any:

@@ -175,16 +175,6 @@ def test_module_grid_layout():
     assert np.isnan(grid[0]).all()
 
 
-def test_accuracy_vs_ratio(tmp_path):
-    runs = [make_run(tmp_path / "r30", accuracy=0.82), make_run(tmp_path / "r50", attn_ratio_hint=0.2,
-                                                              accuracy=0.74, seed=1)]
-    partial = make_run(tmp_path / "partial", stages=("estimate", "plan"))
-    out = plots.accuracy_vs_ratio([*runs, partial], tmp_path / "acc.png")
-    assert out == tmp_path / "acc.png"
-    assert_png(out)
-    assert plots.accuracy_vs_ratio([partial], tmp_path / "none.png") is None
-
-
 @pytest.mark.parametrize("name", ALL_PNGS)
 def test_plot_functions_accept_loaded_data(tmp_path, name):
     data = plots.RunData.load(make_run(tmp_path / "run"))

@@ -62,10 +62,6 @@ def _residual_hook(adapter: BottleneckAdapter):
     return hook
 
 
-def is_adapter_param(name: str) -> bool:
-    return f"{SUFFIX}." in name
-
-
 def target_paths(model: nn.Module, targets: list[str]) -> list[str]:
     """Module paths of the adapted projections; every target must be a projection that outputs the hidden size."""
     base = unwrap(model)

@@ -232,9 +232,5 @@ class StepBatches:
         lo = self.rank * self.per_rank
         return self.global_indices(step)[lo: lo + self.per_rank]
 
-    def epoch_of(self, step: int) -> float:
-        """Fractional epoch reached after `step` (for logging)."""
-        return (step + 1) * self.global_batch_size / len(self.dataset)
-
     def batch_for_step(self, step: int) -> dict[str, torch.Tensor]:
         return self.collator([self.dataset[i] for i in self.indices_for_step(step)])

@@ -18,6 +18,7 @@ from ..config import Recipe, recipe_to_dict
 from ..data.batches import Collator, encode_split, load_rows
 from ..io_utils import read_json, sha256_json, write_json
 from .metrics import classification_accuracy, lm_loss
+from ..rundir import RunDir
 from ..models.loading import count_parameters, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def evaluate_model(model, tokenizer, recipe: Recipe, split: str) -> dict:
 
 
 def eval_key(recipe: Recipe, run_dir: Path) -> str:
-    train = read_json(run_dir / "train" / "train.json", "train record")
+    train = read_json(RunDir(run_dir).train_record, "train record")
     return sha256_json({"train": train["key"], "eval": recipe_to_dict(recipe)["eval"]})[:16]
 
 

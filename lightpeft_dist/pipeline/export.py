@@ -18,14 +18,14 @@ from ..adapters.bottleneck import is_bottleneck_dir
 from ..config import Recipe
 from ..errors import LightPeftError
 from ..io_utils import atomic_dir, read_json, sha256_file, sha256_json, write_json
+from ..rundir import RunDir
 from ..models.loading import DTYPES, count_parameters, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
-RECORD = "lightpeft_export.json"
 
 
-def export_key(run_dir: Path, recipe: Recipe) -> str:
-    train = read_json(run_dir / "train" / "train.json", "train record")
+def export_key(recipe: Recipe, run_dir: Path) -> str:
+    train = read_json(RunDir(run_dir).train_record, "train record")
     return sha256_json({"train": train["key"], "dtype": recipe.model.dtype})[:16]
 
 
@@ -39,7 +39,7 @@ def run_export(recipe: Recipe, run_dir: Path) -> Path:
                              "(D/train/adapter) instead of exporting")
     if not (adapter / "adapter_config.json").is_file():
         raise LightPeftError(f"no trained adapter at {adapter}; run the train stage first")
-    key = export_key(run_dir, recipe)
+    key = export_key(recipe, run_dir)
     base = load_model(str(run_dir / "pruned_model"), "float32", "sdpa")
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged = merged.to(DTYPES[recipe.model.dtype])
@@ -49,7 +49,7 @@ def run_export(recipe: Recipe, run_dir: Path) -> Path:
         merged.save_pretrained(tmp)
         load_tokenizer(recipe.model).save_pretrained(tmp)
         weights = sorted(p.name for p in tmp.glob("*.safetensors"))
-        write_json(tmp / RECORD, {
+        write_json(tmp / RunDir(run_dir).export_record.name, {
             "key": key, "dtype": recipe.model.dtype, "architecture": type(merged).__name__,
             "model_type": merged.config.model_type, "params": params,
             "plan_hash": read_json(run_dir / "plan.json", "plan").get("hash"),

@@ -1,37 +1,40 @@
-"""The run directory as a chain of resumable stages.
+"""The run directory as a chain of resumable stages, and the registry every entry point walks.
 
 Each stage records a key (a hash of exactly the inputs it consumed) next to its output; `run` skips a stage whose
 recorded key matches what it would compute now, and redoes it and everything after it otherwise. Re-planning at new
 ratios therefore reuses the estimate, and changing only `train.*` reuses estimate, plan and prune.
+
+A run's stages are its strategy's own (Light-PEFT: `estimate`) followed by the shared ones below. `lightpeft run`,
+the per-stage CLI, Slurm (through the CLI) and the Ray launcher all take them from `stages_for` and `run_pending`,
+so which stages exist, which are collective, and when one is up to date is said here once.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
+from typing import Callable, Iterator
 
 import yaml
 
-from ..config import Recipe, apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict
+from ..adapters.bottleneck import is_bottleneck_dir
+from ..config import Recipe, apply_overrides, keyed_section, load_recipe, recipe_from_dict, recipe_to_dict
 from ..errors import LightPeftError
-from ..io_utils import read_json, sha256_file, sha256_json, write_json
-from ..runtime import Runtime, current
+from ..io_utils import read_json, read_json_if_present, sha256_file, sha256_json, write_json, write_text
 from ..pruning.scores import load_scores
+from ..rundir import RunDir
+from ..runtime import Runtime, current
+from ..strategies.base import Stage, Strategy
+from ..strategies.registry import strategy_for
 
 log = logging.getLogger(__name__)
-STAGES = ("estimate", "plan", "prune", "train", "evaluate", "export", "report")
-
-
-def recipe_path(run_dir: Path) -> Path:
-    return run_dir / "recipe.yaml"
 
 
 def resolve_recipe(run_dir: Path, config: str | None, overrides: list[str]) -> Recipe:
     """The recipe given on the command line, else the one the run directory was started with."""
     if config:
         return load_recipe(config, overrides)
-    saved = recipe_path(run_dir)
+    saved = RunDir(run_dir).recipe
     if not saved.is_file():
         raise LightPeftError(f"no recipe in {run_dir}; pass --config R.yaml (or run estimate there first)")
     raw = apply_overrides(yaml.safe_load(saved.read_text()), overrides)
@@ -39,26 +42,19 @@ def resolve_recipe(run_dir: Path, config: str | None, overrides: list[str]) -> R
 
 
 def save_recipe(run_dir: Path, recipe: Recipe) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = recipe_path(run_dir).with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    os.replace(tmp, recipe_path(run_dir))
+    write_text(RunDir(run_dir).recipe, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
 
-def scores_path(recipe: Recipe, run_dir: Path) -> Path:
-    """The estimate's scores file that `prune.unit_scores` selects."""
-    from ..strategies.lightpeft import SCORE_FILES
-
-    path = run_dir / "estimate" / SCORE_FILES[recipe.prune.unit_scores]
-    if not path.is_file() and (run_dir / "estimate" / "estimate.json").is_file():
-        raise LightPeftError(f"{path} not found: this estimate predates prune.unit_scores="
-                             f"{recipe.prune.unit_scores}; delete {path.parent} and rerun `lightpeft estimate`")
-    return path
+def _scoring(recipe: Recipe) -> Strategy:
+    strategy = strategy_for(recipe)
+    if strategy.scores is None:
+        raise LightPeftError(f"strategy {strategy.name} writes its own plan; the shared planner has no scores to read")
+    return strategy
 
 
 def plan_key(recipe: Recipe, run_dir: Path) -> str:
-    return sha256_json({"scores": sha256_file(scores_path(recipe, run_dir)),
-                        "prune": recipe_to_dict(recipe)["prune"]})[:16]
+    scores, _ = _scoring(recipe).scores(recipe, run_dir)
+    return sha256_json({"scores": sha256_file(scores), "prune": keyed_section(recipe, "prune")})[:16]
 
 
 def run_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> dict:
@@ -66,14 +62,14 @@ def run_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> d
     from ..pruning.plan import make_plan
 
     rt = runtime or current()
-    est = read_json(run_dir / "estimate" / "estimate.json", "estimate record")
-    scores = load_scores(scores_path(recipe, run_dir))
-    plan = make_plan(scores, est["layer_shapes"], recipe.prune, est["model_fingerprint"], est["hidden_size"],
-                     est["head_dim"])
+    scores_file, record_file = _scoring(recipe).scores(recipe, run_dir)
+    est = read_json(record_file, "estimate record")
+    plan = make_plan(load_scores(scores_file), est["layer_shapes"], recipe.prune, est["model_fingerprint"],
+                     est["hidden_size"], est["head_dim"])
     plan["key"] = plan_key(recipe, run_dir)
     rt.agree(plan["hash"], "plan hash")
     if rt.is_main:
-        write_json(run_dir / "plan.json", plan)
+        write_json(RunDir(run_dir).plan, plan)
     rt.barrier()
     s = plan["summary"]
     log.info("plan %s: heads %d -> %d, KV heads %d -> %d, FFN %d -> %d, prunable params -%.1f%%, "
@@ -84,88 +80,159 @@ def run_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> d
     return plan
 
 
-def _record_key(path: Path, field: str = "key") -> str | None:
-    try:
-        return read_json(path).get(field)
-    except LightPeftError:
-        return None
+def recorded(path: Callable[[RunDir], Path], field: str = "key") -> Callable[[Path], str | None]:
+    """The `recorded` reader of a stage whose finished output is the JSON record at `path(RunDir(run_dir))`."""
+
+    def read(run_dir: Path) -> str | None:
+        try:
+            return (read_json_if_present(path(RunDir(run_dir))) or {}).get(field)
+        except LightPeftError:  # a corrupt record is no finished output
+            return None
+
+    return read
 
 
-def stage_done(stage: str, recipe: Recipe, run_dir: Path) -> bool:
-    from ..strategies.lightpeft import estimate_key
-    from .evaluate import eval_key
-    from .export import RECORD, export_key
+def _plan_hash(recipe: Recipe, run_dir: Path) -> str | None:
+    return recorded(lambda d: d.plan, "hash")(run_dir)
+
+
+def _pruned(run_dir: Path) -> str | None:
+    d = RunDir(run_dir)
+    return recorded(lambda r: r.prune_record, "plan_hash")(run_dir) if (
+        d.pruned_adapter / "adapter_config.json").is_file() else None
+
+
+def _on_main(work: Callable[[Recipe, Path], object]) -> Callable[[Recipe, Path, Runtime, str | None], None]:
+    return lambda recipe, run_dir, rt, deepspeed: work(recipe, run_dir) and None
+
+
+def _train_key(recipe: Recipe, run_dir: Path) -> str:
     from .train import train_key
 
-    try:
-        if stage == "estimate":
-            return _record_key(run_dir / "estimate" / "estimate.json") == estimate_key(recipe)
-        if stage == "plan":
-            return _record_key(run_dir / "plan.json") == plan_key(recipe, run_dir)
-        if stage == "prune":
-            plan_hash = _record_key(run_dir / "plan.json", "hash")
-            return (plan_hash is not None and (run_dir / "pruned_adapter" / "adapter_config.json").is_file()
-                    and _record_key(run_dir / "pruned_model" / "lightpeft_prune.json", "plan_hash") == plan_hash)
-        if stage == "train":
-            return _record_key(run_dir / "train" / "train.json") == train_key(recipe, run_dir)
-        if stage == "evaluate":
-            return _record_key(run_dir / "eval.json") == eval_key(recipe, run_dir)
-        if stage == "export":
-            return _record_key(run_dir / "export" / RECORD) == export_key(run_dir, recipe)
-    except (LightPeftError, FileNotFoundError):
-        return False
-    return False
+    return train_key(recipe, run_dir)
 
 
-DISTRIBUTED_STAGES = ("estimate", "train")
+def _eval_key(recipe: Recipe, run_dir: Path) -> str:
+    from .evaluate import eval_key
+
+    return eval_key(recipe, run_dir)
 
 
-def run_stage(stage: str, recipe: Recipe, run_dir: Path, deepspeed: str | None = None) -> None:
-    """Run one stage. Under a multi-rank launcher, estimate and train run on every rank; plan is computed on every
-    rank and checked to agree; prune, evaluate and report run on rank 0 while the others wait."""
-    rt = current()
-    if stage == "estimate":
-        from ..strategies.lightpeft import run_estimate
+def _export_key(recipe: Recipe, run_dir: Path) -> str:
+    from .export import export_key
 
-        if rt.is_main:
-            save_recipe(run_dir, recipe)
-        run_estimate(recipe, run_dir, rt, deepspeed=deepspeed)
-    elif stage == "train":
-        from .train import run_train
+    return export_key(recipe, run_dir)
 
-        run_train(recipe, run_dir, rt, deepspeed=deepspeed)
-    elif stage == "plan":
-        run_plan(recipe, run_dir, rt)
+
+def _train(recipe: Recipe, run_dir: Path, rt: Runtime, deepspeed: str | None) -> None:
+    from .train import run_train
+
+    run_train(recipe, run_dir, rt, deepspeed=deepspeed)
+
+
+def _prune(recipe: Recipe, run_dir: Path) -> None:
+    from ..pruning.slicing import run_prune
+
+    run_prune(run_dir, recipe.model.path)
+
+
+def _evaluate(recipe: Recipe, run_dir: Path) -> None:
+    from .evaluate import run_evaluate
+
+    run_evaluate(recipe, run_dir)
+
+
+def _export(recipe: Recipe, run_dir: Path) -> None:
+    from .export import run_export
+
+    run_export(recipe, run_dir)
+
+
+def _report(recipe: Recipe | None, run_dir: Path) -> None:
+    from ..reporting.report import write_report
+
+    write_report(run_dir)
+
+
+SHARED_STAGES: tuple[Stage, ...] = (
+    Stage("plan", plan_key, recorded(lambda d: d.plan), lambda r, d, rt, ds: run_plan(r, d, rt) and None,
+          help="plan from the strategy's scores (re-plan at other ratios without re-estimating)"),
+    Stage("prune", _plan_hash, _pruned, _on_main(_prune),
+          help="slice the base model and the estimation adapter to the plan"),
+    Stage("train", _train_key, recorded(lambda d: d.train_record), _train, collective=True,
+          help="fine-tune the pruned model"),
+    Stage("evaluate", _eval_key, recorded(lambda d: d.eval_record), _on_main(_evaluate),
+          help="accuracy / perplexity, parameters and tokens/s, base vs pruned"),
+    Stage("export", _export_key, recorded(lambda d: d.export_record), _on_main(_export),
+          help="merge the trained LoRA adapter into the pruned model: one HF checkpoint in RUN_DIR/export"),
+    Stage("report", lambda r, d: None, lambda d: None, _on_main(_report),
+          help="write report/summary.md and print the table"),
+)
+
+
+def all_stages() -> dict[str, Stage]:
+    """Every stage any strategy can run, by name: the CLI offers one subcommand each."""
+    from ..strategies.registry import STRATEGIES
+
+    out: dict[str, Stage] = {}
+    for strategy in STRATEGIES.values():
+        out.update({s.name: s for s in strategy.stages})
+    out.update({s.name: s for s in SHARED_STAGES})
+    return out
+
+
+def stages_for(recipe: Recipe) -> list[Stage]:
+    """The stages `run` goes through: the strategy's, then the shared ones; export is left out for adapters that
+    cannot be merged into the weights (bottleneck)."""
+    stages = [*strategy_for(recipe).stages, *SHARED_STAGES]
+    if recipe.peft.type != "lora":
+        log.info("stage export: left out, a %s adapter cannot be merged into the weights", recipe.peft.type)
+        stages = [s for s in stages if s.name != "export"]
+    return stages
+
+
+def stage_named(name: str, recipe: Recipe) -> Stage:
+    for stage in [*strategy_for(recipe).stages, *SHARED_STAGES]:
+        if stage.name == name:
+            return stage
+    raise LightPeftError(f"stage {name} is not a stage of strategy {recipe.strategy}; its stages are "
+                         f"{[s.name for s in stages_for(recipe)]}")
+
+
+def stage_done(name: str, recipe: Recipe, run_dir: Path) -> bool:
+    return stage_named(name, recipe).done(recipe, run_dir)
+
+
+def run_stage(name: str, recipe: Recipe, run_dir: Path, deepspeed: str | None = None,
+              runtime: Runtime | None = None, stage: Stage | None = None) -> None:
+    """Run one stage. A collective stage runs on every rank; the others run on rank 0 while the rest wait (the plan
+    is the exception: every rank computes it and the ranks check that they agree). A strategy's first stage records
+    the recipe, so the later stages find it in the run directory."""
+    rt = runtime or current()
+    stage = stage or stage_named(name, recipe)
+    if rt.is_main and stage is strategy_for(recipe).stages[0]:
+        save_recipe(run_dir, recipe)
+    if stage.collective or stage.name == "plan":
+        stage.run(recipe, run_dir, rt, deepspeed)
     elif rt.is_main:
-        _run_single(stage, recipe, run_dir)
+        stage.run(recipe, run_dir, rt, deepspeed)
     rt.barrier()
 
 
-def _run_single(stage: str, recipe: Recipe, run_dir: Path) -> None:
-    if stage == "prune":
-        from ..pruning.slicing import run_prune
-
-        run_prune(run_dir, recipe.model.path)
-    elif stage == "evaluate":
-        from .evaluate import run_evaluate
-
-        run_evaluate(recipe, run_dir)
-    elif stage == "export":
-        from .export import run_export
-
-        run_export(recipe, run_dir)
-    elif stage == "report":
-        from ..reporting.report import write_report
-
-        write_report(run_dir)
-
-
-def stages_for(recipe: Recipe) -> list[str]:
-    """The stages `run` goes through: all of them, except export for adapters that cannot be merged (bottleneck)."""
-    if recipe.peft.type != "lora":
-        log.info("stage export: left out, a %s adapter cannot be merged into the weights", recipe.peft.type)
-        return [s for s in STAGES if s != "export"]
-    return list(STAGES)
+def pending(recipe: Recipe, run_dir: Path, stages: list[Stage] | None = None,
+            runtime: Runtime | None = None) -> Iterator[Stage]:
+    """The stages still to run, in order: everything from the first stage that is not up to date (on every rank
+    alike) onwards. Report always runs."""
+    rt = runtime or current()
+    stale = False
+    for stage in stages or stages_for(recipe):
+        done = stage.name != "report" and not stale and stage.done(recipe, run_dir)
+        if all(rt.all_gather_object(done)):
+            log.info("stage %s: up to date, skipped", stage.name)
+            continue
+        stale = True
+        log.info("stage %s: running", stage.name)
+        yield stage
 
 
 def run_all(recipe: Recipe, run_dir: Path, deepspeed: str | None = None) -> None:
@@ -173,12 +240,5 @@ def run_all(recipe: Recipe, run_dir: Path, deepspeed: str | None = None) -> None
     if rt.is_main:
         save_recipe(run_dir, recipe)
     rt.barrier()
-    stale = False
-    for stage in stages_for(recipe):
-        done = stage != "report" and not stale and stage_done(stage, recipe, run_dir)
-        if all(rt.all_gather_object(done)):
-            log.info("stage %s: up to date, skipped", stage)
-            continue
-        stale = True
-        log.info("stage %s: running", stage)
-        run_stage(stage, recipe, run_dir, deepspeed=deepspeed)
+    for stage in pending(recipe, run_dir, runtime=rt):
+        run_stage(stage.name, recipe, run_dir, deepspeed=deepspeed, runtime=rt, stage=stage)

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from ..adapters.bottleneck import adapter_config, load_bottleneck, save_bottleneck
-from ..config import Recipe, recipe_to_dict
+from ..config import Recipe, keyed_section
 from ..training.distill import make_distiller
 from .evaluate import task_metrics
 from ..models.fastpath import prepare_for_training
@@ -24,6 +24,7 @@ from ..io_utils import atomic_dir, read_json, sha256_json, write_json
 from ..training.loop import linear_schedule, make_engine, run_steps, train_batches
 from ..models.loading import count_parameters, load_config, load_model, load_tokenizer
 from ..data.packing import packed_batches
+from ..rundir import RunDir
 from ..runtime import Runtime, current
 from ..training.zero import full_state, prepare_ds_config, zero3_loading
 
@@ -31,12 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def train_key(recipe: Recipe, run_dir: Path) -> str:
-    prune_record = read_json(run_dir / "pruned_model" / "lightpeft_prune.json", "prune record")
-    d = recipe_to_dict(recipe)
-    train = dict(d["train"])
-    if not train["distill_weight"]:  # off: keys of runs made before distillation existed stay valid
-        train.pop("distill_weight"), train.pop("distill_temperature")
-    return sha256_json({"plan": prune_record["plan_hash"], "train": train, "data": d["data"]})[:16]
+    prune_record = read_json(RunDir(run_dir).prune_record, "prune record")
+    return sha256_json({"plan": prune_record["plan_hash"], "train": keyed_section(recipe, "train"),
+                        "data": keyed_section(recipe, "data")})[:16]
 
 
 def load_trainable(run_dir: Path, recipe: Recipe) -> PeftModel:

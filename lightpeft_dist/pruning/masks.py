@@ -94,19 +94,6 @@ def mask_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Param
             [getattr(spec.ffn(layer), FFN_MASK) for layer in layers])
 
 
-def detach_masks(model: nn.Module) -> None:
-    """Remove the hooks and mask parameters (the model computes exactly what it did before `attach_masks`)."""
-    base = unwrap(model)
-    spec = family_for(base)
-    for handle in getattr(base, _HOOKS, []):
-        handle.remove()
-    setattr(base, _HOOKS, [])
-    for layer in spec.decoder_layers(base):
-        for owner, name in ((spec.attention(layer), HEAD_MASK), (spec.ffn(layer), FFN_MASK)):
-            if name in owner._parameters:
-                del owner._parameters[name]
-
-
 @torch.no_grad()
 def set_masks_from_plan(model: nn.Module, plan: dict) -> None:
     """Masks = 1 on the units a plan keeps and 0 on the ones it prunes (the masked twin of the pruned model)."""

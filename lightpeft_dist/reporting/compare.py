@@ -16,25 +16,26 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from ..errors import LightPeftError
-from ..io_utils import read_json, write_json
+from ..io_utils import read_json_if_present, write_json
+from ..rundir import RunDir
+from . import methods
 from .plots import _save
 
 log = logging.getLogger(__name__)
-METHOD_ORDER = ("zero-shot", "lora", "lightpeft", "activation", "random")
-COLORS = {"lightpeft": "#2b6cb0", "activation": "#805ad5", "random": "#e07b39", "run": "#4a5568"}
 COLUMNS = ("method", "target pruned", "achieved pruned", "test {metric}", "% of LoRA", "ppl (pruned base)",
            "total params", "trainable params", "train tokens/s", "inference tokens/s", "estimation / training")
 
 
 def _maybe(path: Path) -> dict:
-    return read_json(path) if path.is_file() else {}
+    return read_json_if_present(path) or {}
 
 
 def run_summary(run_dir: str | Path) -> dict | None:
     """Flat numbers of one run (None if it has no evaluation yet)."""
     d = Path(run_dir)
-    ev, plan, train = _maybe(d / "eval.json"), _maybe(d / "plan.json"), _maybe(d / "train" / "train.json")
-    est, q = _maybe(d / "estimate" / "estimate.json"), _maybe(d / "quality.json")
+    r = RunDir(d)
+    ev, plan, train = _maybe(r.eval_record), _maybe(r.plan), _maybe(r.train_record)
+    est, q = _maybe(r.estimate_record), _maybe(r.quality_record)
     model = ev.get("pruned") or ev.get("base")
     metric = next((m for m in ("accuracy", "perplexity") if model and m in model), None)
     if metric is None:
@@ -72,7 +73,7 @@ def group_runs(summaries: list[dict]) -> list[dict]:
 
     def order(key: tuple) -> tuple:
         method, level = key
-        rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+        rank = methods.ORDER.index(method) if method in methods.ORDER else len(methods.ORDER)
         return (rank, level if isinstance(level, (int, float)) else 0.0, str(level))
 
     out = []
@@ -141,18 +142,17 @@ def plot_groups(groups: list[dict], out: str | Path) -> Path | None:
     for method in dict.fromkeys(g["method"] for g in pruned):
         pts = sorted((g["fraction_pruned"]["mean"], g["value"]["mean"] * scale, (g["value"]["std"] or 0) * scale)
                      for g in pruned if g["method"] == method)
-        name = {"lightpeft": "Light-PEFT (mask scores)", "activation": "Light-PEFT plan, activation unit scores",
-                "random": "random pruning"}.get(method, method)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=4,
-                    color=COLORS.get(method, "#4a5568"), label=name)
+                    color=methods.color(method), label=methods.label(method))
     for g in groups:
         if g["method"] == "lora" and g["value"]["mean"] is not None:
-            ax.axhline(g["value"]["mean"] * scale, color="#2f855a", label="LoRA, full model")
+            ax.axhline(g["value"]["mean"] * scale, color=methods.color("lora"), label=methods.label("lora"))
             if metric == "accuracy":
-                ax.axhline(0.97 * g["value"]["mean"] * scale, color="#2f855a", linestyle=":",
+                ax.axhline(0.97 * g["value"]["mean"] * scale, color=methods.color("lora"), linestyle=":",
                            label="97% of LoRA")
         if g["method"] == "zero-shot" and g["value"]["mean"] is not None:
-            ax.axhline(g["value"]["mean"] * scale, color="#a0aec0", linestyle="--", label="zero-shot, unpruned")
+            ax.axhline(g["value"]["mean"] * scale, color=methods.color("zero-shot"), linestyle="--",
+                       label=methods.label("zero-shot"))
     ax.set(xlabel="fraction of prunable parameters pruned (achieved)",
            ylabel=f"test {metric}" + (" (%)" if metric == "accuracy" else " (lower is better)"))
     right = max(g["fraction_pruned"]["mean"] for g in pruned)

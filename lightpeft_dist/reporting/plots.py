@@ -23,7 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import PercentFormatter
 
-from ..io_utils import read_json
+from ..io_utils import read_json_if_present
+from ..rundir import RunDir
 from ..pruning.scores import Scores, load_scores
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,11 @@ class RunData:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "RunData":
-        d = Path(run_dir)
-        sc = d / "estimate" / "scores.safetensors"
-        return cls(d, load_scores(sc) if sc.is_file() else None, _json(d / "estimate" / "estimate.json"),
-                   _json(d / "plan.json"), _json(d / "train" / "train.json"), _json(d / "eval.json"))
-
-
-def _json(path: Path) -> dict | None:
-    return read_json(path) if path.is_file() else None
+        d = RunDir(run_dir)
+        sc = d.scores("masks")
+        return cls(d.root, load_scores(sc) if sc.is_file() else None, read_json_if_present(d.estimate_record),
+                   read_json_if_present(d.plan), read_json_if_present(d.train_record),
+                   read_json_if_present(d.eval_record))
 
 
 def _run(run: str | Path | RunData) -> RunData:
@@ -236,42 +234,6 @@ def loss_curves(run: str | Path | RunData, out: str | Path) -> Path | None:
             y, x = np.convolve(y, np.ones(win) / win, mode="valid"), x[win - 1:]
         ax.plot(x, y, color=color, label=lbl, linewidth=1.6, marker="o" if x.size <= 30 else None, markersize=3)
     ax.set(xlabel="optimizer step", ylabel="loss", title="loss curves")
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False)
-    return _save(fig, out)
-
-
-def accuracy_vs_ratio(run_dirs: list[str | Path], out: str | Path) -> Path | None:
-    """Task metric after pruning + LoRA vs plan.summary.prunable_fraction_pruned, one point per finished run.
-
-    The metric (accuracy, else perplexity) is taken from the first finished run; runs without it are skipped. Base
-    zero-shot results are dashed horizontal lines (one per distinct value, i.e. per base model).
-    """
-    points, bases, metric = [], set(), None
-    for d in map(Path, run_dirs):
-        ev, plan = _json(d / "eval.json") or {}, _json(d / "plan.json") or {}
-        pruned, base = ev.get("pruned", {}), ev.get("base", {})
-        frac = plan.get("summary", {}).get("prunable_fraction_pruned")
-        metric = metric or next((m for m in ("accuracy", "perplexity") if m in pruned), None)
-        if frac is None or metric is None or pruned.get(metric) is None:
-            log.info("accuracy_vs_ratio: %s has no plan summary or %s result, skipped", d, metric or "eval")
-            continue
-        points.append((frac, pruned[metric], d.name))
-        if base.get(metric) is not None:
-            bases.add(round(float(base[metric]), 6))
-    if not points:
-        return None
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.subplots()
-    points.sort()
-    ax.plot([p[0] for p in points], [p[1] for p in points], color=KEPT, marker="o", label="pruned + LoRA")
-    for x, y, name in points:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="#4a5568")
-    for i, b in enumerate(sorted(bases)):
-        ax.axhline(b, color="#a0aec0", linestyle="--", label="base, zero-shot" if i == 0 else None)
-    ax.set(xlabel="fraction of prunable parameters pruned",
-           ylabel=metric + (" (lower is better)" if metric == "perplexity" else ""))
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
     return _save(fig, out)

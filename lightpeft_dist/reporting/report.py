@@ -6,14 +6,14 @@ stages have finished; missing stages show as '-', missing figures are left out.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from ..io_utils import read_json, write_json
+from ..io_utils import read_json_if_present, write_json, write_text
+from ..rundir import RunDir
 
 
 def _maybe(path: Path) -> dict:
-    return read_json(path) if path.is_file() else {}
+    return read_json_if_present(path) or {}
 
 
 def _fmt(value, spec: str = ",") -> str:
@@ -23,9 +23,9 @@ def _fmt(value, spec: str = ",") -> str:
 
 
 def summary_rows(run_dir: Path) -> list[tuple[str, str, str]]:
-    ev = _maybe(run_dir / "eval.json")
+    ev = _maybe(RunDir(run_dir).eval_record)
     base, pruned = ev.get("base", {}), ev.get("pruned", {})
-    plan = _maybe(run_dir / "plan.json").get("summary", {})
+    plan = _maybe(RunDir(run_dir).plan).get("summary", {})
     metric = "accuracy" if "accuracy" in pruned or "accuracy" in base else "perplexity"
     spec = ".2%" if metric == "accuracy" else ".2f"
     rows = [
@@ -36,8 +36,8 @@ def summary_rows(run_dir: Path) -> list[tuple[str, str, str]]:
         (f"{metric} ({ev.get('split', '-')})", _fmt(base.get(metric), spec), _fmt(pruned.get(metric), spec)),
         ("inference tokens/s", _fmt(base.get("tokens_per_s"), ",.0f"), _fmt(pruned.get("tokens_per_s"), ",.0f")),
     ]
-    train = _maybe(run_dir / "train" / "train.json")
-    est = _maybe(run_dir / "estimate" / "estimate.json")
+    train = _maybe(RunDir(run_dir).train_record)
+    est = _maybe(RunDir(run_dir).estimate_record)
     if train:
         rows.append(("training tokens/s", "-", _fmt(train.get("tokens_per_s"), ",.0f")))
     if train and est:
@@ -58,8 +58,8 @@ def layer_rows(run_dir: Path) -> list[tuple[str, str, str, str]]:
 
     Without estimate.json (original shapes) only the kept counts are shown.
     """
-    plan = _maybe(run_dir / "plan.json")
-    shapes = _maybe(run_dir / "estimate" / "estimate.json").get("layer_shapes") or []
+    plan = _maybe(RunDir(run_dir).plan)
+    shapes = _maybe(RunDir(run_dir).estimate_record).get("layer_shapes") or []
     if len(shapes) != len(plan.get("layers", [])):
         shapes = [{}] * len(plan.get("layers", []))
     cell = lambda kept, orig: f"{kept} / {orig}" if orig is not None else str(kept)  # noqa: E731
@@ -85,7 +85,7 @@ def write_report(run_dir: Path) -> Path:
     from .plots import plot_run
 
     run_dir = Path(run_dir)
-    out = run_dir / "report"
+    out = RunDir(run_dir).report
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_run(run_dir, out)
     parts = [f"# Light-PEFT run: {run_dir.name}\n\n{summary_table(run_dir)}\n"]
@@ -94,9 +94,7 @@ def write_report(run_dir: Path) -> Path:
     if plots:
         parts.append("## Figures\n\n" + "\n".join(f"![{name[:-4].replace('_', ' ')}]({name})\n"
                                                    for name in plots))
-    tmp = out / f".summary.md.{os.getpid()}.tmp"
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, out / "summary.md")
+    write_text(out / "summary.md", "\n".join(parts))
     write_json(out / "summary.json", {"rows": summary_rows(run_dir), "layers": layer_rows(run_dir),
                                       "plots": list(plots)})
     return out

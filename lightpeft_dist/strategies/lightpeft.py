@@ -12,7 +12,6 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -23,30 +22,29 @@ from ..models.families import config_layer_shapes, head_dim_of
 from ..adapters.bottleneck import adapter_config, save_bottleneck
 from ..pruning.bottleneck_importance import BottleneckImportanceTracker
 from ..pruning.importance import PeftImportanceTracker
-from ..io_utils import atomic_dir, sha256_json, write_json
+from ..errors import LightPeftError
+from ..io_utils import atomic_dir, read_json_if_present, sha256_json, write_json
 from ..training.loop import linear_schedule, make_engine, run_steps, train_batches
 from ..pruning.masks import L1Sink, attach_masks, mask_parameters
 from ..models.loading import attach_lora, fingerprint, is_peft_param, load_config, load_model, load_tokenizer
 from ..pruning.plan import make_plan
+from ..rundir import SCORE_FILES, RunDir
 from ..runtime import Runtime, current
 from ..pruning.scores import Scores, save_scores
+from .base import Stage, Strategy
 from ..training.zero import full_state, full_value, is_partitioned, prepare_ds_config, zero3_loading
 
 log = logging.getLogger(__name__)
 
 
-def estimate_key(recipe: Recipe) -> str:
-    """Hash of everything estimation depends on; a finished estimate with the same key is reused."""
+def estimate_key(recipe: Recipe, run_dir: Path | None = None) -> str:
+    """Hash of everything estimation depends on; a finished estimate with the same key is reused. (`run_dir` is
+    unused: every stage key takes (recipe, run_dir).)"""
     d = recipe_to_dict(recipe)
     return sha256_json({k: d[k] for k in ("model", "data", "peft", "estimate")})[:16]
 
 
-CHECKPOINT_DIR = "estimate.ckpt"
-SCORE_FILES = {"masks": "scores.safetensors", "activation": "activation_scores.safetensors"}  # by prune.unit_scores
-
-
-def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, deepspeed: str | None = None,
-                 on_checkpoint: Callable[[Path, int], None] | None = None) -> dict:
+def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, deepspeed: str | None = None) -> dict:
     """Estimate on every rank of the job (collective); rank 0 writes `run_dir/estimate/`.
 
     With `deepspeed` (a DeepSpeed config path) the model is built under ZeRO-3's `zero.Init` when the config says
@@ -84,7 +82,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
         engine = make_engine(model, optimizer, linear_schedule(optimizer, cfg.steps), cfg.grad_accum,
                              cfg.max_grad_norm, ds_cfg, rt)
     partitioning = mask_partitioning(head_masks + ffn_masks, rt)
-    start = resume(run_dir / CHECKPOINT_DIR, key, engine, trainable, tracker, activations, rt)
+    start = resume(RunDir(run_dir).checkpoint("estimate"), key, engine, trainable, tracker, activations, rt)
 
     def before_forward(batch: dict) -> None:
         tracker.recording, tracker.token_mask, sink.active = True, batch["attention_mask"], True
@@ -97,11 +95,9 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
         tracker.end_step(step)
         activations.end_step()
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            path = run_dir / CHECKPOINT_DIR
+            path = RunDir(run_dir).checkpoint("estimate")
             extra = tracker.state_dict() | {f"act.{k}": v for k, v in activations.state_dict().items()}
             save_checkpoint(path, engine, trainable, step, extra, {"key": key}, rt)
-            if on_checkpoint is not None:
-                on_checkpoint(path, step)
 
     log.info("estimate: steps %d..%d, batch %d, %d PEFT modules, %d head masks, %d FFN masks", start, cfg.steps,
              cfg.batch_size, len(tracker.modules), sum(s["num_attention_heads"] for s in shapes),
@@ -125,15 +121,15 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     rt.agree(plan_hash, "plan computed from the gathered scores")
     record = {
         "key": key, "strategy": "lightpeft", "model_path": recipe.model.path,
-        "model_fingerprint": fingerprint(base_config), "layer_shapes": shapes, "plan_hash": plan_hash,
+        "model_fingerprint": fingerprint(base_config), "layer_shapes": shapes,
         "hidden_size": base_config.hidden_size, "head_dim": head_dim_of(base_config),
         "steps": cfg.steps, "resumed_from_step": start, "seed": cfg.seed, "world_size": rt.world_size,
         "deepspeed": ds_cfg, "mask_partitioning": partitioning, "losses": stats.losses, "tokens": stats.tokens * rt.world_size,
         "train_seconds": stats.seconds, "wall_seconds": time.time() - t0, "recipe": recipe_to_dict(recipe),
     }
     if rt.is_main:
-        write_estimate(run_dir / "estimate", all_scores, model, adapter_state, record)
-        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        write_estimate(RunDir(run_dir).estimate, all_scores, model, adapter_state, record)
+        shutil.rmtree(RunDir(run_dir).checkpoint("estimate"), ignore_errors=True)
     rt.barrier()
     return record
 
@@ -190,3 +186,28 @@ def write_estimate(out_dir: Path, all_scores: dict[str, Scores], peft_model, ada
              sum(all_scores["masks"].module.values()) / max(1, len(all_scores["masks"].module)))
 
 
+
+
+def _scores(recipe: Recipe, run_dir: Path) -> tuple[Path, Path]:
+    """The scores file that `prune.unit_scores` selects, and the estimate record (layer shapes, fingerprint)."""
+    d = RunDir(run_dir)
+    path = d.scores(recipe.prune.unit_scores)
+    if not path.is_file() and d.estimate_record.is_file():
+        raise LightPeftError(f"{path} not found: this estimate predates prune.unit_scores="
+                             f"{recipe.prune.unit_scores}; delete {path.parent} and rerun `lightpeft estimate`")
+    return path, d.estimate_record
+
+
+def _recorded(run_dir: Path) -> str | None:
+    try:
+        return (read_json_if_present(RunDir(run_dir).estimate_record) or {}).get("key")
+    except LightPeftError:
+        return None
+
+
+STRATEGY = Strategy(
+    name="lightpeft", label="Light-PEFT", color="#2b6cb0", section="estimate",
+    stages=(Stage("estimate", estimate_key, _recorded,
+                  lambda recipe, run_dir, rt, deepspeed: run_estimate(recipe, run_dir, rt, deepspeed) and None,
+                  collective=True, help="masked estimation run: learn head/FFN masks and PEFT importance"),),
+    scores=_scores)

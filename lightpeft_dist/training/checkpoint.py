@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,6 +23,9 @@ from .zero import full_value, gathered
 
 log = logging.getLogger(__name__)
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+# Called as fn(path, step) on every rank after each checkpoint is complete: a launcher that keeps its own copies
+# (Ray: ray.train.report) listens here instead of knowing which stage checkpoints.
+LISTENERS: list[Callable[[Path, int], None]] = []
 
 
 def _torch_optimizer(engine) -> torch.optim.Optimizer:
@@ -93,6 +97,8 @@ def save_checkpoint(path: Path, engine, named_params: list[tuple[str, torch.Tens
             write_json(tmp / "state.json", {**meta, "step": step, "world_size": runtime.world_size})
         log.info("checkpoint at step %d written to %s", step, path)
     runtime.barrier()
+    for listener in LISTENERS:
+        listener(path, step)
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:

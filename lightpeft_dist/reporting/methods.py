@@ -1,0 +1,31 @@
+"""How each method is named and coloured in tables and figures: the one source for both.
+
+A method is a registered strategy (its descriptor carries its label and colour) or one of the reference rows a
+study puts beside the strategies: the unpruned model zero-shot, LoRA on the full model, a strategy's plan ranked by
+another unit score, and the random-pruning control.
+"""
+
+from __future__ import annotations
+
+from ..strategies.registry import STRATEGIES
+
+BASELINES: dict[str, tuple[str, str]] = {  # name: (label, colour)
+    "zero-shot": ("zero-shot (unpruned, no training)", "#a0aec0"),
+    "lora": ("LoRA, full model (all ratios 0)", "#2f855a"),
+    "activation": ("Light-PEFT, activation unit scores", "#805ad5"),
+    "random": ("random pruning", "#e07b39"),
+}
+ORDER = ("zero-shot", "lora", *STRATEGIES, "activation", "random")  # table order
+UNKNOWN_COLOR = "#4a5568"
+
+
+def label(method: str) -> str:
+    if method in STRATEGIES:
+        return STRATEGIES[method].label
+    return BASELINES.get(method, (method, ""))[0]
+
+
+def color(method: str) -> str:
+    if method in STRATEGIES:
+        return STRATEGIES[method].color
+    return BASELINES.get(method, ("", UNKNOWN_COLOR))[1]
