@@ -27,6 +27,7 @@ from lightpeft_dist.models.loading import fingerprint, load_config
 from lightpeft_dist.pruning.plan import make_plan
 from lightpeft_dist.pruning.slicing import prune_adapter, prune_checkpoint
 from lightpeft_dist.pruning.scores import Scores
+from lightpeft_dist.rundir import RunDir
 
 log = logging.getLogger("bench")
 RATIOS = (0.2, 0.3, 0.4, 0.5)
@@ -123,9 +124,9 @@ def make_variant(base_dir: Path, estimate_adapter: Path | None, ratio: float, ou
     scores, shapes = random_scores(config, peft, seed)
     prune = PruneConfig(attn_ratio=ratio, ffn_ratio=ratio, module_ratio=module_ratio, rank_ratio=rank_ratio)
     plan = make_plan(scores, shapes, prune, fingerprint(config), config.hidden_size, head_dim_of(config))
-    record = prune_checkpoint(str(base_dir), plan, out_dir / "pruned_model")
+    record = prune_checkpoint(str(base_dir), plan, RunDir(out_dir).pruned_model)
     if estimate_adapter is not None:
-        prune_adapter(estimate_adapter, plan, config, out_dir / "pruned_model", out_dir / "pruned_adapter")
+        prune_adapter(estimate_adapter, plan, config, RunDir(out_dir).pruned_model, RunDir(out_dir).pruned_adapter)
     return {**plan["summary"], "params": record["params"]}
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 # Unit-score files that an estimate writes, by `prune.unit_scores` (every estimate writes all of them).
 SCORE_FILES = {"masks": "scores.safetensors", "activation": "activation_scores.safetensors"}
+ESTIMATE_RECORD = "estimate.json"  # inside the estimate folder, next to the score files
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class RunDir:
 
     @property
     def estimate_record(self) -> Path:
-        return self.estimate / "estimate.json"
+        return self.estimate / ESTIMATE_RECORD
 
     @property
     def estimate_adapter(self) -> Path:

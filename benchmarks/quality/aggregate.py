@@ -12,11 +12,12 @@ import shutil
 from pathlib import Path
 
 from lightpeft_dist import assets
+from lightpeft_dist.reporting import methods
 from lightpeft_dist.reporting.compare import write_comparison
 from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import read_json, sha256_file, sha256_json, write_json
+from lightpeft_dist.rundir import RunDir
 
-from .rows import LABELS
 
 
 def markers(study: str) -> tuple[str, str]:
@@ -37,7 +38,7 @@ def row_dirs(out_dir: Path) -> list[Path]:
     dirs = [out_dir / "zero-shot"] if (out_dir / "zero-shot" / "eval.json").is_file() else []
     for seed_dir in sorted(out_dir.glob("seed*")):
         dirs += sorted(d for d in seed_dir.iterdir() if d.is_dir() and d.name != "estimate-run"
-                       and (d / "eval.json").is_file() and (d / "quality.json").is_file())
+                       and RunDir(d).eval_record.is_file() and RunDir(d).quality_record.is_file())
     return dirs
 
 
@@ -113,7 +114,7 @@ def aggregate(out_dir: Path) -> dict:
     result = {"study": out_dir.resolve().name, "table": cmp["table"], "groups": cmp["groups"], "runs": cmp["runs"],
               "verdict": verdict(cmp["groups"]), "split": split_info(recipe), "recipe": recipe, "ppl": base.get("ppl", {}),
               "invocations": read_json(inv) if inv.is_file() else [], "figure": cmp["plot"]}
-    write_json(out_dir / "quality.json", result)
+    write_json(RunDir(out_dir).quality_record, result)
     (out_dir / "quality.md").write_text(section(result, figure=Path(cmp["plot"]).name if cmp["plot"] else None))
     return result
 
@@ -129,7 +130,7 @@ def _reductions(result: dict) -> list[str]:
         have = {g["level"] for g in groups if g["method"] == method}
         missing = [lv for lv in SPEC["levels"] if lv not in have]
         if missing:
-            out.append(f"{LABELS[method]} not run at: " + ", ".join(f"{lv:.0%}" for lv in missing))
+            out.append(f"{methods.label(method)} not run at: " + ", ".join(f"{lv:.0%}" for lv in missing))
     return out
 
 

@@ -32,6 +32,7 @@ from lightpeft_dist.models.loading import load_model, load_tokenizer  # noqa: E4
 from lightpeft_dist.pruning.plan import make_plan  # noqa: E402
 from lightpeft_dist.pruning.slicing import prune_checkpoint  # noqa: E402
 from lightpeft_dist.pruning.scores import load_scores  # noqa: E402
+from lightpeft_dist.rundir import ESTIMATE_RECORD, RunDir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[damage] %(message)s")
     base = recipe_from_dict(yaml.safe_load((args.study / "base_recipe.yaml").read_text()))
     est_dir = args.study / f"seed{args.seed}" / "estimate-run" / "estimate"
-    est = read_json(est_dir / "estimate.json")
+    est = read_json(est_dir / ESTIMATE_RECORD)
     scores = load_scores(est_dir / SCORE_FILES["activation" if args.scores == "estimate-activation" else "masks"])
     tok = load_tokenizer(base.model)
     windows, info = load_windows(tok, args.ppl_text, args.ppl_window_tokens, args.ppl_windows)

@@ -16,6 +16,7 @@ from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import read_json
 from lightpeft_dist.pruning.plan import make_plan
 from lightpeft_dist.pruning.scores import Scores, load_scores
+from lightpeft_dist.rundir import ESTIMATE_RECORD, RunDir, SCORE_FILES
 
 log = logging.getLogger("quality.levels")
 MAX_RATIO = 0.99
@@ -31,8 +32,8 @@ def solve_level(estimate_dir: Path, base: PruneConfig, target: float, iterations
     fraction. Raises if the target is out of reach at attn_ratio = target (e.g. above ~0.97)."""
     if not 0.0 < target < MAX_RATIO:
         raise LightPeftError(f"pruning level {target} must be in (0, {MAX_RATIO}); use e.g. 0.35 for 35%")
-    est = read_json(estimate_dir / "estimate.json", "estimate record")
-    scores = load_scores(estimate_dir / "scores.safetensors")
+    est = read_json(estimate_dir / ESTIMATE_RECORD, "estimate record")
+    scores = load_scores(estimate_dir / SCORE_FILES["masks"])
 
     def at(ffn: float) -> float:
         return achieved_fraction(scores, est, base.model_copy(update={"attn_ratio": target, "ffn_ratio": ffn,

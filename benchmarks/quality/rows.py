@@ -28,14 +28,14 @@ from lightpeft_dist.strategies.lightpeft import estimate_key
 from lightpeft_dist.pipeline.evaluate import eval_split, evaluate_model, run_evaluate
 from lightpeft_dist.io_utils import read_json, sha256_json, write_json
 from lightpeft_dist.models.loading import load_model, load_tokenizer
+from lightpeft_dist.reporting import methods
 from lightpeft_dist.reporting.report import write_report
+from lightpeft_dist.rundir import ESTIMATE_RECORD, RunDir
 
 from .levels import solve_level
 from .perplexity import perplexity
 
 log = logging.getLogger("quality.rows")
-LABELS = {"lora": "LoRA, full model (all ratios 0)", "lightpeft": "Light-PEFT",
-          "activation": "Light-PEFT, activation unit scores", "random": "random pruning"}  # row labels in tables
 
 
 @dataclass
@@ -75,7 +75,7 @@ def run_zero_shot(study: Study) -> dict:
     d_raw = recipe_to_dict(recipe)
     key = sha256_json({k: d_raw[k] for k in ("model", "data", "eval")} | {"seq": recipe.train.seq_len,
                                                                           "ppl": study.ppl_info})[:16]
-    ev = read_json(d / "eval.json") if (d / "eval.json").is_file() else {}
+    ev = read_json(RunDir(d).eval_record) if RunDir(d).eval_record.is_file() else {}
     if ev.get("key") != key:
         log.info("zero-shot: evaluating the unpruned base model")
         model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation)
@@ -85,10 +85,10 @@ def run_zero_shot(study: Study) -> dict:
         del model
         d.mkdir(parents=True, exist_ok=True)
         ppl = _model_ppl(study, recipe, recipe.model.path)
-        write_json(d / "quality.json", {"method": "zero-shot", "label": "zero-shot (unpruned, no training)",
+        write_json(RunDir(d).quality_record, {"method": "zero-shot", "label": methods.label("zero-shot"),
                                         "level": None, "seed": None, "uses_estimate": False,
                                         "ppl": {"pruned_base": ppl, **(study.ppl_info or {})}})
-        write_json(d / "eval.json", ev)
+        write_json(RunDir(d).eval_record, ev)
     study.zero_shot = ev["base"]
     return ev
 
@@ -102,15 +102,15 @@ def run_estimate(study: Study, seed: int) -> Path:
     else:
         log.info("seed %d: estimating (%d steps)", seed, recipe.estimate.steps)
         pipeline.run_stage("estimate", recipe, d)
-    return d / "estimate"
+    return RunDir(d).estimate
 
 
 def _link_estimate(shared: Path, row_dir: Path, recipe: Recipe) -> None:
-    target = row_dir / "estimate"
+    target = RunDir(row_dir).estimate
     if target.exists():
         try:
-            if read_json(target / "estimate.json").get("key") == estimate_key(recipe) and \
-                    (target / "estimate.json").samefile(shared / "estimate.json"):
+            if read_json(target / ESTIMATE_RECORD).get("key") == estimate_key(recipe) and \
+                    (target / ESTIMATE_RECORD).samefile(shared / ESTIMATE_RECORD):
                 return
         except Exception:  # noqa: BLE001 - anything unreadable is replaced below
             pass
@@ -151,16 +151,16 @@ def run_row(study: Study, seed: int, shared: Path, method: str, level: float | N
     if stale or not pipeline.stage_done("evaluate", recipe, d):
         result = run_evaluate(recipe, d, baseline=False)
         result["base"], result["base_from"] = study.zero_shot, str(study.out_dir / "zero-shot")
-        write_json(d / "eval.json", result)
-    q_path = d / "quality.json"
-    plan_hash = read_json(d / "plan.json")["hash"]
+        write_json(RunDir(d).eval_record, result)
+    q_path = RunDir(d).quality_record
+    plan_hash = read_json(RunDir(d).plan)["hash"]
     q = read_json(q_path) if q_path.is_file() else {}
     if stale or q.get("plan_hash") != plan_hash or q.get("ppl_key") != _ppl_key(study, plan_hash):
-        label = LABELS[method]
-        ppl = _model_ppl(study, recipe, str(d / "pruned_model"))
+        label = methods.label(method)
+        ppl = _model_ppl(study, recipe, str(RunDir(d).pruned_model))
         q = {"method": method, "label": label, "level": level, "seed": seed, "uses_estimate": method != "lora",
              "plan_hash": plan_hash, "prune": recipe_to_dict(recipe)["prune"],
-             "achieved_fraction": read_json(d / "plan.json")["summary"]["prunable_fraction_pruned"],
+             "achieved_fraction": read_json(RunDir(d).plan)["summary"]["prunable_fraction_pruned"],
              "ppl_key": _ppl_key(study, plan_hash), "ppl": {"pruned_base": ppl, **(study.ppl_info or {})},
              "row_seconds": round(time.time() - t0, 1)}
         write_json(q_path, q)

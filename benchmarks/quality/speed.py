@@ -18,14 +18,15 @@ from lightpeft_dist.pipeline.evaluate import eval_split, forward_tokens_per_s
 from lightpeft_dist.io_utils import read_json, write_json
 from lightpeft_dist.models.loading import load_model, load_tokenizer
 from lightpeft_dist.pipeline.stages import resolve_recipe
+from lightpeft_dist.rundir import RunDir
 
 log = logging.getLogger("quality.speed")
 
 
 def _load(row: Path, recipe):
-    if (row / "pruned_model").is_dir():
-        model = load_model(str(row / "pruned_model"), recipe.model.dtype, recipe.model.attn_implementation)
-        return PeftModel.from_pretrained(model, row / "train" / "adapter")
+    if RunDir(row).pruned_model.is_dir():
+        model = load_model(str(RunDir(row).pruned_model), recipe.model.dtype, recipe.model.attn_implementation)
+        return PeftModel.from_pretrained(model, RunDir(row).train_adapter)
     return load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation)
 
 
@@ -35,14 +36,14 @@ def speed_pass(rows: list[Path], base_recipe, rounds: int) -> dict[str, float]:
     tokenizer = load_tokenizer(base_recipe.model)
     for i in range(rounds):
         for row in rows:
-            recipe = resolve_recipe(row, None, []) if (row / "recipe.yaml").is_file() else base_recipe
+            recipe = resolve_recipe(row, None, []) if RunDir(row).recipe.is_file() else base_recipe
             model = _load(row, recipe)
             times[row].append(forward_tokens_per_s(model, tokenizer, recipe, eval_split(recipe)))
             del model
         log.info("speed round %d/%d: %s", i + 1, rounds, {r.name: round(t[-1]) for r, t in times.items()})
     out = {}
     for row, ts in times.items():
-        q_path = row / "quality.json"
+        q_path = RunDir(row).quality_record
         q = read_json(q_path)
         q["infer_tokens_per_s"], q["infer_rounds"] = statistics.median(ts), ts
         write_json(q_path, q)
