@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from .errors import LightPeftError
 
@@ -96,6 +97,16 @@ class PruneConfig(_Strict):
         "masks", description="rank heads and FFN neurons by the learned masks (Light-PEFT) or by their measured "
                              "activations times output weight norms (see activation.py)")
     seed: int = 0
+    multiple_of: int = Field(1, ge=1, description="kept FFN widths, and KV-group widths (groups x head_dim) where "
+                             "needed, rounded to a multiple of this (plan.py); 1 = off")
+
+    @model_serializer(mode="wrap")
+    def _omit_multiple_of_when_off(self, handler):
+        """Off, the key is left out, so plan hashes and run keys made before it existed stay valid."""
+        data = handler(self)
+        if self.multiple_of == 1:
+            data.pop("multiple_of", None)
+        return data
 
     @field_validator("attn_ratio", "ffn_ratio", "module_ratio", "rank_ratio")
     @classmethod

@@ -13,6 +13,7 @@ inference forward (eval mode, no grad). That repack asserts out_features % 32 ==
 and reshapes the scales as in_features // blocksize, so it crashes on the odd widths pruning leaves. Each layer
 decides through its own `support_avx512bf16_for_cpu` flag; `keep_generic_cpu_path` clears it on the layers that do
 not fit, which keep bitsandbytes' generic dequantize-and-matmul path, while layers that fit keep the fast kernel.
+`prune.multiple_of: 64` (plan.py) plans widths that fit, when the hidden size is a multiple of 64.
 """
 
 from __future__ import annotations

@@ -84,6 +84,24 @@ def test_layers_that_fit_keep_the_packed_cpu_kernel():
     torch.testing.assert_close(packed, expected, atol=3e-2, rtol=2e-2)  # the packed kernel computes in bf16
 
 
+def test_a_plan_with_multiple_of_64_fits_the_packed_cpu_kernel_everywhere(tmp_path):
+    from lightpeft_dist.config import PruneConfig
+    from lightpeft_dist.prune import prune_checkpoint
+    from pruned_tiny import plan_for
+    from tiny import save_tiny
+
+    base = save_tiny(tmp_path / "base", "llama-mha", hidden=64, ffn=160)
+    plan = plan_for(base, PruneConfig(attn_ratio=0.25, ffn_ratio=0.3, multiple_of=64))
+    assert [len(layer["ffn"]) for layer in plan["layers"]] == [128, 128]  # 112 kept, rounded
+    prune_checkpoint(str(base), plan, tmp_path / "pruned")
+    model = load_4bit(tmp_path / "pruned")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert all(fits_packed_cpu_kernel(m) and m.support_avx512bf16_for_cpu for m in layers)
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in layers)
+
+
 def test_activation_probe_reads_4bit_weights_as_their_dequantized_columns(pruned_dir):
     from lightpeft_dist.activation import input_column_norms
 
