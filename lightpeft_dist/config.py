@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import LightPeftError
 
@@ -97,6 +98,8 @@ class PruneConfig(_Strict):
         "masks", description="rank heads and FFN neurons by the learned masks (Light-PEFT) or by their measured "
                              "activations times output weight norms (see activation.py)")
     seed: int = 0
+    multiple_of: int = Field(1, ge=1, description="kept FFN widths, and KV-group widths (groups x head_dim) where "
+                             "needed, rounded to a multiple of this (plan.py); 1 = off")
 
     @field_validator("attn_ratio", "ffn_ratio", "module_ratio", "rank_ratio")
     @classmethod
@@ -185,17 +188,23 @@ class Recipe(_Strict):
 # them out while they sit at that default, so adding a field never invalidates a finished stage.
 ADDED_LATER: dict[str, dict[str, Any]] = {
     "train": {"distill_weight": 0.0, "distill_temperature": 1.0},
+    "prune": {"multiple_of": 1},
 }
 
 
-def keyed_section(recipe: Recipe, section: str) -> dict[str, Any]:
-    """A recipe section as cache keys hash it: without the later-added fields that are at their old default."""
-    values = dict(recipe_to_dict(recipe)[section])
+def without_later_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` of a recipe section without the later-added fields, when they are all at their old default."""
+    values = dict(values)
     added = ADDED_LATER.get(section, {})
     if all(values.get(k) == v for k, v in added.items()):
         for k in added:
             values.pop(k, None)
     return values
+
+
+def keyed_section(recipe: Recipe, section: str) -> dict[str, Any]:
+    """A recipe section as cache keys (and plans) hash it."""
+    return without_later_defaults(section, recipe_to_dict(recipe)[section])
 
 
 def _coerce(text: str) -> Any:

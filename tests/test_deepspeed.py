@@ -190,10 +190,14 @@ def test_missing_or_broken_ds_config_is_one_line_error(recipe, tmp_path, capsys)
     assert not (run / "estimate").exists()
 
 
-def test_qlora_under_zero3_shards_the_4bit_base_and_matches_one_process(recipe, single, tmp_path):
+def test_qlora_under_zero3_shards_the_4bit_base_and_matches_one_process(recipe, single, tmp_path, monkeypatch):
     """Sharded QLoRA: the NF4-packed base (stored in the model dtype, `bnb_4bit_quant_storage`) is partitioned by
-    ZeRO-3 like any weight, and 2-rank training gives the 1-process QLoRA adapter."""
+    ZeRO-3 like any weight, and 2-rank training gives the 1-process QLoRA adapter. Both runs force bitsandbytes'
+    AVX512-BF16 CPU repack on (bnb_cpu.py; the worker does it for itself)."""
     pytest.importorskip("bitsandbytes")
+    from bnb_cpu import force_cpu_repack
+
+    force_cpu_repack(monkeypatch.setattr)
     import shutil
 
     import yaml

@@ -139,3 +139,66 @@ def test_ratios_outside_unit_interval_are_rejected(bad):
     with pytest.raises(LightPeftError, match=r"prune\.ffn_ratio.*outside \[0, 1\)"):
         recipe_from_dict({"model": {"path": "m"}, "data": {"format": "text", "train_file": "t"},
                           "prune": {"ffn_ratio": bad}})
+
+
+def spread(n: int, k: int = 7) -> torch.Tensor:
+    """Distinct scores in a scrambled order, the same on every torch version (no RNG)."""
+    return torch.tensor([float((k * i) % n) + 0.01 * i for i in range(n)])
+
+
+def test_default_plan_is_unchanged_by_multiple_of():
+    """`prune.multiple_of` off (1) plans byte-for-byte as before it existed: same layers, same hash (pinned)."""
+    sh = shapes(n_layers=3, heads=6, kv=2, ffn=40)
+    sc = Scores(head=[spread(6, 5), spread(6, 1), spread(6, 5).flip(0)], ffn=[spread(40), spread(40, 3), spread(40, 9)],
+                module={"a": 0.3, "b": 0.7}, rank={"a": spread(4, 3), "b": spread(4)})
+    default = plan(sh, sc)
+    assert "multiple_of" not in default["prune"] and plan(sh, sc, multiple_of=1) == default
+    assert default["hash"] == "aad0fa6ded54ae43"  # computed before multiple_of existed
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_multiple_of_rounds_every_layers_ffn_and_keeps_its_top_units(scope, multiple):
+    sh = [{"num_attention_heads": 8, "num_key_value_heads": 8, "intermediate_size": n} for n in (40, 64, 100)]
+    sc = scores_for(sh, seed=3)
+    sc.ffn[0] = sc.ffn[0] * 0.2  # global scope then takes more from layer 0
+    p = plan(sh, sc, ffn_ratio=0.3, ffn_scope=scope, multiple_of=multiple)
+    exact = plan(sh, sc, ffn_ratio=0.3, ffn_scope=scope)
+    assert p["prune"]["multiple_of"] == multiple and p["hash"] != exact["hash"]
+    for layer, exact_layer, s in zip(p["layers"], exact["layers"], sc.ffn):
+        kept = layer["ffn"]
+        assert len(kept) % multiple == 0 and 0 < len(kept) <= s.numel()
+        assert abs(len(kept) - len(exact_layer["ffn"])) <= multiple / 2  # the nearest multiple
+        assert kept == sorted(torch.topk(s, len(kept)).indices.tolist())  # the top-scored units of the layer
+
+
+def test_round_to_multiple():
+    from lightpeft_dist.pruning.plan import round_to_multiple
+
+    assert round_to_multiple(90, 128, 32) == 96  # nearest
+    assert round_to_multiple(48, 128, 32) == 64  # halves up
+    assert round_to_multiple(10, 128, 32) == 32  # at least one multiple
+    assert round_to_multiple(97, 100, 64) == 64  # never above the layer's width
+    assert round_to_multiple(15, 20, 32) == 20  # a layer narrower than the multiple stays whole
+    assert round_to_multiple(26, 40, 1) == 26
+
+
+def test_multiple_of_rounds_kv_groups_when_head_dim_needs_it(caplog):
+    # head_dim 8: widths of 32 need KV groups in fours
+    sh = shapes(n_layers=2, heads=16, kv=8, ffn=32)
+    p = plan(sh, attn_ratio=0.3, multiple_of=32)
+    for layer in p["layers"]:
+        assert len(layer["kv_heads"]) in (4, 8) and len(layer["q_heads"]) == 8  # 11 asked: 4x2 or 8x1 nearest
+    heads = lambda p: [(lay["q_heads"], lay["kv_heads"]) for lay in p["layers"]]  # noqa: E731
+    assert heads(plan(sh, attn_ratio=0.3, multiple_of=8)) == heads(plan(sh, attn_ratio=0.3))  # head_dim 8 fits
+    with caplog.at_level("WARNING", logger="lightpeft_dist.pruning.plan"):
+        few = plan(shapes(n_layers=1, heads=6, kv=2, ffn=32), attn_ratio=0.3, multiple_of=32)  # 2 groups < 4
+    assert "not rounded" in caplog.text
+    assert heads(few) == heads(plan(shapes(n_layers=1, heads=6, kv=2, ffn=32), attn_ratio=0.3))
+
+
+@pytest.mark.parametrize("bad", [0, -32])
+def test_multiple_of_below_one_is_rejected(bad):
+    with pytest.raises(LightPeftError, match=r"prune\.multiple_of.*greater than or equal to 1"):
+        recipe_from_dict({"model": {"path": "m"}, "data": {"format": "text", "train_file": "t"},
+                          "prune": {"multiple_of": bad}})

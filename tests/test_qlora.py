@@ -1,6 +1,6 @@
 """Specification: QLoRA on a pruned model. The pruned base loads in 4-bit NF4 (bitsandbytes, which runs on CPU), LoRA
 on top of it trains (the loss goes down), and the saved adapter reloads onto a fresh 4-bit base with the same
-outputs."""
+outputs. Every test here runs with bitsandbytes' AVX512-BF16 CPU repack forced on (bnb_cpu.py), whatever the CPU."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from lightpeft_dist.config import PeftConfig, TrainConfig  # noqa: E402
 from lightpeft_dist.errors import LightPeftError  # noqa: E402
 from lightpeft_dist.models.fastpath import prepare_for_training  # noqa: E402
 from lightpeft_dist.models.loading import load_model, lora_config  # noqa: E402
-from lightpeft_dist.models.quant import quantization_config  # noqa: E402
+from lightpeft_dist.models.quant import fits_packed_cpu_kernel, keep_generic_cpu_path, quantization_config  # noqa: E402
+from bnb_cpu import force_cpu_repack, quantized_linear  # noqa: E402
 from pruned_tiny import save_uneven  # noqa: E402
 
 IDS = torch.tensor([[3, 5, 7, 9, 11, 13, 4, 6, 8, 10, 12, 14], [8, 10, 12, 14, 16, 18, 20, 22, 3, 5, 7, 9]])
@@ -27,6 +28,11 @@ IDS = torch.tensor([[3, 5, 7, 9, 11, 13, 4, 6, 8, 10, 12, 14], [8, 10, 12, 14, 1
 
 def load_4bit(path) -> torch.nn.Module:
     return load_model(str(path), "float32", "sdpa", load_in_4bit=True)
+
+
+@pytest.fixture(autouse=True)
+def cpu_repack(monkeypatch):
+    force_cpu_repack(monkeypatch.setattr)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +52,54 @@ def test_pruned_base_loads_in_4bit(pruned_dir):
     with torch.no_grad():  # quantized, but still the same function up to NF4 error
         a, b = model(IDS).logits, full(IDS).logits
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9
+
+
+def test_odd_width_pruned_layers_evaluate_under_the_forced_cpu_repack(pruned_dir, monkeypatch):
+    """The repack asserts out_features % 32 == 0 and whole scale blocks along in_features; pruned widths are
+    neither, so those layers keep the generic path and give exactly the outputs they give without the repack."""
+    forced = load_4bit(pruned_dir)
+    gate = forced.model.layers[1].mlp.gate_proj  # 14 of 40 neurons kept
+    assert gate.out_features == 14 and not fits_packed_cpu_kernel(gate) and not gate.support_avx512bf16_for_cpu
+    x = torch.randn(3, 5, gate.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, logits = gate(x), forced(IDS).logits
+    assert not getattr(gate.weight.quant_state, "packing_format_for_cpu", False)
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
+    plain = load_4bit(pruned_dir)
+    with torch.no_grad():
+        b, plain_logits = plain.model.layers[1].mlp.gate_proj(x), plain(IDS).logits
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(logits, plain_logits)
+
+
+def test_layers_that_fit_keep_the_packed_cpu_kernel():
+    fit, odd, generic = quantized_linear(128, 64), quantized_linear(128, 40), quantized_linear(128, 64)
+    assert keep_generic_cpu_path(torch.nn.ModuleList([fit, odd])) == 1
+    assert fit.support_avx512bf16_for_cpu and not odd.support_avx512bf16_for_cpu
+    generic.support_avx512bf16_for_cpu = False
+    x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        packed, expected = fit(x), generic(x)
+    assert fit.weight.quant_state.packing_format_for_cpu
+    torch.testing.assert_close(packed, expected, atol=3e-2, rtol=2e-2)  # the packed kernel computes in bf16
+
+
+def test_a_plan_with_multiple_of_64_fits_the_packed_cpu_kernel_everywhere(tmp_path):
+    from lightpeft_dist.config import PruneConfig
+    from lightpeft_dist.pruning.slicing import prune_checkpoint
+    from pruned_tiny import plan_for
+    from tiny import save_tiny
+
+    base = save_tiny(tmp_path / "base", "llama-mha", hidden=64, ffn=160)
+    plan = plan_for(base, PruneConfig(attn_ratio=0.25, ffn_ratio=0.3, multiple_of=64))
+    assert [len(layer["ffn"]) for layer in plan["layers"]] == [128, 128]  # 112 kept, rounded
+    prune_checkpoint(str(base), plan, tmp_path / "pruned")
+    model = load_4bit(tmp_path / "pruned")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert all(fits_packed_cpu_kernel(m) and m.support_avx512bf16_for_cpu for m in layers)
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in layers)
 
 
 def test_activation_probe_reads_4bit_weights_as_their_dequantized_columns(pruned_dir):

@@ -3,6 +3,7 @@
 Usage: zero3_train_worker.py RECIPE RUN_DIR DS_CONFIG OUT.safetensors
 
 Next to OUT it writes OUT.json: how ZeRO-3 holds the base's 4-bit (QLoRA) weights on rank 0, if there are any.
+A 4-bit run forces bitsandbytes' AVX512-BF16 CPU repack on, whatever the CPU (bnb_cpu.py), as tests/test_qlora.py does.
 """
 
 import json
@@ -40,8 +41,13 @@ def main() -> None:
             save_tensors(out, {"logits": logits})
             Path(out + ".json").write_text(json.dumps(quantized_layout(model)))
 
+    recipe = load_recipe(recipe_path)
+    if recipe.train.load_in_4bit:
+        from bnb_cpu import force_cpu_repack
+
+        force_cpu_repack()
     try:
-        run_train(load_recipe(recipe_path), Path(run_dir), rt, deepspeed=ds_config, on_trained=record_logits)
+        run_train(recipe, Path(run_dir), rt, deepspeed=ds_config, on_trained=record_logits)
     finally:
         shutdown()
 

@@ -57,6 +57,8 @@ def load_model(path: str, dtype: str = "float32", attn_implementation: str | Non
         model = AutoModelForCausalLM.from_pretrained(real, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         raise LightPeftError(f"cannot load model weights from {real} ({str(exc).splitlines()[0]})") from None
+    if load_in_4bit:
+        quant.keep_generic_cpu_path(model)  # pruned widths crash bitsandbytes' packed CPU kernel (quant.py)
     log.info("loaded %s from %s (%s params, attention=%s)", type(model).__name__, real,
              f"{count_parameters(model)['total']:,}", model.config._attn_implementation)
     return model

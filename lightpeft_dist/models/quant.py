@@ -7,6 +7,13 @@ runs in bf16 on a bf16-capable GPU and in fp32 elsewhere (bitsandbytes 0.50 also
 what CI tests). Under ZeRO-3 no `device_map` is passed (DeepSpeed places the shards) and PEFT's
 `prepare_model_for_kbit_training` is skipped, because its fp32 up-cast of the non-quantized weights would break the
 one-dtype rule that sharding needs.
+
+On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weight for a fused CPU kernel on its first
+inference forward (eval mode, no grad). That repack asserts out_features % 32 == 0 ("N must be divisible by block_n")
+and reshapes the scales as in_features // blocksize, so it crashes on the odd widths pruning leaves. Each layer
+decides through its own `support_avx512bf16_for_cpu` flag; `keep_generic_cpu_path` clears it on the layers that do
+not fit, which keep bitsandbytes' generic dequantize-and-matmul path, while layers that fit keep the fast kernel.
+`prune.multiple_of: 64` (plan.py) plans widths that fit, when the hidden size is a multiple of 64.
 """
 
 from __future__ import annotations
@@ -58,6 +65,36 @@ def load_kwargs(storage_dtype: torch.dtype) -> dict[str, Any]:
 
 def is_4bit(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False))
+
+
+# bitsandbytes' `_convert_weight_packed_for_cpu`: output rows in blocks of 32, whole scale blocks along the input.
+PACKED_CPU_BLOCK_N = 32
+
+
+def _blocksize(layer: torch.nn.Module) -> int:
+    for state in (getattr(layer.weight, "quant_state", None), getattr(layer, "quant_state", None)):
+        if state is not None:
+            return int(state.blocksize)
+    return int(getattr(layer.weight, "blocksize", 64))
+
+
+def fits_packed_cpu_kernel(layer: torch.nn.Module) -> bool:
+    """Whether bitsandbytes' CPU repack can take this Linear4bit's shape."""
+    return layer.out_features % PACKED_CPU_BLOCK_N == 0 and layer.in_features % _blocksize(layer) == 0
+
+
+def keep_generic_cpu_path(model: torch.nn.Module) -> int:
+    """Turn the AVX512-BF16 CPU repack off on every 4-bit layer whose shape it cannot take (see above); returns how
+    many. A per-layer switch, so layers that fit keep the fast kernel; the flag matters only for inputs on such a CPU."""
+    import bitsandbytes as bnb
+
+    odd = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)
+           and getattr(m, "support_avx512bf16_for_cpu", False) and not fits_packed_cpu_kernel(m)]
+    for layer in odd:
+        layer.support_avx512bf16_for_cpu = False
+    if odd:
+        log.info("%d 4-bit layers have widths the packed CPU kernel cannot take; they use the generic path", len(odd))
+    return len(odd)
 
 
 def prepare_4bit(model: PreTrainedModel) -> PreTrainedModel:

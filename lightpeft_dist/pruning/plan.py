@@ -7,14 +7,23 @@ model's per-layer shapes. Deliberate deviations from the reference (spec 1.4, 6.
 - a layer never loses all of its heads or all of its FFN neurons (global ranking then prunes the next-lowest unit
   elsewhere, keeping the total exact);
 - GQA: query heads are kept in equal numbers inside each kept KV group (see `choose_heads`).
+Opt-in `prune.multiple_of: m` (default 1, which plans exactly as above) rounds widths for matrix kernels (GPU tiles,
+bitsandbytes' packed CPU kernel, quant.py): each layer's kept FFN count goes to the nearest multiple of m (halves up),
+at least m, never above the layer's width (a layer narrower than m keeps all of it), and the layer keeps its
+top-scored neurons; global totals are then no longer exact. KV groups are kept in multiples of m / gcd(m, head_dim),
+so kept KV and query widths (heads x head_dim) are multiples of m (a layer whose own group count is not such a multiple
+loses groups even at attn_ratio 0); where a layer has too few KV groups for one, its heads are planned as without the
+option (logged).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+
 import torch
 
-from ..config import PruneConfig
+from ..config import PruneConfig, without_later_defaults
 from ..errors import LightPeftError
 from ..io_utils import sha256_json
 from .scores import Scores
@@ -42,17 +51,19 @@ def _best_groups(scores: torch.Tensor, n_kv: int, groups: int, per_group: int) -
     return float(group_score[kept_groups].sum()), q_heads, kept_groups
 
 
-def head_shapes(n_heads: int, n_kv: int, target: int) -> list[tuple[int, int]]:
-    """Valid (kept KV groups, query heads per group) whose head count is nearest to `target` (ties: more heads)."""
+def head_shapes(n_heads: int, n_kv: int, target: int, group_step: int = 1) -> list[tuple[int, int]]:
+    """Valid (kept KV groups, query heads per group) whose head count is nearest to `target` (ties: more heads);
+    kept groups a multiple of `group_step` where the layer has enough groups for one."""
     rep = n_heads // n_kv
     shapes = [(g, q) for g in range(1, n_kv + 1) for q in range(1, rep + 1)]
+    shapes = [(g, q) for g, q in shapes if g % group_step == 0] or shapes
     nearest = min(abs(g * q - target) for g, q in shapes)
     count = max(g * q for g, q in shapes if abs(g * q - target) == nearest)
     return [(g, q) for g, q in shapes if g * q == count]
 
 
-def choose_heads(scores: torch.Tensor, n_kv: int, ratio: float,
-                 shape: tuple[int, int] | None = None) -> tuple[list[int], list[int]]:
+def choose_heads(scores: torch.Tensor, n_kv: int, ratio: float, shape: tuple[int, int] | None = None,
+                 group_step: int = 1) -> tuple[list[int], list[int]]:
     """Kept (query heads, KV heads) of one layer.
 
     HF attention maps query head h to KV head h // (H / n_kv), so a valid pruned layer keeps some KV groups and the
@@ -62,7 +73,7 @@ def choose_heads(scores: torch.Tensor, n_kv: int, ratio: float,
     """
     n_heads = scores.numel()
     target = max(1, n_heads - n_pruned(ratio, n_heads))
-    candidates = [shape] if shape else head_shapes(n_heads, n_kv, target)
+    candidates = [shape] if shape else head_shapes(n_heads, n_kv, target, group_step)
     best = max((_best_groups(scores, n_kv, g, q) for g, q in candidates), key=lambda r: r[0])
     return best[1], best[2]
 
@@ -94,15 +105,33 @@ def plan_ffn(scores: list[torch.Tensor], ratio: float, scope: str) -> list[list[
     return (_keep_global if scope == "global" else _keep_layerwise)(scores, ratio)
 
 
-def plan_heads(scores: list[torch.Tensor], kv_heads: list[int], ratio: float, uniform: bool):
+def plan_heads(scores: list[torch.Tensor], kv_heads: list[int], ratio: float, uniform: bool, group_step: int = 1):
     if not uniform:
-        return [choose_heads(s, kv, ratio) for s, kv in zip(scores, kv_heads)]
+        return [choose_heads(s, kv, ratio, group_step=group_step) for s, kv in zip(scores, kv_heads)]
     n_heads, n_kv = scores[0].numel(), kv_heads[0]
     target = max(1, n_heads - n_pruned(ratio, n_heads))
-    shapes = head_shapes(n_heads, n_kv, target)
+    shapes = head_shapes(n_heads, n_kv, target, group_step)
     total = {sh: sum(_best_groups(s, n_kv, *sh)[0] for s in scores) for sh in shapes}
     shape = max(shapes, key=lambda sh: total[sh])
     return [choose_heads(s, n_kv, ratio, shape) for s in scores]
+
+
+def round_to_multiple(kept: int, width: int, multiple: int) -> int:
+    """`kept` rounded to the nearest multiple (halves up), at least one multiple, at most the layer's `width`."""
+    if width < multiple:
+        return width
+    return min(max(multiple, (kept + multiple // 2) // multiple * multiple), width // multiple * multiple)
+
+
+def round_ffn(scores: list[torch.Tensor], kept: list[list[int]], multiple: int) -> list[list[int]]:
+    """Each layer's kept count rounded (`round_to_multiple`); the layer keeps its top-scored neurons."""
+    counts = [round_to_multiple(len(k), s.numel(), multiple) for s, k in zip(scores, kept)]
+    return [sorted(_order(s)[:c].tolist()) for s, c in zip(scores, counts)]
+
+
+def kv_group_step(multiple: int, head_dim: int) -> int:
+    """Fewest KV groups whose width (groups x head_dim) is a multiple of `multiple`."""
+    return multiple // math.gcd(multiple, head_dim)
 
 
 def plan_peft(module: dict[str, float], rank: dict[str, torch.Tensor], cfg: PruneConfig) -> dict[str, list[int]]:
@@ -142,11 +171,18 @@ def make_plan(scores: Scores, shapes: list[dict[str, int]], cfg: PruneConfig, mo
     if cfg.uniform:
         if len({s["intermediate_size"] for s in shapes}) > 1 or len({s["num_attention_heads"] for s in shapes}) > 1:
             raise LightPeftError("prune.uniform needs a model whose layers all have the same shape; set uniform: false")
-    heads = plan_heads(scores.head, [s["num_key_value_heads"] for s in shapes], cfg.attn_ratio, cfg.uniform)
+    step = kv_group_step(cfg.multiple_of, head_dim)
+    too_few = [i for i, s in enumerate(shapes) if s["num_key_value_heads"] < step]
+    if too_few:
+        log.warning("prune.multiple_of %d needs KV groups in multiples of %d (head_dim %d); layers %s have fewer, "
+                    "so their heads are not rounded", cfg.multiple_of, step, head_dim, too_few)
+    heads = plan_heads(scores.head, [s["num_key_value_heads"] for s in shapes], cfg.attn_ratio, cfg.uniform, step)
     ffn = plan_ffn(scores.ffn, cfg.ffn_ratio, "layerwise" if cfg.uniform else cfg.ffn_scope)
+    if cfg.multiple_of > 1:
+        ffn = round_ffn(scores.ffn, ffn, cfg.multiple_of)
     peft = plan_peft(scores.module, scores.rank, cfg)
     layers = [{"q_heads": q, "kv_heads": kv, "ffn": f} for (q, kv), f in zip(heads, ffn)]
-    plan = {"version": PLAN_VERSION, "model_fingerprint": model_fingerprint, "prune": cfg.model_dump(mode="json"),
+    plan = {"version": PLAN_VERSION, "model_fingerprint": model_fingerprint, "prune": without_later_defaults("prune", cfg.model_dump(mode="json")),
             "layers": layers, "peft_modules": peft}
     plan["summary"] = summarize(plan, shapes, hidden_size, head_dim)
     plan["hash"] = sha256_json({k: v for k, v in plan.items() if k != "summary"})[:16]
