@@ -20,7 +20,7 @@ ZERO3 = str(REPO / "ds_configs" / "zero3.json")
 
 def launch(cmd: list[str], env: dict | None = None, expect_ok: bool = True,
            timeout: int = 1100) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "LIGHTPEFT_DIST_TIMEOUT_S": "120", "PYTHONPATH": str(REPO / "tests"), **(env or {})}
+    full_env = {**os.environ, "LIGHTPEFT_DIST_TIMEOUT_S": "120", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if expect_ok and proc.returncode != 0:
         pytest.fail(f"{cmd[:4]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

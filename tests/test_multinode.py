@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 def _run_nodes(commands: list[list[str]], log_dir: Path, timeout: int = 600) -> None:
     """Start one launcher per node, wait for all; on failure show every node's log tail."""
-    env = {**os.environ, "LIGHTPEFT_DIST_TIMEOUT_S": "120", "PYTHONPATH": str(REPO / "tests")}
+    env = {**os.environ, "LIGHTPEFT_DIST_TIMEOUT_S": "120", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     procs, logs = [], []
     for rank, cmd in enumerate(commands):
         log = (log_dir / f"node{rank}.log").open("w")
