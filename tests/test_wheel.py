@@ -112,9 +112,15 @@ def test_installed_demo_starts(installed):
             time.sleep(0.5)
         started = (run / "recipe.yaml").is_file()
     finally:
+        # SIGINT, not SIGTERM: a KeyboardInterrupt unwinds atomic_dir, so a first-run asset conversion cut short
+        # leaves no temporary folder in the asset cache
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
     assert started, f"demo never wrote its recipe (exit {proc.returncode}): {err[-3000:]}"
     saved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert saved["model"]["path"] == "embedded:smollm2" and saved["estimate"]["steps"] == 1
