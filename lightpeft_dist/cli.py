@@ -8,14 +8,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 from .errors import LightPeftError
 from .runtime import init_distributed, shutdown
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-DEMO_RECIPE = REPO_RECIPES / "smollm2_sentiment.yaml"
+# Shipped recipes are package data, so `lightpeft demo` works from an installed wheel with no source tree; the
+# checkout's top-level `recipes/` is a symlink to this folder (one copy). Traversables: open with resources.as_file.
+SHIPPED_RECIPES = resources.files("lightpeft_dist") / "recipes"
+DEMO_RECIPE = SHIPPED_RECIPES / "smollm2_sentiment.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--run-dir", required=name != "demo", type=Path, default=Path("runs/demo"))
         if config:
-            sp.add_argument("--config", help="recipe YAML (default: the run directory's recipe.yaml)")
+            default = "the shipped demo recipe" if name == "demo" else "the run directory's recipe.yaml"
+            sp.add_argument("--config", help=f"recipe YAML (default: {default})")
         if collective:
             sp.add_argument("--deepspeed", help="DeepSpeed config JSON (ds_configs/zero3.json, ...); launch with "
                             "deepspeed/torchrun for several ranks")
@@ -79,8 +83,12 @@ def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
             print(f"comparison written to {out / 'compare.md'}")
         return
     deepspeed = getattr(args, "deepspeed", None)
-    config = str(DEMO_RECIPE) if args.stage == "demo" and not args.config else args.config
-    recipe = pipeline.resolve_recipe(run_dir, config, overrides + _plan_overrides(args))
+    overrides = overrides + _plan_overrides(args)
+    if args.stage == "demo" and not args.config:
+        with resources.as_file(DEMO_RECIPE) as demo:  # read here in full; the run keeps its own recipe.yaml
+            recipe = pipeline.resolve_recipe(run_dir, str(demo), overrides)
+    else:
+        recipe = pipeline.resolve_recipe(run_dir, args.config, overrides)
     if deepspeed:
         from .training.zero import load_ds_config
 

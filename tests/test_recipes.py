@@ -10,7 +10,8 @@ import pytest
 from lightpeft_dist.cli import main
 from lightpeft_dist.config import load_recipe
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = sorted((REPO / "lightpeft_dist" / "recipes").glob("*.yaml"))
 FEW_STEPS = ["--estimate.steps=2", "--estimate.batch_size=2", "--estimate.seq_len=32", "--train.steps=2",
              "--train.batch_size=2", "--train.seq_len=32", "--data.max_train_examples=8",
              "--data.max_eval_examples=4", "--eval.batch_size=4", "--eval.speed_batches=1"]
@@ -19,6 +20,12 @@ FEW_STEPS = ["--estimate.steps=2", "--estimate.batch_size=2", "--estimate.seq_le
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_parses(recipe):
     load_recipe(recipe)
+
+
+def test_top_level_recipes_is_the_shipped_folder():
+    """One copy: the checkout's recipes/ (what the README's commands use) is the package data the wheel ships."""
+    assert RECIPES and (REPO / "recipes").is_symlink()
+    assert (REPO / "recipes").resolve() == (REPO / "lightpeft_dist" / "recipes").resolve()
 
 
 @pytest.mark.slow
