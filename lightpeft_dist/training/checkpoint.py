@@ -44,8 +44,38 @@ def _get_state(engine, param: torch.Tensor, key: str) -> torch.Tensor:
     return state[key].detach().float().cpu().clone() if key in state else torch.zeros(param.shape)
 
 
+def _local_partition(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a full value, zero-padded as ZeRO-3 pads the last rank's partition.
+
+    DeepSpeed's own full-value setters (`safe_set_full_*`, 0.19) cut the unpadded value and fail on the last rank
+    whenever a parameter's size is not a multiple of the world size, so ZeRO-3 restores set local partitions.
+    """
+    import torch.distributed as dist
+
+    size = param.partition_numel()
+    start = size * dist.get_rank(group=getattr(param, "ds_process_group", None))
+    flat = value.reshape(-1).to(torch.float32)[start:start + size]
+    return torch.cat([flat, flat.new_zeros(size - flat.numel())])
+
+
+def _set_value(param: torch.Tensor, value: torch.Tensor) -> None:
+    """The optimizer's fp32 master copy of a DeepSpeed-managed parameter."""
+    if getattr(param, "_z3_optimizer", None) is not None:
+        from deepspeed.utils import safe_set_local_fp32_param
+
+        safe_set_local_fp32_param(param, _local_partition(param, value))
+    elif _uses_deepspeed(param):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, value)
+
+
 def _set_state(engine, param: torch.Tensor, key: str, value: torch.Tensor) -> None:
-    if _uses_deepspeed(param):
+    if getattr(param, "_z3_optimizer", None) is not None:
+        from deepspeed.utils import safe_set_local_optimizer_state
+
+        safe_set_local_optimizer_state(param, _local_partition(param, value), key)
+    elif _uses_deepspeed(param):
         from deepspeed.utils import safe_set_full_optimizer_state
 
         safe_set_full_optimizer_state(param, value.to(torch.float32), key)
@@ -108,10 +138,7 @@ def restore_checkpoint(engine, named_params: list[tuple[str, torch.Tensor]], met
     _init_adam_state(engine, step)
     for name, p in named_params:
         value = tensors[f"param/{name}"]
-        if _uses_deepspeed(p):
-            from deepspeed.utils import safe_set_full_fp32_param
-
-            safe_set_full_fp32_param(p, value)
+        _set_value(p, value)
         with gathered([p], modifier_rank=0), torch.no_grad():
             if p.data.numel() == value.numel():  # under ZeRO-3 only the modifier rank sees the full tensor
                 p.data.copy_(value.to(p.dtype).view_as(p.data))
