@@ -6,22 +6,30 @@ Because every tensor is stored whole (gathered from ZeRO partitions), a run chec
 and no pickle is ever read back (DeepSpeed's own checkpoints are pickles, so we do not use them).
 
 Exactness: the data order is a pure function of the step (StepBatches) and the loop reseeds torch per step, so a
-resumed run replays exactly the steps an uninterrupted one would have taken.
+resumed run replays exactly the steps an uninterrupted one would have taken. The same whole-tensor state, held in
+memory, carries training across a structural change a step hook asks for (save, transform, rebuild, restore;
+docs/hooks.md), which is why such a change needs no ZeRO-specific code.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+from ..errors import LightPeftError
 from ..io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from ..runtime import Runtime
+from .hooks import Restructure, StepHooks, Trainee
 from .zero import full_value, gathered
 
 log = logging.getLogger(__name__)
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+Rebuild = Callable[[dict[str, Any]], Trainee]  # meta -> a fresh model, optimizer, schedule and engine
 
 
 def _torch_optimizer(engine) -> torch.optim.Optimizer:
@@ -107,9 +115,9 @@ def _link_optimizer_state(engine) -> None:
         zero_opt._lazy_init_hp_params_optimizer_state()
 
 
-def save_checkpoint(path: Path, engine, named_params: list[tuple[str, torch.Tensor]], step: int,
-                    extra: dict[str, torch.Tensor], meta: dict, runtime: Runtime) -> None:
-    """Collective: every rank gathers; rank 0 writes `path` atomically (the previous checkpoint stays until then)."""
+def checkpoint_tensors(engine, named_params: list[tuple[str, torch.Tensor]],
+                       extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Collective: the whole trainable state by name, on every rank (what a checkpoint file holds)."""
     tensors: dict[str, torch.Tensor] = {}
     _link_optimizer_state(engine)
     for name, p in named_params:
@@ -117,6 +125,13 @@ def save_checkpoint(path: Path, engine, named_params: list[tuple[str, torch.Tens
         for key in ADAM_KEYS:
             tensors[f"{key}/{name}"] = _get_state(engine, p, key)
     tensors.update({f"extra/{k}": v.detach().cpu().contiguous() for k, v in extra.items()})
+    return tensors
+
+
+def save_checkpoint(path: Path, engine, named_params: list[tuple[str, torch.Tensor]], step: int,
+                    extra: dict[str, torch.Tensor], meta: dict, runtime: Runtime) -> None:
+    """Collective: every rank gathers; rank 0 writes `path` atomically (the previous checkpoint stays until then)."""
+    tensors = checkpoint_tensors(engine, named_params, extra)
     if runtime.is_main:
         with atomic_dir(path) as tmp:
             save_tensors(tmp / "state.safetensors", tensors)
@@ -134,6 +149,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
 def restore_checkpoint(engine, named_params: list[tuple[str, torch.Tensor]], meta: dict,
                        tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Load params and AdamW moments into a freshly initialised engine; returns the caller's `extra` tensors."""
+    check_shapes(named_params, tensors)
     step = int(meta["step"]) + 1  # optimizer steps taken so far
     _init_adam_state(engine, step)
     for name, p in named_params:
@@ -148,3 +164,99 @@ def restore_checkpoint(engine, named_params: list[tuple[str, torch.Tensor]], met
         for _ in range(step):
             engine.scheduler.step()
     return {k.removeprefix("extra/"): v for k, v in tensors.items() if k.startswith("extra/")}
+
+
+def check_shapes(named_params: list[tuple[str, torch.Tensor]], tensors: dict[str, torch.Tensor]) -> None:
+    """Every parameter must find a value and moments of its own full shape (ZeRO-3 keeps it as `ds_shape`)."""
+    for name, p in named_params:
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        for key in ("param", *ADAM_KEYS):
+            value = tensors.get(f"{key}/{name}")
+            if value is None or tuple(value.shape) != shape:
+                got = "nothing" if value is None else f"shape {tuple(value.shape)}"
+                raise LightPeftError(f"checkpoint state has {got} for {key}/{name}, the model's parameter has shape "
+                                     f"{shape}; the model was built for another structure than the saved state")
+
+
+@dataclass
+class Checkpointing:
+    """The loop's periodic checkpoints: after every `every`-th optimizer step but the last, to `path`.
+
+    `meta` (JSON) is stored with each; the hooks' `state_dict()` is stored as the "extra/" tensors.
+    """
+
+    path: Path
+    every: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    on_saved: Callable[[Path, int], None] | None = None
+
+    def due(self, step: int, steps: int) -> bool:
+        return bool(self.every) and (step + 1) % self.every == 0 and step + 1 < steps
+
+    def save(self, trainee: Trainee, hooks: StepHooks, step: int, runtime: Runtime) -> None:
+        meta = {**self.meta, **({"structure": trainee.structure} if trainee.structure else {})}
+        save_checkpoint(self.path, trainee.engine, trainee.named, step, hooks.state_dict(), meta, runtime)
+        if self.on_saved is not None:
+            self.on_saved(self.path, step)
+
+
+def resume(path: Path, trainee: Trainee, hooks: StepHooks, runtime: Runtime, what: str,
+           accept: Callable[[dict, dict[str, torch.Tensor]], str | None] | None = None,
+           rebuild: Rebuild | None = None) -> int:
+    """The first step to run: 0, or the step after the checkpoint at `path` (restored into `trainee` and `hooks`).
+
+    `accept(meta, tensors)` returns why a checkpoint does not belong to this run (it is then ignored), or None.
+    A checkpoint written after a restructure records the structure; the model is then rebuilt for it first.
+    """
+    found = read_checkpoint(path)
+    if found is None:
+        return 0
+    meta, tensors = found
+    why = accept(meta, tensors) if accept is not None else None
+    if why:
+        log.warning("ignoring checkpoint %s: %s", path, why)
+        return 0
+    if meta.get("structure"):
+        _rebuild(trainee, meta, hooks, rebuild, f"the checkpoint {path} was written after a restructure")
+    hooks.load_state_dict(restore_checkpoint(trainee.engine, trainee.named, meta, tensors))
+    log.info("resumed %s from %s after step %d (written by %d ranks, now %d)", what, path, meta["step"],
+             meta["world_size"], runtime.world_size)
+    return int(meta["step"]) + 1
+
+
+def apply_restructure(trainee: Trainee, action: Restructure, step: int, hooks: StepHooks, rebuild: Rebuild | None,
+                      runtime: Runtime) -> None:
+    """Collective: snapshot the trainable state whole, transform it, rebuild, restore (docs/hooks.md).
+
+    The state travels in memory in the checkpoint's own form, so this is exactly a save and a resume into a
+    new model, with the transform in between; a no-op transform changes nothing, on any world size.
+    """
+    why = f"a hook asked for a restructure at step {step} ({action.reason or 'no reason given'})"
+    if rebuild is None:
+        raise LightPeftError(f"{why}, but this stage gave the loop no way to rebuild its model")
+    tensors = checkpoint_tensors(trainee.engine, trainee.named, hooks.state_dict())
+    meta = {"step": step, "world_size": runtime.world_size, "structure": dict(trainee.structure)}
+    tensors, meta = action.transform(tensors, meta)
+    if int(meta.get("step", -1)) != step:
+        raise LightPeftError(f"{why}: the transform changed meta['step'] ({meta.get('step')}); it must keep it")
+    _rebuild(trainee, meta, hooks, rebuild, why)
+    extra = restore_checkpoint(trainee.engine, trainee.named, meta, tensors)
+    hooks.load_state_dict(extra)
+    log.info("restructured after step %d: %s; %d trainable tensors", step, action.reason or "no reason given",
+             len(trainee.named))
+
+
+def _rebuild(trainee: Trainee, meta: dict, hooks: StepHooks, rebuild: Rebuild | None, why: str) -> None:
+    """Replace the trainee's model and engine by `rebuild(meta)`'s, releasing the old ones first."""
+    if rebuild is None:
+        raise LightPeftError(f"{why}, but this stage gave the loop no way to rebuild its model")
+    close = getattr(trainee.engine, "close", None)
+    if close is not None:  # DeepSpeed: removes its hooks and buffers from the old model
+        close()
+    trainee.model = trainee.engine = None
+    trainee.named = []
+    gc.collect()
+    new = rebuild(meta)
+    trainee.model, trainee.engine, trainee.named = new.model, new.engine, new.named
+    trainee.structure = dict(meta.get("structure") or {})
+    hooks.after_rebuild(trainee)
