@@ -184,21 +184,23 @@ class Recipe(_Strict):
         return getattr(self, name)
 
 
-# Fields added after run directories already existed, with the default they had implicitly before. Cache keys leave
-# them out while they sit at that default, so adding a field never invalidates a finished stage.
-ADDED_LATER: dict[str, dict[str, Any]] = {
-    "train": {"distill_weight": 0.0, "distill_temperature": 1.0},
-    "prune": {"multiple_of": 1},
+# Fields added after run directories already existed, grouped by the field that switches the feature on, with the
+# value that means "off" (what runs made before the feature had implicitly) and the fields that only matter when on.
+# While the switch is off, cache keys and plans leave the whole group out, so adding a feature never invalidates a
+# finished stage, and settings that an off feature does not use never change a key.
+ADDED_LATER: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {
+    "train": [("distill_weight", 0.0, ("distill_temperature",))],
+    "prune": [("multiple_of", 1, ())],
 }
 
 
 def without_later_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
-    """`values` of a recipe section without the later-added fields, when they are all at their old default."""
+    """`values` of a recipe section without the later-added features that are switched off."""
     values = dict(values)
-    added = ADDED_LATER.get(section, {})
-    if all(values.get(k) == v for k, v in added.items()):
-        for k in added:
-            values.pop(k, None)
+    for switch, off, dependents in ADDED_LATER.get(section, []):
+        if values.get(switch) == off:
+            for k in (switch, *dependents):
+                values.pop(k, None)
     return values
 
 

@@ -17,10 +17,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from ..adapters.bottleneck import adapter_config, load_bottleneck, save_bottleneck
 from ..config import Recipe, keyed_section
+from ..errors import LightPeftError
 from ..training.distill import make_distiller
 from .evaluate import task_metrics
 from ..models.fastpath import prepare_for_training
 from ..io_utils import atomic_dir, read_json, sha256_json, write_json
+from ..training.hooks import HookList, StepHooks, Trainee
 from ..training.loop import linear_schedule, make_engine, run_steps, train_batches
 from ..models.loading import count_parameters, load_config, load_model, load_tokenizer
 from ..data.packing import packed_batches
@@ -38,10 +40,10 @@ def train_key(recipe: Recipe, run_dir: Path) -> str:
 
 
 def load_trainable(run_dir: Path, recipe: Recipe) -> PeftModel:
-    model = load_model(str(run_dir / "pruned_model"), recipe.model.dtype, recipe.model.attn_implementation,
+    model = load_model(str(RunDir(run_dir).pruned_model), recipe.model.dtype, recipe.model.attn_implementation,
                        load_in_4bit=recipe.train.load_in_4bit)
     model = prepare_for_training(model, recipe.train)  # QLoRA preparation, gradient checkpointing, no KV cache
-    adapter = run_dir / "pruned_adapter"
+    adapter = RunDir(run_dir).pruned_adapter
     if recipe.peft.type == "adapter":  # bottleneck adapter, our own format (bottleneck.py)
         return load_bottleneck(model, adapter, trainable=True, weights=recipe.train.warm_start)
     if recipe.train.warm_start:
@@ -52,45 +54,49 @@ def load_trainable(run_dir: Path, recipe: Recipe) -> PeftModel:
 
 
 def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, deepspeed: str | None = None,
-              on_trained: Callable[[torch.nn.Module], None] | None = None) -> dict:
+              on_trained: Callable[[torch.nn.Module], None] | None = None, hooks: StepHooks | None = None) -> dict:
     """Fine-tune on every rank of the job (collective); rank 0 writes `run_dir/train/`.
 
     The pruned checkpoint is loaded afresh (under `zero.Init` with a ZeRO-3 config), so its new shapes are
     partitioned over however many ranks this job has, whatever the estimation job had. `on_trained(model)` runs
-    on every rank after the last step (e.g. a collective evaluation of the live, partitioned model).
+    on every rank after the last step (e.g. a collective evaluation of the live, partitioned model). `hooks` run
+    after the stage's own (distillation, periodic eval); a restructure they ask for rebuilds the same pruned model.
     """
     rt = runtime or current()
     cfg = recipe.train
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model)
-    pruned_config = load_config(str(run_dir / "pruned_model"))
+    pruned_config = load_config(str(RunDir(run_dir).pruned_model))
     ds_cfg = prepare_ds_config(deepspeed, cfg, recipe.model.dtype, pruned_config.hidden_size, None, rt.world_size)
     batches = train_batches(recipe.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.seed, rt)
     if cfg.packing:  # batch_size then counts packed rows of seq_len tokens
         batches = packed_batches(batches, cfg.seq_len, tokenizer.pad_token_id)
-    with zero3_loading(ds_cfg):
-        model = load_trainable(run_dir, recipe)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = linear_schedule(optimizer, cfg.steps, warmup=int(cfg.warmup_ratio * cfg.steps))
-        engine = make_engine(model, optimizer, scheduler, cfg.grad_accum, cfg.max_grad_norm, ds_cfg, rt)
-    params = count_parameters(model)
+
+    def build(meta: dict | None = None) -> Trainee:
+        if meta and meta.get("structure"):
+            raise LightPeftError(f"the train stage rebuilds only the pruned model it was given, not the structure "
+                                 f"{sorted(meta['structure'])} a hook asked for")
+        with zero3_loading(ds_cfg):
+            model = load_trainable(run_dir, recipe)
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+            scheduler = linear_schedule(optimizer, cfg.steps, warmup=int(cfg.warmup_ratio * cfg.steps))
+            engine = make_engine(model, optimizer, scheduler, cfg.grad_accum, cfg.max_grad_norm, ds_cfg, rt)
+        return Trainee(model, engine, named)
+
+    trainee = build()
+    params = count_parameters(trainee.model)
     log.info("train: %d steps on the pruned model (%s params, %s trainable)", cfg.steps, f"{params['total']:,}",
              f"{params['trainable']:,}")
-    evals: list[dict] = []
-
-    def after_step(step: int, loss: float) -> None:
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and recipe.data.eval_file:
-            evals.append({"step": step + 1, **task_metrics(model, tokenizer, recipe, "eval")})
-            model.train()
-            log.info("step %d eval: %s", step + 1, evals[-1])
-
+    periodic_eval = PeriodicEval(trainee, tokenizer, recipe)
     distiller = make_distiller(recipe, rt.device, tokenizer.pad_token_id)
     t0 = time.time()
-    stats = run_steps(model, engine, batches, cfg.steps, cfg.grad_accum, rt, "train", after_step=after_step,
-                      seed=cfg.seed, loss_fn=distiller)
+    stats = run_steps(trainee, batches, cfg.steps, cfg.grad_accum, rt, "train", seed=cfg.seed, rebuild=build,
+                      hooks=HookList([distiller, periodic_eval, hooks]))
+    evals = periodic_eval.evals
     if on_trained is not None:
-        on_trained(engine.module)
+        on_trained(trainee.engine.module)
+    model, named = trainee.model, trainee.named
     adapter_state = full_state(named)  # collective under ZeRO-3: the saved adapter is complete, never shape [0]
     record = {"key": train_key(recipe, run_dir), "steps": cfg.steps, "losses": stats.losses,
               "tokens": stats.tokens * rt.world_size, "train_seconds": stats.seconds,
@@ -101,7 +107,7 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
                                                          "temperature": cfg.distill_temperature,
                                                          "teacher": recipe.model.path, "last_kl": distiller.last_kl}}
     if rt.is_main:
-        with atomic_dir(run_dir / "train") as tmp:
+        with atomic_dir(RunDir(run_dir).train) as tmp:
             if recipe.peft.type == "adapter":
                 save_bottleneck(tmp / "adapter", adapter_state, adapter_config(model))
             else:
@@ -111,6 +117,23 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
                  record["tokens_per_s"])
     rt.barrier()
     return record
+
+
+class PeriodicEval(StepHooks):
+    """Task metrics on the eval split every `train.eval_every` optimizer steps (not after the last: the evaluate
+    stage does that), on whatever model the trainee holds then."""
+
+    def __init__(self, trainee: Trainee, tokenizer, recipe: Recipe):
+        self.trainee, self.tokenizer, self.recipe = trainee, tokenizer, recipe
+        self.evals: list[dict] = []
+
+    def after_optimizer_step(self, step: int, loss: float) -> None:
+        every, steps = self.recipe.train.eval_every, self.recipe.train.steps
+        if every and (step + 1) % every == 0 and step + 1 < steps and self.recipe.data.eval_file:
+            model = self.trainee.model
+            self.evals.append({"step": step + 1, **task_metrics(model, self.tokenizer, self.recipe, "eval")})
+            model.train()
+            log.info("step %d eval: %s", step + 1, self.evals[-1])
 
 
 def peak_memory_bytes() -> int:

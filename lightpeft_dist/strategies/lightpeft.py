@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ..pruning.activation import ActivationTracker
-from ..training.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
+from ..training.checkpoint import Checkpointing, resume
+from ..training.hooks import StepHooks, Trainee
 from ..config import Recipe, recipe_to_dict
 from ..models.families import config_layer_shapes, head_dim_of
 from ..adapters.bottleneck import adapter_config, save_bottleneck
@@ -82,31 +83,16 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
         engine = make_engine(model, optimizer, linear_schedule(optimizer, cfg.steps), cfg.grad_accum,
                              cfg.max_grad_norm, ds_cfg, rt)
     partitioning = mask_partitioning(head_masks + ffn_masks, rt)
-    start = resume(RunDir(run_dir).checkpoint("estimate"), key, engine, trainable, tracker, activations, rt)
-
-    def before_forward(batch: dict) -> None:
-        tracker.recording, tracker.token_mask, sink.active = True, batch["attention_mask"], True
-        activations.recording, activations.token_mask = True, batch["attention_mask"]
-
-    def after_forward() -> None:
-        tracker.recording = sink.active = activations.recording = False
-
-    def after_step(step: int, loss: float) -> None:
-        tracker.end_step(step)
-        activations.end_step()
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            path = RunDir(run_dir).checkpoint("estimate")
-            extra = tracker.state_dict() | {f"act.{k}": v for k, v in activations.state_dict().items()}
-            save_checkpoint(path, engine, trainable, step, extra, {"key": key}, rt)
-
+    trainee = Trainee(model, engine, trainable)
+    hooks = EstimateHooks(tracker, activations, sink, cfg.l1)
+    start = resume(RunDir(run_dir).checkpoint("estimate"), trainee, hooks, rt, "estimation", accept=_same_recipe(key))
     log.info("estimate: steps %d..%d, batch %d, %d PEFT modules, %d head masks, %d FFN masks", start, cfg.steps,
              cfg.batch_size, len(tracker.modules), sum(s["num_attention_heads"] for s in shapes),
              sum(s["intermediate_size"] for s in shapes))
     t0 = time.time()
-    stats = run_steps(model, engine, batches, cfg.steps, cfg.grad_accum, rt, "estimate",
-                      loss_fn=lambda _batch, out: out.loss + cfg.l1 * sink.pop(),  # a sum, not a mean (spec 1.2)
-                      before_forward=before_forward, after_forward=after_forward, after_step=after_step,
-                      start_step=start, seed=cfg.seed)
+    stats = run_steps(trainee, batches, cfg.steps, cfg.grad_accum, rt, "estimate", hooks=hooks, start_step=start,
+                      seed=cfg.seed, checkpoint=Checkpointing(RunDir(run_dir).checkpoint("estimate"),
+                                                              cfg.checkpoint_every, {"key": key}))
     module_scores, rank_scores = tracker.results()
     tracker.remove()
     activations.remove()
@@ -134,26 +120,51 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     return record
 
 
-def resume(path: Path, key: str, engine, trainable, tracker: PeftImportanceTracker, activations: ActivationTracker,
-           rt: Runtime) -> int:
-    """The first step to run: 0, or the step after a checkpoint written for this same recipe."""
-    found = read_checkpoint(path)
-    if found is None:
-        return 0
-    meta, tensors = found
-    if meta.get("key") != key:
-        log.warning("ignoring checkpoint %s: it was written for another recipe (key %s, now %s)", path,
-                    meta.get("key"), key)
-        return 0
-    if "extra/act.tokens" not in tensors:
-        log.warning("ignoring checkpoint %s: it predates activation statistics; estimating from step 0", path)
-        return 0
-    extra = restore_checkpoint(engine, trainable, meta, tensors)
-    tracker.load_state_dict(extra)
-    activations.load_state_dict({k.removeprefix("act."): v for k, v in extra.items() if k.startswith("act.")})
-    log.info("resumed estimation from %s after step %d (written by %d ranks, now %d)", path, meta["step"],
-             meta["world_size"], rt.world_size)
-    return int(meta["step"]) + 1
+class EstimateHooks(StepHooks):
+    """The estimate's additions to the loop: recording switches, the masks' L1 term, per-step statistics.
+
+    Recording is on only from before the forward to after the loss, so gradient-checkpointing recomputes and evals
+    are not counted; the trackers' totals are the checkpointed state.
+    """
+
+    def __init__(self, tracker: PeftImportanceTracker | BottleneckImportanceTracker, activations: ActivationTracker,
+                 sink: L1Sink, l1: float):
+        self.tracker, self.activations, self.sink, self.l1 = tracker, activations, sink, l1
+
+    def before_forward(self, batch: dict) -> None:
+        self.tracker.recording, self.tracker.token_mask, self.sink.active = True, batch["attention_mask"], True
+        self.activations.recording, self.activations.token_mask = True, batch["attention_mask"]
+
+    def extra_loss(self, batch: dict, output) -> torch.Tensor:
+        # sum|m| over every mask element, not a mean: lambda is per element, as in the reference (docs/method.md)
+        return self.l1 * self.sink.pop()
+
+    def after_forward(self) -> None:
+        self.tracker.recording = self.sink.active = self.activations.recording = False
+
+    def after_optimizer_step(self, step: int, loss: float) -> None:
+        self.tracker.end_step(step)
+        self.activations.end_step()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.tracker.state_dict() | {f"act.{k}": v for k, v in self.activations.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.tracker.load_state_dict(state)
+        self.activations.load_state_dict({k.removeprefix("act."): v for k, v in state.items() if k.startswith("act.")})
+
+
+def _same_recipe(key: str) -> Callable[[dict, dict[str, torch.Tensor]], str | None]:
+    """Why a checkpoint is not this estimate's to resume from, or None."""
+
+    def accept(meta: dict, tensors: dict[str, torch.Tensor]) -> str | None:
+        if meta.get("key") != key:
+            return f"it was written for another recipe (key {meta.get('key')}, now {key})"
+        if "extra/act.tokens" not in tensors:
+            return "it predates activation statistics; estimating from step 0"
+        return None
+
+    return accept
 
 
 def mask_partitioning(masks: list[torch.Tensor], rt: Runtime) -> dict | None:

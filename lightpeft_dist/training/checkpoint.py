@@ -6,23 +6,30 @@ Because every tensor is stored whole (gathered from ZeRO partitions), a run chec
 and no pickle is ever read back (DeepSpeed's own checkpoints are pickles, so we do not use them).
 
 Exactness: the data order is a pure function of the step (StepBatches) and the loop reseeds torch per step, so a
-resumed run replays exactly the steps an uninterrupted one would have taken.
+resumed run replays exactly the steps an uninterrupted one would have taken. The same whole-tensor state, held in
+memory, carries training across a structural change a step hook asks for (save, transform, rebuild, restore;
+docs/hooks.md), which is why such a change needs no ZeRO-specific code.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from ..errors import LightPeftError
 from ..io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from ..runtime import Runtime
+from .hooks import Restructure, StepHooks, Trainee
 from .zero import full_value, gathered
 
 log = logging.getLogger(__name__)
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+Rebuild = Callable[[dict[str, Any]], Trainee]  # meta -> a fresh model, optimizer, schedule and engine
 # Called as fn(path, step) on every rank after each checkpoint is complete: a launcher that keeps its own copies
 # (Ray: ray.train.report) listens here instead of knowing which stage checkpoints.
 LISTENERS: list[Callable[[Path, int], None]] = []
@@ -48,8 +55,38 @@ def _get_state(engine, param: torch.Tensor, key: str) -> torch.Tensor:
     return state[key].detach().float().cpu().clone() if key in state else torch.zeros(param.shape)
 
 
+def _local_partition(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a full value, zero-padded as ZeRO-3 pads the last rank's partition.
+
+    DeepSpeed's own full-value setters (`safe_set_full_*`, 0.19) cut the unpadded value and fail on the last rank
+    whenever a parameter's size is not a multiple of the world size, so ZeRO-3 restores set local partitions.
+    """
+    import torch.distributed as dist
+
+    size = param.partition_numel()
+    start = size * dist.get_rank(group=getattr(param, "ds_process_group", None))
+    flat = value.reshape(-1).to(torch.float32)[start:start + size]
+    return torch.cat([flat, flat.new_zeros(size - flat.numel())])
+
+
+def _set_value(param: torch.Tensor, value: torch.Tensor) -> None:
+    """The optimizer's fp32 master copy of a DeepSpeed-managed parameter."""
+    if getattr(param, "_z3_optimizer", None) is not None:
+        from deepspeed.utils import safe_set_local_fp32_param
+
+        safe_set_local_fp32_param(param, _local_partition(param, value))
+    elif _uses_deepspeed(param):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, value)
+
+
 def _set_state(engine, param: torch.Tensor, key: str, value: torch.Tensor) -> None:
-    if _uses_deepspeed(param):
+    if getattr(param, "_z3_optimizer", None) is not None:
+        from deepspeed.utils import safe_set_local_optimizer_state
+
+        safe_set_local_optimizer_state(param, _local_partition(param, value), key)
+    elif _uses_deepspeed(param):
         from deepspeed.utils import safe_set_full_optimizer_state
 
         safe_set_full_optimizer_state(param, value.to(torch.float32), key)
@@ -81,9 +118,9 @@ def _link_optimizer_state(engine) -> None:
         zero_opt._lazy_init_hp_params_optimizer_state()
 
 
-def save_checkpoint(path: Path, engine, named_params: list[tuple[str, torch.Tensor]], step: int,
-                    extra: dict[str, torch.Tensor], meta: dict, runtime: Runtime) -> None:
-    """Collective: every rank gathers; rank 0 writes `path` atomically (the previous checkpoint stays until then)."""
+def checkpoint_tensors(engine, named_params: list[tuple[str, torch.Tensor]],
+                       extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Collective: the whole trainable state by name, on every rank (what a checkpoint file holds)."""
     tensors: dict[str, torch.Tensor] = {}
     _link_optimizer_state(engine)
     for name, p in named_params:
@@ -91,6 +128,13 @@ def save_checkpoint(path: Path, engine, named_params: list[tuple[str, torch.Tens
         for key in ADAM_KEYS:
             tensors[f"{key}/{name}"] = _get_state(engine, p, key)
     tensors.update({f"extra/{k}": v.detach().cpu().contiguous() for k, v in extra.items()})
+    return tensors
+
+
+def save_checkpoint(path: Path, engine, named_params: list[tuple[str, torch.Tensor]], step: int,
+                    extra: dict[str, torch.Tensor], meta: dict, runtime: Runtime) -> None:
+    """Collective: every rank gathers; rank 0 writes `path` atomically (the previous checkpoint stays until then)."""
+    tensors = checkpoint_tensors(engine, named_params, extra)
     if runtime.is_main:
         with atomic_dir(path) as tmp:
             save_tensors(tmp / "state.safetensors", tensors)
@@ -110,14 +154,12 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
 def restore_checkpoint(engine, named_params: list[tuple[str, torch.Tensor]], meta: dict,
                        tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Load params and AdamW moments into a freshly initialised engine; returns the caller's `extra` tensors."""
+    check_shapes(named_params, tensors)
     step = int(meta["step"]) + 1  # optimizer steps taken so far
     _init_adam_state(engine, step)
     for name, p in named_params:
         value = tensors[f"param/{name}"]
-        if _uses_deepspeed(p):
-            from deepspeed.utils import safe_set_full_fp32_param
-
-            safe_set_full_fp32_param(p, value)
+        _set_value(p, value)
         with gathered([p], modifier_rank=0), torch.no_grad():
             if p.data.numel() == value.numel():  # under ZeRO-3 only the modifier rank sees the full tensor
                 p.data.copy_(value.to(p.dtype).view_as(p.data))
@@ -127,3 +169,96 @@ def restore_checkpoint(engine, named_params: list[tuple[str, torch.Tensor]], met
         for _ in range(step):
             engine.scheduler.step()
     return {k.removeprefix("extra/"): v for k, v in tensors.items() if k.startswith("extra/")}
+
+
+def check_shapes(named_params: list[tuple[str, torch.Tensor]], tensors: dict[str, torch.Tensor]) -> None:
+    """Every parameter must find a value and moments of its own full shape (ZeRO-3 keeps it as `ds_shape`)."""
+    for name, p in named_params:
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        for key in ("param", *ADAM_KEYS):
+            value = tensors.get(f"{key}/{name}")
+            if value is None or tuple(value.shape) != shape:
+                got = "nothing" if value is None else f"shape {tuple(value.shape)}"
+                raise LightPeftError(f"checkpoint state has {got} for {key}/{name}, the model's parameter has shape "
+                                     f"{shape}; the model was built for another structure than the saved state")
+
+
+@dataclass
+class Checkpointing:
+    """The loop's periodic checkpoints: after every `every`-th optimizer step but the last, to `path`.
+
+    `meta` (JSON) is stored with each; the hooks' `state_dict()` is stored as the "extra/" tensors.
+    """
+
+    path: Path
+    every: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def due(self, step: int, steps: int) -> bool:
+        return bool(self.every) and (step + 1) % self.every == 0 and step + 1 < steps
+
+    def save(self, trainee: Trainee, hooks: StepHooks, step: int, runtime: Runtime) -> None:
+        meta = {**self.meta, **({"structure": trainee.structure} if trainee.structure else {})}
+        save_checkpoint(self.path, trainee.engine, trainee.named, step, hooks.state_dict(), meta, runtime)
+
+
+def resume(path: Path, trainee: Trainee, hooks: StepHooks, runtime: Runtime, what: str,
+           accept: Callable[[dict, dict[str, torch.Tensor]], str | None] | None = None,
+           rebuild: Rebuild | None = None) -> int:
+    """The first step to run: 0, or the step after the checkpoint at `path` (restored into `trainee` and `hooks`).
+
+    `accept(meta, tensors)` returns why a checkpoint does not belong to this run (it is then ignored), or None.
+    A checkpoint written after a restructure records the structure; the model is then rebuilt for it first.
+    """
+    found = read_checkpoint(path)
+    if found is None:
+        return 0
+    meta, tensors = found
+    why = accept(meta, tensors) if accept is not None else None
+    if why:
+        log.warning("ignoring checkpoint %s: %s", path, why)
+        return 0
+    if meta.get("structure"):
+        _rebuild(trainee, meta, hooks, rebuild, f"the checkpoint {path} was written after a restructure")
+    hooks.load_state_dict(restore_checkpoint(trainee.engine, trainee.named, meta, tensors))
+    log.info("resumed %s from %s after step %d (written by %d ranks, now %d)", what, path, meta["step"],
+             meta["world_size"], runtime.world_size)
+    return int(meta["step"]) + 1
+
+
+def apply_restructure(trainee: Trainee, action: Restructure, step: int, hooks: StepHooks, rebuild: Rebuild | None,
+                      runtime: Runtime) -> None:
+    """Collective: snapshot the trainable state whole, transform it, rebuild, restore (docs/hooks.md).
+
+    The state travels in memory in the checkpoint's own form, so this is exactly a save and a resume into a
+    new model, with the transform in between; a no-op transform changes nothing, on any world size.
+    """
+    why = f"a hook asked for a restructure at step {step} ({action.reason or 'no reason given'})"
+    if rebuild is None:
+        raise LightPeftError(f"{why}, but this stage gave the loop no way to rebuild its model")
+    tensors = checkpoint_tensors(trainee.engine, trainee.named, hooks.state_dict())
+    meta = {"step": step, "world_size": runtime.world_size, "structure": dict(trainee.structure)}
+    tensors, meta = action.transform(tensors, meta)
+    if int(meta.get("step", -1)) != step:
+        raise LightPeftError(f"{why}: the transform changed meta['step'] ({meta.get('step')}); it must keep it")
+    _rebuild(trainee, meta, hooks, rebuild, why)
+    extra = restore_checkpoint(trainee.engine, trainee.named, meta, tensors)
+    hooks.load_state_dict(extra)
+    log.info("restructured after step %d: %s; %d trainable tensors", step, action.reason or "no reason given",
+             len(trainee.named))
+
+
+def _rebuild(trainee: Trainee, meta: dict, hooks: StepHooks, rebuild: Rebuild | None, why: str) -> None:
+    """Replace the trainee's model and engine by `rebuild(meta)`'s, releasing the old ones first."""
+    if rebuild is None:
+        raise LightPeftError(f"{why}, but this stage gave the loop no way to rebuild its model")
+    close = getattr(trainee.engine, "close", None)
+    if close is not None:  # DeepSpeed: removes its hooks and buffers from the old model
+        close()
+    trainee.model = trainee.engine = None
+    trainee.named = []
+    gc.collect()
+    new = rebuild(meta)
+    trainee.model, trainee.engine, trainee.named = new.model, new.engine, new.named
+    trainee.structure = dict(meta.get("structure") or {})
+    hooks.after_rebuild(trainee)

@@ -22,6 +22,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .hooks import StepHooks
+
 log = logging.getLogger(__name__)
 
 
@@ -36,8 +38,9 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, atten
     return (per_token * keep).sum() / keep.sum().clamp_min(1.0) * (t * t)
 
 
-class Distiller:
-    """The training loss with distillation: call it with the batch and the student's output."""
+class Distiller(StepHooks):
+    """The training loss with distillation, as a loop hook: it reweights the loss so far (the task loss when it
+    comes first) and adds the KL term, which an additive `extra_loss` could not do bit for bit."""
 
     def __init__(self, teacher: torch.nn.Module, weight: float, temperature: float, pad_token_id: int | None):
         self.teacher, self.weight, self.temperature = teacher.eval(), weight, temperature
@@ -46,7 +49,7 @@ class Distiller:
             p.requires_grad_(False)
         self.last_kl = float("nan")
 
-    def __call__(self, batch: dict, output) -> torch.Tensor:
+    def loss(self, batch: dict, output, loss: torch.Tensor) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}  # packed rows carry position_ids, no mask
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs).logits
@@ -55,7 +58,7 @@ class Distiller:
             mask = batch["input_ids"] != self.pad_token_id
         kl = distill_kl(output.logits, teacher_logits.to(output.logits.device), mask, self.temperature)
         self.last_kl = float(kl.detach())
-        return (1.0 - self.weight) * output.loss + self.weight * kl
+        return (1.0 - self.weight) * loss + self.weight * kl
 
 
 def make_distiller(recipe, device: torch.device | str, pad_token_id: int | None) -> Distiller | None:

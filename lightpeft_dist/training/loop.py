@@ -2,7 +2,8 @@
 
 It talks to an engine with DeepSpeed's surface (`backward(loss)`, `step()`), so the DeepSpeed path swaps the engine,
 not the loop. Batches come from `StepBatches`, a pure function of the step number, which is what makes resuming and
-"N ranks == 1 process" comparisons exact.
+"N ranks == 1 process" comparisons exact. What a stage adds to the loop (extra losses, statistics, checkpointed
+state, structural changes between steps) comes in as one `StepHooks` object (hooks.py, docs/hooks.md).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -23,6 +23,8 @@ from ..data.batches import Collator, StepBatches, encode_split, load_rows
 from ..errors import LightPeftError
 from ..data.packing import pop_token_count
 from ..runtime import Runtime
+from .checkpoint import Checkpointing, Rebuild, apply_restructure
+from .hooks import Restructure, StepAction, StepHooks, Trainee
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 0) -> LambdaLR:
@@ -76,6 +78,9 @@ class PlainEngine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def close(self) -> None:
+        """Nothing to release: the model and optimizer go with the last reference to them."""
+
     def _average_gradients(self, params: list[torch.Tensor]) -> None:
         for p in params:  # every rank must join every reduction, with or without a gradient of its own
             if p.grad is None:
@@ -100,44 +105,63 @@ class LoopStats:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def run_steps(model: torch.nn.Module, engine, batches, steps: int, grad_accum: int, runtime: Runtime,
-              desc: str,
-              before_forward: Callable[[dict], None] | None = None, after_forward: Callable[[], None] | None = None,
-              after_step: Callable[[int, float], None] | None = None, start_step: int = 0,
-              seed: int = 0, loss_fn: Callable[[dict, object], torch.Tensor] | None = None) -> LoopStats:
+def run_steps(trainee: Trainee, batches, steps: int, grad_accum: int, runtime: Runtime, desc: str,
+              hooks: StepHooks | None = None, start_step: int = 0, seed: int = 0,
+              checkpoint: Checkpointing | None = None, rebuild: Rebuild | None = None) -> LoopStats:
     """Steps `start_step..steps-1`; torch is reseeded per step (dropout), so a resumed run replays the same steps.
 
-    `loss_fn(batch, output)` is the loss to minimise (the estimate's L1 term, distillation); by default
-    `output.loss`."""
+    `hooks` add to the loop (the order of calls is in hooks.py); the loss minimised is `hooks.loss(batch, output,
+    output.loss)`. A `Restructure` a hook returns is applied through `rebuild(meta)` (docs/hooks.md), and
+    `trainee` is updated in place, so after the loop it holds the model that was trained last.
+    """
+    hooks = StepHooks() if hooks is None else hooks
     stats = LoopStats()
-    model.train()
+    trainee.model.train()
     bar = tqdm(range(start_step, steps), desc=desc, unit="step", disable=not runtime.is_main, dynamic_ncols=True,
                initial=start_step, total=steps)
     for step in bar:
         t0, step_loss = time.perf_counter(), 0.0
         torch.manual_seed(seed * 1_000_003 + step)
+        engine = trainee.engine
         for micro in range(grad_accum):
             batch = {k: v.to(runtime.device) for k, v in batches.batch_for_step(step * grad_accum + micro).items()}
             n_tokens = pop_token_count(batch)  # packed batches carry it; never passed to the model
-            if before_forward:
-                before_forward(batch)
+            hooks.before_forward(batch)
             output = engine.forward(batch)
-            loss = output.loss if loss_fn is None else loss_fn(batch, output)
-            if after_forward:
-                after_forward()
+            loss = hooks.loss(batch, output, output.loss)
+            hooks.after_forward()
             engine.backward(loss)
+            hooks.after_backward(step, micro)
             step_loss += float(loss.detach()) / grad_accum
             stats.tokens += n_tokens
+        hooks.before_optimizer_step(step)
         engine.step()
         stats.seconds += time.perf_counter() - t0
         if runtime.distributed:  # the job's loss, not rank 0's shard of it
             step_loss = float(runtime.all_reduce_sum(torch.tensor([step_loss], dtype=torch.float64))) / runtime.world_size
         stats.losses.append(step_loss if math.isfinite(step_loss) else float("nan"))
         bar.set_postfix(loss=f"{step_loss:.4f}")
-        if after_step:
-            after_step(step, step_loss)
+        action = hooks.after_optimizer_step(step, step_loss)
+        _agree_on_action(action, step, runtime)
+        if isinstance(action, Restructure):
+            apply_restructure(trainee, action, step, hooks, rebuild, runtime)
+            trainee.model.train()
+        elif action is not None:
+            raise LightPeftError(f"the loop does not know the step action {type(action).__name__}")
+        if checkpoint is not None and checkpoint.due(step, steps):
+            checkpoint.save(trainee, hooks, step, runtime)
         _maybe_fault(step, runtime)
     return stats
+
+
+def _agree_on_action(action: StepAction | None, step: int, runtime: Runtime) -> None:
+    """A restructure is collective: a rank that asks alone would wait forever in the rebuild's collectives."""
+    if not runtime.distributed:
+        return
+    asked = int(runtime.all_reduce_sum(torch.tensor([int(action is not None)], dtype=torch.int64)))
+    if asked not in (0, runtime.world_size):
+        raise LightPeftError(f"at step {step} {asked} of {runtime.world_size} ranks asked for a step action; hooks "
+                             "must decide from state that every rank shares (e.g. statistics summed across ranks)")
 
 
 def _maybe_fault(step: int, runtime: Runtime) -> None:

@@ -183,3 +183,7 @@ class DeepSpeedEngine:
 
     def step(self) -> None:
         self.engine.step()
+
+    def close(self) -> None:
+        """Detach DeepSpeed from the model (its ZeRO-3 hooks and buffers) before the model is rebuilt."""
+        self.engine.destroy()
