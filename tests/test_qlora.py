@@ -18,7 +18,8 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 from lightpeft_dist.config import PeftConfig, TrainConfig  # noqa: E402
 from lightpeft_dist.errors import LightPeftError  # noqa: E402
 from lightpeft_dist.models.fastpath import prepare_for_training  # noqa: E402
-from lightpeft_dist.models.loading import load_model, lora_config  # noqa: E402
+from lightpeft_dist.adapters.lora import lora_config  # noqa: E402
+from lightpeft_dist.models.loading import load_model  # noqa: E402
 from lightpeft_dist.models.quant import quantization_config  # noqa: E402
 from pruned_tiny import save_uneven  # noqa: E402
 

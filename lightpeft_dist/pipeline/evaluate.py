@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
-from ..adapters.bottleneck import is_bottleneck_dir, load_bottleneck
+from ..adapters.registry import load_adapters
 from ..config import Recipe, recipe_to_dict
 from ..data.batches import Collator, encode_split, load_rows
 from ..io_utils import read_json, sha256_json, write_json
@@ -73,8 +72,7 @@ def run_evaluate(recipe: Recipe, run_dir: Path, baseline: bool = True) -> dict:
         log.info("base (zero-shot, unpruned): %s", result["base"])
         del base
     pruned = load_model(str(run_dir / "pruned_model"), recipe.model.dtype, recipe.model.attn_implementation)
-    adapter = run_dir / "train" / "adapter"
-    model = load_bottleneck(pruned, adapter) if is_bottleneck_dir(adapter) else PeftModel.from_pretrained(pruned, adapter)
+    model = load_adapters(pruned, run_dir / "train" / "adapter")
     result["pruned"] = evaluate_model(model, tokenizer, recipe, split)
     log.info("pruned + fine-tuned: %s", result["pruned"])
     write_json(run_dir / "eval.json", result)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from ..adapters.registry import bare_kind, kinds_of, saved_kinds, upgrade_keys
 from ..config import Recipe, apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict
 from ..errors import LightPeftError
 from ..io_utils import read_json, sha256_file, sha256_json, write_json
@@ -68,6 +69,8 @@ def run_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> d
     rt = runtime or current()
     est = read_json(run_dir / "estimate" / "estimate.json", "estimate record")
     scores = load_scores(scores_path(recipe, run_dir))
+    bare = bare_kind(est)  # an older bottleneck run's bare keys are qualified (adapters/registry.py)
+    scores.module, scores.rank = upgrade_keys(scores.module, bare), upgrade_keys(scores.rank, bare)
     plan = make_plan(scores, est["layer_shapes"], recipe.prune, est["model_fingerprint"], est["hidden_size"],
                      est["head_dim"])
     plan["key"] = plan_key(recipe, run_dir)
@@ -104,7 +107,7 @@ def stage_done(stage: str, recipe: Recipe, run_dir: Path) -> bool:
             return _record_key(run_dir / "plan.json") == plan_key(recipe, run_dir)
         if stage == "prune":
             plan_hash = _record_key(run_dir / "plan.json", "hash")
-            return (plan_hash is not None and (run_dir / "pruned_adapter" / "adapter_config.json").is_file()
+            return (plan_hash is not None and bool(saved_kinds(run_dir / "pruned_adapter"))
                     and _record_key(run_dir / "pruned_model" / "lightpeft_prune.json", "plan_hash") == plan_hash)
         if stage == "train":
             return _record_key(run_dir / "train" / "train.json") == train_key(recipe, run_dir)
@@ -161,9 +164,10 @@ def _run_single(stage: str, recipe: Recipe, run_dir: Path) -> None:
 
 
 def stages_for(recipe: Recipe) -> list[str]:
-    """The stages `run` goes through: all of them, except export for adapters that cannot be merged (bottleneck)."""
-    if recipe.peft.type != "lora":
-        log.info("stage export: left out, a %s adapter cannot be merged into the weights", recipe.peft.type)
+    """The stages `run` goes through: all of them, except export when a kind cannot be merged (bottleneck)."""
+    stuck = [kind.name for kind in kinds_of(recipe.peft) if not kind.mergeable]
+    if stuck:
+        log.info("stage export: left out, a %s adapter cannot be merged into the weights", " or ".join(stuck))
         return [s for s in STAGES if s != "export"]
     return list(STAGES)
 

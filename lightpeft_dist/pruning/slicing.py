@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..adapters.bottleneck import is_bottleneck_dir, prune_bottleneck
+from ..adapters.registry import bare_kind, slice_adapters
 from ..errors import LightPeftError
 from ..models.families import FamilySpec, family_for, head_dim_of
 from ..io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
@@ -171,12 +171,11 @@ def prune_adapter(adapter_dir: Path, plan: dict, config, model_dir: Path, out_di
 
 
 def run_prune(run_dir: Path, model_path: str) -> dict:
+    """Slice the base model, then each kind's estimation adapter (a plan of an older bottleneck run is upgraded)."""
     plan = read_json(run_dir / "plan.json", "plan")
     record = prune_checkpoint(model_path, plan, run_dir / "pruned_model")  # checks the plan against the model first
-    est_adapter = run_dir / "estimate" / "adapter"
-    if is_bottleneck_dir(est_adapter):  # hidden-size adapters: only modules and units are cut (bottleneck.py)
-        record["adapter"] = prune_bottleneck(est_adapter, plan, run_dir / "pruned_adapter")
-        return record
-    record["adapter"] = prune_adapter(est_adapter, plan, load_config(model_path),
-                                      run_dir / "pruned_model", run_dir / "pruned_adapter")
+    estimate = run_dir / "estimate" / "estimate.json"
+    bare = bare_kind(read_json(estimate, "estimate record") if estimate.is_file() else None)
+    record["adapter"] = slice_adapters(run_dir / "estimate" / "adapter", plan, bare, load_config(model_path),
+                                       run_dir / "pruned_model", run_dir / "pruned_adapter")
     return record
