@@ -31,7 +31,8 @@ log = logging.getLogger("bench")
 
 
 def infer_child(model_dir: str, s: dict) -> dict:
-    from lightpeft_dist.models.loading import count_parameters, load_model
+    from lightpeft_dist.adapters.registry import count_parameters
+    from lightpeft_dist.models.loading import load_model
 
     device = setup_child(s["seed"], s["cpu_threads"])
     mem = PeakMemory()

@@ -34,19 +34,20 @@ log = logging.getLogger("bench")
 
 def estimate_child(base_dir: str, adapter_out: str, s: dict) -> dict:
     """Time estimation steps (the estimate stage's per-step work) and save its LoRA adapter for pruning."""
-    from lightpeft_dist.pruning.importance import PeftImportanceTracker
+    from lightpeft_dist.adapters.registry import attach_adapters
+    from lightpeft_dist.pruning.importance import LoraImportanceTracker
     from lightpeft_dist.training.loop import PlainEngine, linear_schedule
     from lightpeft_dist.pruning.masks import attach_masks, mask_parameters
-    from lightpeft_dist.models.loading import attach_lora, load_model
+    from lightpeft_dist.models.loading import load_model
     from lightpeft_dist.runtime import current
 
     device = setup_child(s["seed"], s["cpu_threads"])
     mem = PeakMemory()
-    model = attach_lora(load_model(base_dir, s["dtype"], s["attn"]), PeftConfig(**s["peft"])).to(device)
+    model = attach_adapters(load_model(base_dir, s["dtype"], s["attn"]), PeftConfig(**s["peft"])).to(device)
     attach_masks(model)
     heads, ffns = mask_parameters(model)
     total = s["warmup"] + s["steps"]
-    tracker = PeftImportanceTracker(model, total, current())
+    tracker = LoraImportanceTracker(model, total, current())
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     opt = torch.optim.AdamW([{"params": lora}, {"params": heads}, {"params": ffns}], lr=1e-4)
     engine = PlainEngine(model, opt, linear_schedule(opt, total), 1, 1.0)
@@ -75,7 +76,9 @@ def train_child(model_dir: str, adapter_dir: str | None, s: dict) -> dict:
 
     from lightpeft_dist.models.fastpath import prepare_for_training
     from lightpeft_dist.training.loop import PlainEngine, linear_schedule
-    from lightpeft_dist.models.loading import attach_lora, count_parameters, load_model
+    from lightpeft_dist.adapters.registry import attach_adapters
+    from lightpeft_dist.adapters.registry import count_parameters
+    from lightpeft_dist.models.loading import load_model
 
     device = setup_child(s["seed"], s["cpu_threads"])
     mem = PeakMemory()
@@ -86,7 +89,7 @@ def train_child(model_dir: str, adapter_dir: str | None, s: dict) -> dict:
     if adapter_dir:  # the pruned adapter (per-module ranks), as `train` warm-starts from it
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     else:
-        model = attach_lora(model, PeftConfig(**s["peft"]))
+        model = attach_adapters(model, PeftConfig(**s["peft"]))
     model = model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)

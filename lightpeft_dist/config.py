@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, SerializationInfo, Tag, ValidationError,
+                      field_serializer, field_validator, model_validator)
 
 from .errors import LightPeftError
+
+# Adapter kinds and strategies live above this module. The schema finds their descriptors (kind names and defaults,
+# strategy sections) through their registries by module name: the one place where the ground layer looks the layers
+# above it up (docs/architecture.md, "Layers").
+ADAPTER_REGISTRY = "lightpeft_dist.adapters.registry"
+STRATEGY_REGISTRY = "lightpeft_dist.strategies.registry"
+
+
+def _registry(name: str):
+    return importlib.import_module(name)
 
 Scope = Literal["layerwise", "global"]
 
@@ -53,23 +63,40 @@ class DataConfig(_Strict):
 
 
 class PeftConfig(_Strict):
-    type: Literal["lora", "adapter"] = "lora"
+    """One adapter spec. `type` holds the kind's registry name (adapters/registry.py; `adapter` reads as
+    `bottleneck`); for a bottleneck adapter r is its size and alpha its output scaling."""
+
+    type: str = Field("lora", description="adapter kind: lora, or bottleneck (alias adapter); docs/adapters.md")
     r: int = Field(8, ge=1)
     alpha: float = 16.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+    @field_validator("type")
+    @classmethod
+    def _known_kind(cls, word: str) -> str:
+        resolve = _registry(ADAPTER_REGISTRY).resolve
+
+        try:
+            return resolve(word).name
+        except LightPeftError as exc:
+            raise ValueError(str(exc)) from None
+
     @model_validator(mode="after")
-    def _adapter_defaults(self) -> "PeftConfig":
-        """type adapter (bottleneck, bottleneck.py): r is the size, alpha the output scaling; unset keys take the
-        reference's adapter values (targets o_proj + down_proj, dropout 0.1, scaling 1.0)."""
-        if self.type == "adapter":
-            given = self.model_fields_set
-            defaults = {"targets": ["o_proj", "down_proj"], "dropout": 0.1, "alpha": 1.0}
-            for key, value in defaults.items():
-                if key not in given:
-                    object.__setattr__(self, key, value)
+    def _kind_defaults(self) -> "PeftConfig":
+        """Keys the spec leaves unset take its kind's values (bottleneck: the reference's o_proj + down_proj,
+        dropout 0.1, scaling 1.0)."""
+        KINDS = _registry(ADAPTER_REGISTRY).KINDS
+
+        for key, value in KINDS[self.type].defaults.items():
+            if key not in self.model_fields_set:
+                object.__setattr__(self, key, list(value) if isinstance(value, list) else value)
         return self
+
+
+_ONE, _LIST = "<spec>", "<list>"  # tags of the two peft forms; left out of error locations
+PeftSection = Annotated[Union[Annotated[PeftConfig, Tag(_ONE)], Annotated[list[PeftConfig], Tag(_LIST)]],
+                        Discriminator(lambda v: _LIST if isinstance(v, list) else _ONE)]
 
 
 class EstimateConfig(_Strict):
@@ -134,13 +161,8 @@ class EvalConfig(_Strict):
     speed_batches: int = Field(3, ge=1, description="batches timed for tokens/s")
 
 
-# Strategies live above this module; their descriptors (names, recipe sections) are found through the registry by
-# name, the one place where the schema looks up the layers (docs/architecture.md, "Strategies").
-STRATEGY_REGISTRY = "lightpeft_dist.strategies.registry"
-
-
 def _strategies() -> dict:
-    return importlib.import_module(STRATEGY_REGISTRY).STRATEGIES
+    return _registry(STRATEGY_REGISTRY).STRATEGIES
 
 
 class Recipe(_Strict):
@@ -149,11 +171,45 @@ class Recipe(_Strict):
     strategy: str = Field("lightpeft", description="what decides the pruning: lightpeft (masked estimate)")
     model: ModelConfig
     data: DataConfig
-    peft: PeftConfig = PeftConfig()
+    peft: PeftSection = Field(PeftConfig(), description="one adapter spec, or a list of them, one per kind")
     estimate: EstimateConfig = EstimateConfig()
     prune: PruneConfig = PruneConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @field_validator("peft")
+    @classmethod
+    def _one_spec_per_kind(cls, peft: PeftConfig | list[PeftConfig]) -> PeftConfig | list[PeftConfig]:
+        """A list is put in attach order; a list of one is the single form (same model, so the same keys)."""
+        if isinstance(peft, PeftConfig):
+            return peft
+        KINDS = _registry(ADAPTER_REGISTRY).KINDS
+
+        if not peft:
+            raise ValueError("the list of adapter specs is empty; give at least one, e.g. {type: lora}")
+        names = [s.type for s in peft]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"adapter kind {twice[0]} appears twice; put all its targets in one entry")
+        peft = sorted(peft, key=lambda s: KINDS[s.type].order)
+        return peft[0] if len(peft) == 1 else peft
+
+    @field_serializer("peft")
+    def _stored_peft(self, peft: PeftConfig | list[PeftConfig], info: SerializationInfo) -> dict | list[dict]:
+        """The single form stores the word its kind was given before kinds existed (`adapter` for bottleneck), so
+        the stage keys that hash this dict stay those of earlier runs; a list stores registry names."""
+        if isinstance(peft, list):
+            return [s.model_dump(mode=info.mode) for s in peft]
+        KINDS = _registry(ADAPTER_REGISTRY).KINDS
+
+        out = peft.model_dump(mode=info.mode)
+        out["type"] = KINDS[peft.type].recipe_word or peft.type
+        return out
+
+    @property
+    def adapters(self) -> list[PeftConfig]:
+        """The adapter specs, in attach order, whichever form the recipe used."""
+        return self.peft if isinstance(self.peft, list) else [self.peft]
 
     @model_validator(mode="after")
     def _strategy_sections(self) -> "Recipe":
@@ -231,7 +287,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def _format_validation_error(exc: ValidationError, source: str, prefix: str = "") -> str:
     err = exc.errors()[0]
-    where = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]]) or "recipe"
+    where = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"] if p not in (_ONE, _LIST)]) or "recipe"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key; check its spelling against the recipe reference in README.md"

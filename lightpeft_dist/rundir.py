@@ -13,6 +13,10 @@ from pathlib import Path
 # Unit-score files that an estimate writes, by `prune.unit_scores` (every estimate writes all of them).
 SCORE_FILES = {"masks": "scores.safetensors", "activation": "activation_scores.safetensors"}
 ESTIMATE_RECORD = "estimate.json"  # inside the estimate folder, next to the score files
+PRUNE_RECORD = "lightpeft_prune.json"  # inside a pruned model folder (wherever prune_checkpoint writes one)
+TRAIN_RECORD = "train.json"  # inside the train folder
+EXPORT_RECORD = "lightpeft_export.json"  # inside the export folder
+ADAPTER = "adapter"  # a stage folder's adapter (estimate/adapter, train/adapter)
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class RunDir:
 
     @property
     def estimate_adapter(self) -> Path:
-        return self.estimate / "adapter"
+        return self.estimate / ADAPTER
 
     def scores(self, unit_scores: str = "masks") -> Path:
         return self.estimate / SCORE_FILES[unit_scores]
@@ -60,7 +64,7 @@ class RunDir:
 
     @property
     def prune_record(self) -> Path:
-        return self.pruned_model / "lightpeft_prune.json"
+        return self.pruned_model / PRUNE_RECORD
 
     @property
     def pruned_adapter(self) -> Path:
@@ -73,11 +77,11 @@ class RunDir:
 
     @property
     def train_record(self) -> Path:
-        return self.train / "train.json"
+        return self.train / TRAIN_RECORD
 
     @property
     def train_adapter(self) -> Path:
-        return self.train / "adapter"
+        return self.train / ADAPTER
 
     # evaluate, export, report
     @property
@@ -90,7 +94,12 @@ class RunDir:
 
     @property
     def export_record(self) -> Path:
-        return self.export / "lightpeft_export.json"
+        return self.export / EXPORT_RECORD
+
+    @property
+    def logs(self) -> Path:
+        """Event files and job logs (slurm/pipeline.sh writes its job logs here)."""
+        return self.root / "logs"
 
     @property
     def report(self) -> Path:

@@ -11,7 +11,7 @@ from lightpeft_dist.pruning.activation import ActivationTracker, base_layer, inp
 from lightpeft_dist.cli import main
 from lightpeft_dist.config import PeftConfig
 from lightpeft_dist.models.families import head_dim_of
-from lightpeft_dist.models.loading import lora_config
+from lightpeft_dist.adapters.lora import lora_config
 from lightpeft_dist.runtime import Runtime
 from tiny import randomize_lora, tiny_model
 

@@ -17,13 +17,14 @@ from transformers import AutoModelForCausalLM
 import lightpeft_dist  # noqa: F401  (registers pruned model types)
 from lightpeft_dist.adapters.bottleneck import (adapter_config, adapter_modules, attach_from_config, load_bottleneck,
                                        prune_bottleneck, save_bottleneck)
-from lightpeft_dist.pruning.bottleneck_importance import BottleneckImportanceTracker
+from lightpeft_dist.adapters.bottleneck_importance import BottleneckImportanceTracker
 from lightpeft_dist.cli import main
 from lightpeft_dist.config import PeftConfig, PruneConfig
 from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.models.families import head_dim_of, layer_shapes
 from lightpeft_dist.pruning.masks import attach_masks, set_masks_from_plan
-from lightpeft_dist.models.loading import attach_lora, fingerprint
+from lightpeft_dist.adapters.registry import attach_adapters
+from lightpeft_dist.models.loading import fingerprint
 from lightpeft_dist.pruning.plan import make_plan
 from lightpeft_dist.pruning.slicing import prune_checkpoint
 from lightpeft_dist.runtime import Runtime
@@ -172,7 +173,9 @@ def test_pipeline_runs_with_adapter(tmp_path, tiny_recipe, capsys):
     assert 1 <= plan["summary"]["peft_modules_kept"] <= 2
     assert all(n.endswith(("self_attn.o_proj", "mlp.down_proj")) for n in plan["peft_modules"])
     pruned_cfg = json.loads((run / "pruned_adapter" / "adapter_config.json").read_text())
-    assert pruned_cfg["targets"] == {n: len(u) for n, u in plan["peft_modules"].items()}
+    # plan keys of a kind other than LoRA are qualified by it; the adapter's own config holds model paths
+    assert all(n.startswith("bottleneck:") for n in plan["peft_modules"])
+    assert pruned_cfg["targets"] == {n.removeprefix("bottleneck:"): len(u) for n, u in plan["peft_modules"].items()}
     assert pruned_cfg["scaling"] == 1.0 and pruned_cfg["dropout"] == 0.1
     train = json.loads((run / "train" / "train.json").read_text())
     losses = train["losses"]
@@ -197,7 +200,7 @@ def test_pipeline_runs_with_adapter(tmp_path, tiny_recipe, capsys):
 @pytest.mark.parametrize("targets, words", [(["q_proj"], "outputs are pruned"), (["wq"], "not projections")])
 def test_bad_targets_are_one_line_errors(tmp_path, tiny_recipe, capsys, targets, words):
     with pytest.raises(LightPeftError, match=words):
-        attach_lora(tiny_model("llama-gqa"), PeftConfig(type="adapter", targets=targets))
+        attach_adapters(tiny_model("llama-gqa"), PeftConfig(type="adapter", targets=targets))
     raw = {**tiny_recipe, "peft": {"type": "adapter", "targets": targets}}
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text(yaml.safe_dump(raw))

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from lightpeft_dist.config import PeftConfig, PruneConfig, recipe_from_dict
 from lightpeft_dist.strategies.lightpeft import run_estimate
 from lightpeft_dist.models.families import head_dim_of
-from lightpeft_dist.pruning.importance import PeftImportanceTracker, lora_modules
-from lightpeft_dist.models.loading import lora_config
+from lightpeft_dist.pruning.importance import LoraImportanceTracker, lora_modules
+from lightpeft_dist.adapters.lora import lora_config
 from lightpeft_dist.pruning.plan import make_plan
 from lightpeft_dist.runtime import Runtime
 from lightpeft_dist.pruning.scores import load_scores
@@ -23,7 +23,7 @@ from tiny import randomize_lora, save_tiny, tiny_model
 def test_rank_score_equals_reference_weight_times_grad_form():
     model = get_peft_model(tiny_model("qwen2-bias"), lora_config(PeftConfig(r=4, alpha=8, dropout=0.0)))
     randomize_lora(model)
-    tracker = PeftImportanceTracker(model, total_steps=1, runtime=Runtime())
+    tracker = LoraImportanceTracker(model, total_steps=1, runtime=Runtime())
     ids = torch.randint(3, 60, (3, 10))
     mask = torch.ones_like(ids)
     mask[0, 7:] = 0
@@ -42,7 +42,7 @@ def test_module_score_is_delta_over_base_norm_on_real_tokens():
     model = get_peft_model(tiny_model("llama-mha"), lora_config(PeftConfig(r=2, alpha=4, dropout=0.0,
                                                                              targets=["v_proj"])))
     randomize_lora(model)
-    tracker = PeftImportanceTracker(model, total_steps=1, runtime=Runtime())
+    tracker = LoraImportanceTracker(model, total_steps=1, runtime=Runtime())
     ids = torch.randint(3, 60, (2, 6))
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
     captured = {}

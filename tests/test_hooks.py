@@ -23,7 +23,7 @@ from dist_checks import BIN, REPO, ZERO3, launch
 from hooks_worker import NoOpRestructure
 from lightpeft_dist.config import PeftConfig, load_recipe
 from lightpeft_dist.errors import LightPeftError
-from lightpeft_dist.models.loading import lora_config
+from lightpeft_dist.adapters.lora import lora_config
 from lightpeft_dist.pipeline.train import run_train
 from lightpeft_dist.runtime import Runtime
 from lightpeft_dist.training import checkpoint

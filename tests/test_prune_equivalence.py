@@ -16,7 +16,8 @@ from lightpeft_dist.config import PeftConfig, PruneConfig
 from lightpeft_dist.models.families import head_dim_of, layer_shapes
 from lightpeft_dist.pruning.importance import lora_modules
 from lightpeft_dist.pruning.masks import attach_masks, set_masks_from_plan
-from lightpeft_dist.models.loading import fingerprint, lora_config
+from lightpeft_dist.adapters.lora import lora_config
+from lightpeft_dist.models.loading import fingerprint
 from lightpeft_dist.pruning.plan import make_plan
 from lightpeft_dist.pruning.slicing import prune_adapter, prune_checkpoint
 from lightpeft_dist.pruning.scores import Scores

@@ -18,7 +18,8 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 from lightpeft_dist.config import PeftConfig, TrainConfig  # noqa: E402
 from lightpeft_dist.errors import LightPeftError  # noqa: E402
 from lightpeft_dist.models.fastpath import prepare_for_training  # noqa: E402
-from lightpeft_dist.models.loading import load_model, lora_config  # noqa: E402
+from lightpeft_dist.adapters.lora import lora_config  # noqa: E402
+from lightpeft_dist.models.loading import load_model  # noqa: E402
 from lightpeft_dist.models.quant import fits_packed_cpu_kernel, keep_generic_cpu_path, quantization_config  # noqa: E402
 from bnb_cpu import force_cpu_repack, quantized_linear  # noqa: E402
 from pruned_tiny import save_uneven  # noqa: E402

@@ -177,6 +177,10 @@ def schema_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> set[str]:
 def _section_type(annotation) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    if typing.get_origin(annotation) is typing.Annotated:  # tagged union members (peft: one spec or a list)
+        return _section_type(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) is list:
+        return _section_type(typing.get_args(annotation)[0])
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         found = [t for t in map(_section_type, typing.get_args(annotation)) if t]
         return found[0] if found else None

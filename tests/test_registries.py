@@ -32,7 +32,7 @@ PKG = Path(lightpeft_dist.__file__).parent
 # Lowest first; a module may import from its own layer or any layer below it (docs/architecture.md).
 LAYERS = [
     {"errors", "io_utils", "runtime", "config", "assets", "rundir"},
-    {"models"}, {"data"}, {"adapters"}, {"training"}, {"pruning"}, {"strategies"}, {"reporting"}, {"pipeline"},
+    {"models"}, {"data"}, {"training"}, {"pruning"}, {"adapters"}, {"strategies"}, {"reporting"}, {"pipeline"},
     {"cli", "__main__", "__init__"},
 ]
 

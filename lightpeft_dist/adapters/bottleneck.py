@@ -1,32 +1,42 @@
-"""The bottleneck adapter (`peft.type: adapter`): the reference's `output_adapter`, attached without PEFT.
+"""The bottleneck adapter kind (`peft.type: bottleneck`, formerly `adapter`): the reference's `output_adapter`,
+attached without PEFT (registered in registry.py; docs/adapters.md).
 
 PEFT has no bottleneck-adapter type, so this module owns the adapter, its attachment and its file format. Each
 adapted projection (by default o_proj and down_proj: both output the hidden size) gets a child `BottleneckAdapter`
 registered on the projection's parent module (`<proj>_adapter`, e.g. `model.layers.0.self_attn.o_proj_adapter`) and a
-forward hook on the projection that returns `base(x) + s * up(act(down(dropout(base(x)))))` (spec 1.2). Because the
-adapter is a registered submodule called through its own `__call__`, DeepSpeed ZeRO-3 partitions its parameters and
-gathers them for its forward like any other module's. The adapter works in the hidden dimension, so head and FFN
-pruning never slice it; only whole adapters (modules) and bottleneck units are pruned.
+forward hook on the projection that returns `base(x) + s * up(act(down(dropout(base(x)))))` (docs/method.md). On a
+projection that also carries LoRA the hook sits on the LoRA wrapper, so the adapter sees base plus LoRA output (LoRA
+attaches first, registry.py). Because the adapter is a registered submodule called through its own `__call__`,
+DeepSpeed ZeRO-3 partitions its parameters and gathers them for its forward like any other module's. The adapter
+works in the hidden dimension, so head and FFN pruning never slice it; only whole adapters (modules) and bottleneck
+units are pruned.
 
-On disk: `adapter_model.safetensors` (parameter names relative to the causal-LM model) and `adapter_config.json` with
-`{"peft_type": "lightpeft_bottleneck", "targets": {module: size}, "activation", "scaling", "dropout"}`. No pickles.
+On disk: `adapter_model.safetensors` (parameter names relative to the causal-LM model, also under a PEFT wrapper) and
+`adapter_config.json` with `{"peft_type": "lightpeft_bottleneck", "targets": {module: size}, "activation", "scaling",
+"dropout"}`. No pickles.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from ..errors import LightPeftError
-from ..models.families import family_for, unwrap
+from ..models.families import RESIDUAL_ADAPTER_SUFFIX, family_for, unwrap
 from ..io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from .registry import AdapterKind, is_adapter_param as _any_kind_param, register
+
+if TYPE_CHECKING:
+    from ..pruning.importance import ImportanceTracker
+    from ..runtime import Runtime
 
 log = logging.getLogger(__name__)
 PEFT_TYPE = "lightpeft_bottleneck"
-SUFFIX = "_adapter"
+SUFFIX = RESIDUAL_ADAPTER_SUFFIX
 DEFAULT_TARGETS = ["o_proj", "down_proj"]
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -62,6 +72,10 @@ def _residual_hook(adapter: BottleneckAdapter):
     return hook
 
 
+def is_adapter_param(name: str) -> bool:
+    return f"{SUFFIX}." in name
+
+
 def target_paths(model: nn.Module, targets: list[str]) -> list[str]:
     """Module paths of the adapted projections; every target must be a projection that outputs the hidden size."""
     base = unwrap(model)
@@ -69,7 +83,7 @@ def target_paths(model: nn.Module, targets: list[str]) -> list[str]:
     unknown = [t for t in targets if t not in spec.slicing]
     if unknown:
         raise LightPeftError(f"peft.targets {unknown} are not projections of the {spec.name} family; "
-                             f"for peft.type adapter use {DEFAULT_TARGETS}")
+                             f"for a bottleneck adapter use {DEFAULT_TARGETS}")
     pruned_out = [t for t in targets if spec.slicing[t][0] == "out"]
     if pruned_out:
         raise LightPeftError(f"peft.targets {pruned_out}: their outputs are pruned (heads / FFN neurons), but a "
@@ -90,9 +104,12 @@ def target_paths(model: nn.Module, targets: list[str]) -> list[str]:
 
 def attach(model: nn.Module, sizes: dict[str, int], activation: str = "relu", dropout: float = 0.0,
            scaling: float = 1.0) -> dict[str, BottleneckAdapter]:
-    """Freeze the model and add trainable adapters of the given sizes on the projections at the given paths."""
+    """Freeze the model (but not another kind's adapters: LoRA may be attached already) and add trainable adapters
+    of the given sizes on the projections at the given paths."""
     base = unwrap(model)
-    base.requires_grad_(False)
+    for name, p in base.named_parameters():
+        if not _any_kind_param(name):
+            p.requires_grad_(False)
     handles, added = getattr(base, _HOOKS, []), {}
     for path, size in sizes.items():
         parent_path, _, proj_name = path.rpartition(".")
@@ -202,3 +219,28 @@ def prune_bottleneck(adapter_dir: Path, plan: dict, out_dir: Path) -> dict:
     log.info("pruned bottleneck adapter -> %s (%d modules, %d units, %s params)", out_dir, len(new_cfg["targets"]),
              sum(new_cfg["targets"].values()), f"{n:,}")
     return {"modules": len(new_cfg["targets"]), "params": n}
+
+
+PEFT_PREFIX = "base_model.model."  # parameter names under a PeftModel (LoRA attached too)
+
+
+def save(model: nn.Module, out_dir: Path, state: dict[str, torch.Tensor]) -> None:
+    save_bottleneck(out_dir, {n.removeprefix(PEFT_PREFIX): v for n, v in state.items()}, adapter_config(model))
+
+
+def slice_to_plan(adapter_dir: Path, plan: dict, config, model_dir: Path, out_dir: Path) -> dict:
+    return prune_bottleneck(adapter_dir, plan, out_dir)  # hidden-size adapters: head and FFN pruning never cut them
+
+
+def tracker(model: nn.Module, total_steps: int, runtime: Runtime) -> ImportanceTracker:
+    from .bottleneck_importance import BottleneckImportanceTracker
+
+    return BottleneckImportanceTracker(model, total_steps, runtime)
+
+
+KIND = register(AdapterKind(
+    name="bottleneck", aliases=("adapter",), order=1, attach=attach_from_config, is_param=is_adapter_param,
+    save=save, owns=is_bottleneck_dir, load=load_bottleneck, slice=slice_to_plan, tracker=tracker,
+    not_mergeable="is a nonlinear module and cannot be merged into the weights",
+    defaults={"targets": DEFAULT_TARGETS, "dropout": 0.1, "alpha": 1.0},  # the reference's adapter values
+    recipe_word="adapter"))  # single-form recipes keep the word their estimate keys hash (docs/adapters.md)

@@ -14,6 +14,10 @@ import torch.nn as nn
 
 from ..errors import LightPeftError
 
+# A residual adapter on a projection hangs next to it as `<projection>_adapter` (adapters/bottleneck.py); the pruning
+# kit looks it up by this name to silence it while probing the projection's own weights.
+RESIDUAL_ADAPTER_SUFFIX = "_adapter"
+
 # What a linear's input ("in") or output ("out") features are indexed by.
 Unit = Literal["q_heads", "kv_heads", "ffn"]
 

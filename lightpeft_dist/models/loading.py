@@ -1,4 +1,4 @@
-"""Loading base/pruned models and tokenizers, attaching LoRA, and fingerprinting a model's shape.
+"""Loading base/pruned models and tokenizers, counting parameters, and fingerprinting a model's shape.
 
 The fingerprint ties every artefact in a run directory to the exact architecture it was computed for, so a plan
 made for one model can never be applied to another.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -16,13 +16,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .. import assets
 from . import quant
 from .attention import choose_attention
-from ..config import ModelConfig, PeftConfig
+from ..config import ModelConfig
 from ..errors import LightPeftError
 from .families import family_for, head_dim_of
 from ..io_utils import sha256_json
-
-if TYPE_CHECKING:  # peft costs ~0.15 GB of RSS at import; prune never needs it, so import it on use
-    from peft import LoraConfig, PeftModel
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,37 +85,9 @@ def fingerprint(config) -> str:
     return sha256_json(fields)[:16]
 
 
-def lora_config(cfg: PeftConfig, target_modules: list[str] | None = None, **extra) -> LoraConfig:
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=target_modules or list(cfg.targets), bias="none", task_type="CAUSAL_LM", **extra)
-
-
-def attach_lora(model: PreTrainedModel, cfg: PeftConfig) -> PeftModel:
-    if cfg.type == "adapter":  # bottleneck adapter: our own module, PEFT has no such type (bottleneck.py)
-        from ..adapters.bottleneck import attach_from_config
-
-        return attach_from_config(model, cfg)
-    if cfg.type != "lora":
-        raise LightPeftError(f"peft.type {cfg.type!r} is not implemented; use peft.type: lora or adapter")
-    spec = family_for(model)
-    unknown = [t for t in cfg.targets if t not in spec.slicing]
-    if unknown:
-        raise LightPeftError(f"peft.targets {unknown} are not projections of the {spec.name} family; "
-                             f"choose from {sorted(spec.slicing)}")
-    from peft import get_peft_model
-
-    return get_peft_model(model, lora_config(cfg))
-
-
-def is_peft_param(name: str) -> bool:
-    """A LoRA or bottleneck-adapter parameter (what estimation trains besides the masks, and what is saved)."""
-    return "lora_" in name or "_adapter." in name
-
-
-def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Total, trainable and adapter (LoRA) parameter counts; ZeRO-3 partitioned parameters count in full."""
+def count_parameters(model: torch.nn.Module, is_adapter: Callable[[str], bool] = lambda name: False) -> dict[str, int]:
+    """Total, trainable and adapter parameter counts (`is_adapter(name)`: adapters/registry.py counts every kind);
+    ZeRO-3 partitioned parameters count in full."""
     seen, counts = set(), {"total": 0, "trainable": 0, "adapter": 0}
     for name, p in model.named_parameters():
         if id(p) in seen:
@@ -127,5 +96,5 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
         n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
         counts["total"] += n
         counts["trainable"] += n if p.requires_grad else 0
-        counts["adapter"] += n if is_peft_param(name) else 0
+        counts["adapter"] += n if is_adapter(name) else 0
     return counts

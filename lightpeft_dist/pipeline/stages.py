@@ -17,7 +17,8 @@ from typing import Callable, Iterator
 
 import yaml
 
-from ..adapters.bottleneck import is_bottleneck_dir
+from ..adapters.registry import bare_kind, kinds_of, saved_kinds
+from ..pruning.module_keys import upgrade_keys
 from ..config import Recipe, apply_overrides, keyed_section, load_recipe, recipe_from_dict, recipe_to_dict
 from ..errors import LightPeftError
 from ..io_utils import read_json, read_json_if_present, sha256_file, sha256_json, write_json, write_text
@@ -64,8 +65,11 @@ def run_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> d
     rt = runtime or current()
     scores_file, record_file = _scoring(recipe).scores(recipe, run_dir)
     est = read_json(record_file, "estimate record")
-    plan = make_plan(load_scores(scores_file), est["layer_shapes"], recipe.prune, est["model_fingerprint"],
-                     est["hidden_size"], est["head_dim"])
+    scores = load_scores(scores_file)
+    bare = bare_kind(est)  # an older bottleneck run's bare keys are qualified (adapters/registry.py)
+    scores.module, scores.rank = upgrade_keys(scores.module, bare), upgrade_keys(scores.rank, bare)
+    plan = make_plan(scores, est["layer_shapes"], recipe.prune, est["model_fingerprint"], est["hidden_size"],
+                     est["head_dim"])
     plan["key"] = plan_key(recipe, run_dir)
     rt.agree(plan["hash"], "plan hash")
     if rt.is_main:
@@ -98,8 +102,7 @@ def _plan_hash(recipe: Recipe, run_dir: Path) -> str | None:
 
 def _pruned(run_dir: Path) -> str | None:
     d = RunDir(run_dir)
-    return recorded(lambda r: r.prune_record, "plan_hash")(run_dir) if (
-        d.pruned_adapter / "adapter_config.json").is_file() else None
+    return recorded(lambda r: r.prune_record, "plan_hash")(run_dir) if saved_kinds(d.pruned_adapter) else None
 
 
 def _on_main(work: Callable[[Recipe, Path], object]) -> Callable[[Recipe, Path, Runtime, str | None], None]:
@@ -131,7 +134,7 @@ def _train(recipe: Recipe, run_dir: Path, rt: Runtime, deepspeed: str | None) ->
 
 
 def _prune(recipe: Recipe, run_dir: Path) -> None:
-    from ..pruning.slicing import run_prune
+    from .prune import run_prune
 
     run_prune(run_dir, recipe.model.path)
 
@@ -182,11 +185,12 @@ def all_stages() -> dict[str, Stage]:
 
 
 def stages_for(recipe: Recipe) -> list[Stage]:
-    """The stages `run` goes through: the strategy's, then the shared ones; export is left out for adapters that
+    """The stages `run` goes through: the strategy's, then the shared ones; export is left out when an adapter kind
     cannot be merged into the weights (bottleneck)."""
     stages = [*strategy_for(recipe).stages, *SHARED_STAGES]
-    if recipe.peft.type != "lora":
-        log.info("stage export: left out, a %s adapter cannot be merged into the weights", recipe.peft.type)
+    stuck = [kind.name for kind in kinds_of(recipe.peft) if not kind.mergeable]
+    if stuck:
+        log.info("stage export: left out, a %s adapter cannot be merged into the weights", " or ".join(stuck))
         stages = [s for s in stages if s.name != "export"]
     return stages
 

@@ -1,8 +1,8 @@
-"""Stage 4: LoRA fine-tuning of the pruned model.
+"""Stage 4: fine-tuning the pruned model's adapters (LoRA, or whichever kinds the recipe has).
 
-Starts from the pruned checkpoint and, by default, the sliced estimation adapter (warm start, as the reference does;
-`train.warm_start: false` re-initialises LoRA with the same per-module ranks). Masks and importance tracking are off
-here: the reference left tracking on in stage 2, which slowed it and leaked memory (spec 6.1).
+Starts from the pruned checkpoint and, by default, the sliced estimation adapters (warm start, as the reference does;
+`train.warm_start: false` re-initialises them with the same per-module ranks and sizes). Masks and importance
+tracking are off here: the reference left tracking on in stage 2, which slowed it and leaked memory (docs/method.md).
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 
-from ..adapters.bottleneck import adapter_config, load_bottleneck, save_bottleneck
+from ..adapters.registry import count_parameters, load_adapters, save_adapters, saved_kinds
 from ..config import Recipe, keyed_section
 from ..errors import LightPeftError
 from ..training.distill import make_distiller
@@ -24,9 +23,9 @@ from ..models.fastpath import prepare_for_training
 from ..io_utils import atomic_dir, read_json, sha256_json, write_json
 from ..training.hooks import HookList, StepHooks, Trainee
 from ..training.loop import linear_schedule, make_engine, run_steps, train_batches
-from ..models.loading import count_parameters, load_config, load_model, load_tokenizer
+from ..models.loading import load_config, load_model, load_tokenizer
 from ..data.packing import packed_batches
-from ..rundir import RunDir
+from ..rundir import ADAPTER, RunDir, TRAIN_RECORD
 from ..runtime import Runtime, current
 from ..training.zero import full_state, prepare_ds_config, zero3_loading
 
@@ -39,18 +38,11 @@ def train_key(recipe: Recipe, run_dir: Path) -> str:
                         "data": keyed_section(recipe, "data")})[:16]
 
 
-def load_trainable(run_dir: Path, recipe: Recipe) -> PeftModel:
+def load_trainable(run_dir: Path, recipe: Recipe) -> torch.nn.Module:
     model = load_model(str(RunDir(run_dir).pruned_model), recipe.model.dtype, recipe.model.attn_implementation,
                        load_in_4bit=recipe.train.load_in_4bit)
     model = prepare_for_training(model, recipe.train)  # QLoRA preparation, gradient checkpointing, no KV cache
-    adapter = RunDir(run_dir).pruned_adapter
-    if recipe.peft.type == "adapter":  # bottleneck adapter, our own format (bottleneck.py)
-        return load_bottleneck(model, adapter, trainable=True, weights=recipe.train.warm_start)
-    if recipe.train.warm_start:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
-    cfg = read_json(adapter / "adapter_config.json", "pruned adapter config")
-    fields = {k: cfg[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern")}
-    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **fields))
+    return load_adapters(model, RunDir(run_dir).pruned_adapter, trainable=True, weights=recipe.train.warm_start)
 
 
 def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, deepspeed: str | None = None,
@@ -108,11 +100,9 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
                                                          "teacher": recipe.model.path, "last_kl": distiller.last_kl}}
     if rt.is_main:
         with atomic_dir(RunDir(run_dir).train) as tmp:
-            if recipe.peft.type == "adapter":
-                save_bottleneck(tmp / "adapter", adapter_state, adapter_config(model))
-            else:
-                model.save_pretrained(tmp / "adapter", state_dict=adapter_state, safe_serialization=True)
-            write_json(tmp / "train.json", record)
+            kinds = [kind for kind, _ in saved_kinds(RunDir(run_dir).pruned_adapter)]
+            save_adapters(tmp / ADAPTER, model, adapter_state, kinds)  # the layout it was loaded from
+            write_json(tmp / TRAIN_RECORD, record)
         log.info("train finished: loss %.4f -> %.4f, %.0f tokens/s", stats.losses[0], stats.losses[-1],
                  record["tokens_per_s"])
     rt.barrier()

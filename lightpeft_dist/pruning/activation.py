@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..adapters.bottleneck import SUFFIX as ADAPTER_SUFFIX
-from ..models.families import family_for, head_dim_of, layer_shapes, unwrap
+from ..models.families import RESIDUAL_ADAPTER_SUFFIX, family_for, head_dim_of, layer_shapes, unwrap
 from ..runtime import Runtime
 
 PROBE_ROWS = 1024  # unit vectors per probe forward: bounds the probe's activation memory
@@ -64,7 +63,7 @@ def output_weight_norms(owner: nn.Module, proj_name: str, in_features: int, head
     """Column-group norms of the frozen weight in `owner.<proj_name>`: under a LoRA wrapper the base layer is probed;
     a bottleneck adapter (a residual forward hook on the projection) is silenced for the probe, because it is
     nonlinear and would otherwise leak into the columns."""
-    adapter = getattr(owner, proj_name + ADAPTER_SUFFIX, None)
+    adapter = getattr(owner, proj_name + RESIDUAL_ADAPTER_SUFFIX, None)
     saved = getattr(adapter, "scaling", None)
     if adapter is not None:
         adapter.scaling = 0.0

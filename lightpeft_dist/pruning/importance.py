@@ -1,5 +1,9 @@
 """PEFT module ("p2") and LoRA rank ("first-order") importance, tracked with hooks during estimation.
 
+`ImportanceTracker` holds what every adapter kind shares (per-step sums, the second-half average, the cross-rank
+reduction, checkpoint state); `LoraImportanceTracker` measures LoRA, bottleneck_importance.py the bottleneck adapter,
+and `TrackerSet` drives one tracker per kind of a model as one (docs/adapters.md).
+
 Module score: per token, ||delta(x)|| / ||base(x)|| over the hidden dimension, averaged over non-pad tokens of an
 optimizer step, then over the second half of the steps (spec 2.1).
 
@@ -21,6 +25,7 @@ import torch.nn as nn
 from peft.tuners.lora import LoraLayer
 
 from .activation import token_weights
+from .module_keys import qualify
 from ..models.families import unwrap
 from ..runtime import Runtime
 
@@ -28,7 +33,7 @@ from ..runtime import Runtime
 @dataclass
 class _Module:
     name: str
-    layer: LoraLayer
+    layer: nn.Module
     rank: int
     d_in: int
     d_out: int
@@ -40,19 +45,10 @@ def lora_modules(model: nn.Module, adapter: str = "default") -> list[tuple[str, 
     return [(name, m) for name, m in base.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
 
 
-class PeftImportanceTracker:
-    """LoRA's trackers; the per-step, second-half and cross-rank logic is shared with other PEFT kinds, which
-    subclass it and override `_taylor_shape`, `_rank_score` and the hooks (see bottleneck_importance.py)."""
-
-    def __init__(self, model: nn.Module, total_steps: int, runtime: Runtime, adapter: str = "default"):
-        self.adapter = adapter
-        self._setup(model, total_steps, runtime, [
-            _Module(name, m, m.r[adapter], m.in_features, m.out_features) for name, m in lora_modules(model, adapter)
-        ])
-        for i, mod in enumerate(self.modules):
-            self._handles.append(mod.layer.base_layer.register_forward_hook(self._on_base(i)))
-            self._handles.append(mod.layer.lora_A[adapter].register_forward_hook(self._on_lora_a(i)))
-            self._handles.append(mod.layer.lora_B[adapter].register_forward_hook(self._on_lora_b(i)))
+class ImportanceTracker:
+    """The bookkeeping every kind shares. A kind subclasses it: its `__init__` calls `_setup` with its modules and
+    adds hooks that feed `_add_ratio` (module score) and `self._taylor` (unit sums), and it says how the Taylor sums
+    are shaped and turned into unit scores (`_taylor_shape`, `_rank_score`)."""
 
     def _setup(self, model: nn.Module, total_steps: int, runtime: Runtime, modules: list[_Module]) -> None:
         self.runtime = runtime
@@ -74,11 +70,11 @@ class PeftImportanceTracker:
 
     @staticmethod
     def _taylor_shape(mod: _Module) -> tuple[int, ...]:
-        return (mod.rank,)  # LoRA: one T_i serves both factors (spec 2.2)
+        raise NotImplementedError
 
     @staticmethod
     def _rank_score(mod: _Module, t: torch.Tensor) -> torch.Tensor:
-        return t.abs() * (1.0 / mod.d_in + 1.0 / mod.d_out)
+        raise NotImplementedError
 
     def _add_ratio(self, i: int, delta_norm: torch.Tensor, base_norm: torch.Tensor, like: torch.Tensor) -> None:
         ratio = torch.where(base_norm > 0, delta_norm / base_norm, torch.zeros_like(delta_norm))
@@ -92,33 +88,6 @@ class PeftImportanceTracker:
 
     def _tokens(self, like: torch.Tensor) -> torch.Tensor:
         return token_weights(self.token_mask, like)
-
-    def _on_base(self, i: int):
-        def hook(module, args, out):
-            if self.recording:
-                self._base_norm[i] = out.detach().double().norm(dim=-1)
-        return hook
-
-    def _on_lora_b(self, i: int):
-        def hook(module, args, out):
-            if not self.recording or i not in self._base_norm:
-                return
-            mod = self.modules[i]
-            delta = out.detach().double().norm(dim=-1) * float(mod.layer.scaling[self.adapter])
-            self._add_ratio(i, delta, self._base_norm.pop(i), out)
-        return hook
-
-    def _on_lora_a(self, i: int):
-        def hook(module, args, out):
-            if not self.recording or not out.requires_grad:
-                return
-            h = out.detach()
-
-            def grad_hook(grad: torch.Tensor) -> None:
-                self._taylor[i] += (h.double() * grad.double()).flatten(0, -2).sum(0)
-
-            out.register_hook(grad_hook)
-        return hook
 
     def end_step(self, step: int) -> None:
         """Close optimizer step `step` (0-based): reduce across ranks and fold into the second-half averages."""
@@ -159,3 +128,112 @@ class PeftImportanceTracker:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class LoraImportanceTracker(ImportanceTracker):
+    """LoRA's module and rank scores, from hooks on each LoRA layer's base layer and A and B factors."""
+
+    def __init__(self, model: nn.Module, total_steps: int, runtime: Runtime, adapter: str = "default"):
+        self.adapter = adapter
+        self._setup(model, total_steps, runtime, [
+            _Module(name, m, m.r[adapter], m.in_features, m.out_features) for name, m in lora_modules(model, adapter)
+        ])
+        for i, mod in enumerate(self.modules):
+            self._handles.append(mod.layer.base_layer.register_forward_hook(self._on_base(i)))
+            self._handles.append(mod.layer.lora_A[adapter].register_forward_hook(self._on_lora_a(i)))
+            self._handles.append(mod.layer.lora_B[adapter].register_forward_hook(self._on_lora_b(i)))
+
+    @staticmethod
+    def _taylor_shape(mod: _Module) -> tuple[int, ...]:
+        return (mod.rank,)  # LoRA: one T_i serves both factors (spec 2.2)
+
+    @staticmethod
+    def _rank_score(mod: _Module, t: torch.Tensor) -> torch.Tensor:
+        return t.abs() * (1.0 / mod.d_in + 1.0 / mod.d_out)
+
+    def _on_base(self, i: int):
+        def hook(module, args, out):
+            if self.recording:
+                self._base_norm[i] = out.detach().double().norm(dim=-1)
+        return hook
+
+    def _on_lora_b(self, i: int):
+        def hook(module, args, out):
+            if not self.recording or i not in self._base_norm:
+                return
+            mod = self.modules[i]
+            delta = out.detach().double().norm(dim=-1) * float(mod.layer.scaling[self.adapter])
+            self._add_ratio(i, delta, self._base_norm.pop(i), out)
+        return hook
+
+    def _on_lora_a(self, i: int):
+        def hook(module, args, out):
+            if not self.recording or not out.requires_grad:
+                return
+            h = out.detach()
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                self._taylor[i] += (h.double() * grad.double()).flatten(0, -2).sum(0)
+
+            out.register_hook(grad_hook)
+        return hook
+
+
+class TrackerSet:
+    """One tracker per adapter kind of a model, driven as one; result keys are qualified by kind (registry.py).
+
+    Checkpoint state of a single tracker keeps its own names, as before kinds existed, so an interrupted estimate
+    resumes; with several, each tracker's names are prefixed with its kind."""
+
+    def __init__(self, trackers: dict[str, ImportanceTracker]):
+        self.trackers = trackers
+
+    @property
+    def modules(self) -> list[_Module]:
+        return [m for t in self.trackers.values() for m in t.modules]
+
+    @property
+    def recording(self) -> bool:
+        return any(t.recording for t in self.trackers.values())
+
+    @recording.setter
+    def recording(self, value: bool) -> None:
+        for t in self.trackers.values():
+            t.recording = value
+
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        return next(iter(self.trackers.values())).token_mask
+
+    @token_mask.setter
+    def token_mask(self, value: torch.Tensor | None) -> None:
+        for t in self.trackers.values():
+            t.token_mask = value
+
+    def end_step(self, step: int) -> None:
+        for t in self.trackers.values():
+            t.end_step(step)
+
+    def results(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        module_scores: dict[str, float] = {}
+        rank_scores: dict[str, torch.Tensor] = {}
+        for kind, t in self.trackers.items():
+            modules, ranks = t.results()
+            module_scores.update({qualify(kind, n): v for n, v in modules.items()})
+            rank_scores.update({qualify(kind, n): v for n, v in ranks.items()})
+        return module_scores, rank_scores
+
+    def _prefix(self, kind: str) -> str:
+        return "" if len(self.trackers) == 1 else f"{kind}:"
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {self._prefix(kind) + k: v for kind, t in self.trackers.items() for k, v in t.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for kind, t in self.trackers.items():
+            p = self._prefix(kind)
+            t.load_state_dict({k[len(p):]: v for k, v in state.items() if k.startswith(p)})
+
+    def remove(self) -> None:
+        for t in self.trackers.values():
+            t.remove()

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..adapters.bottleneck import is_bottleneck_dir, prune_bottleneck
 from ..errors import LightPeftError
 from ..models.families import FamilySpec, family_for, head_dim_of
 from ..io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
@@ -25,6 +24,7 @@ from ..models.loading import fingerprint, load_config, resolve_model_dir
 from .plan import kept_shapes
 from ..models.pruned_model import architecture_name, pruned_config
 from .safetensors_stream import ShardReader, ShardWriter
+from ..rundir import PRUNE_RECORD
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -128,7 +128,7 @@ def prune_checkpoint(model_path: str, plan: dict, out_dir: Path) -> dict:
                 shutil.copy2(extra, tmp / extra.name)
         record = {"plan_hash": plan["hash"], "source": str(src), "params": n_params,
                   "architecture": new_config.architectures[0], "fingerprint": fingerprint(new_config)}
-        write_json(tmp / "lightpeft_prune.json", record)
+        write_json(tmp / PRUNE_RECORD, record)
     log.info("pruned model -> %s (%s, %s params)", out_dir, record["architecture"], f"{n_params:,}")
     return record
 
@@ -168,15 +168,3 @@ def prune_adapter(adapter_dir: Path, plan: dict, config, model_dir: Path, out_di
     log.info("pruned adapter -> %s (%d modules, %d ranks, %s params)", out_dir, len(names),
              sum(len(r) for r in kept_modules.values()), f"{n:,}")
     return {"modules": len(names), "params": n}
-
-
-def run_prune(run_dir: Path, model_path: str) -> dict:
-    plan = read_json(run_dir / "plan.json", "plan")
-    record = prune_checkpoint(model_path, plan, run_dir / "pruned_model")  # checks the plan against the model first
-    est_adapter = run_dir / "estimate" / "adapter"
-    if is_bottleneck_dir(est_adapter):  # hidden-size adapters: only modules and units are cut (bottleneck.py)
-        record["adapter"] = prune_bottleneck(est_adapter, plan, run_dir / "pruned_adapter")
-        return record
-    record["adapter"] = prune_adapter(est_adapter, plan, load_config(model_path),
-                                      run_dir / "pruned_model", run_dir / "pruned_adapter")
-    return record

@@ -23,6 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import PercentFormatter
 
+from ..adapters.registry import bare_kind
+from ..pruning.module_keys import DEFAULT_KIND, split_key, upgrade_keys
 from ..io_utils import read_json_if_present
 from ..rundir import RunDir
 from ..pruning.scores import Scores, load_scores
@@ -47,9 +49,13 @@ class RunData:
     @classmethod
     def load(cls, run_dir: str | Path) -> "RunData":
         d = RunDir(run_dir)
-        sc = d.scores("masks")
-        return cls(d.root, load_scores(sc) if sc.is_file() else None, read_json_if_present(d.estimate_record),
-                   read_json_if_present(d.plan), read_json_if_present(d.train_record),
+        sc, estimate = d.scores("masks"), read_json_if_present(d.estimate_record)
+        scores, plan, bare = load_scores(sc) if sc.is_file() else None, read_json_if_present(d.plan), bare_kind(estimate)
+        if scores is not None:  # keys as plans write them now (adapters/registry.py)
+            scores.module, scores.rank = upgrade_keys(scores.module, bare), upgrade_keys(scores.rank, bare)
+        if plan is not None and "peft_modules" in plan:
+            plan["peft_modules"] = upgrade_keys(plan["peft_modules"], bare)
+        return cls(d.root, scores, estimate, plan, read_json_if_present(d.train_record),
                    read_json_if_present(d.eval_record))
 
 
@@ -86,11 +92,17 @@ def _layer_axis(ax, n: int) -> None:
 def module_grid(names: list[str], n_layers: int, value) -> tuple[np.ndarray, list[str]]:
     """[module type, layer] grid of value(name) for names like model.layers.3.mlp.up_proj; NaN where absent.
 
-    Rows are q,k,v,o,gate,up,down plus any other projection type found; names without a layer index are ignored.
+    Rows are q,k,v,o,gate,up,down plus any other projection type found, and a row per type of another adapter kind
+    (`bottleneck:model.layers.3.mlp.down_proj` is row "down (bottleneck)"); names without a layer index are ignored.
     """
-    parsed = {n: (int(m.group(1)), n.rsplit(".", 1)[-1].removesuffix("_proj")) for n in names
-              if (m := _LAYER.search(n))}
-    types = [*MODULE_TYPES, *sorted({t for _, t in parsed.values()} - set(MODULE_TYPES))]
+    def row(name: str) -> str:
+        kind, path = split_key(name)
+        t = path.rsplit(".", 1)[-1].removesuffix("_proj")
+        return t if kind == DEFAULT_KIND else f"{t} ({kind})"
+
+    parsed = {n: (int(m.group(1)), row(n)) for n in names if (m := _LAYER.search(n))}
+    lora = not parsed or any(split_key(n)[0] == DEFAULT_KIND for n in parsed)  # else no LoRA rows to hatch
+    types = [*(MODULE_TYPES if lora else ()), *sorted({t for _, t in parsed.values()} - set(MODULE_TYPES))]
     grid = np.full((len(types), max([n_layers, *(i + 1 for i, _ in parsed.values())])), np.nan)
     for name, (layer, t) in parsed.items():
         grid[types.index(t), layer] = value(name)

@@ -1,9 +1,10 @@
 """Stage 1, the Light-PEFT scoring strategy: a short masked run that learns what to prune.
 
-Masks on heads and FFN neurons (L1-penalised, their own optimizer groups) train together with LoRA on all target
-projections for a fixed step budget with a linearly decaying LR; PEFT module and rank importance are tracked on the
-way (see importance.py). The output is a `Scores` file plus the estimation adapter, which warm-starts training after
-pruning (spec 3).
+Masks on heads and FFN neurons (L1-penalised, their own optimizer groups) train together with the recipe's adapters
+(LoRA on all target projections by default; every kind in adapters/registry.py) for a fixed step budget with a
+linearly decaying LR; PEFT module and rank importance are tracked on the way, one tracker per kind (importance.py).
+The output is a `Scores` file plus the estimation adapters, which warm-start training after pruning (as the
+reference does, docs/method.md).
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ from ..training.checkpoint import Checkpointing, resume
 from ..training.hooks import StepHooks, Trainee
 from ..config import Recipe, recipe_to_dict
 from ..models.families import config_layer_shapes, head_dim_of
-from ..adapters.bottleneck import adapter_config, save_bottleneck
-from ..pruning.bottleneck_importance import BottleneckImportanceTracker
-from ..pruning.importance import PeftImportanceTracker
+from ..adapters.registry import AdapterKind, attach_adapters, is_adapter_param, kinds_of, save_adapters
+from ..pruning.importance import TrackerSet
 from ..errors import LightPeftError
 from ..io_utils import atomic_dir, read_json_if_present, sha256_json, write_json
 from ..training.loop import linear_schedule, make_engine, run_steps, train_batches
 from ..pruning.masks import L1Sink, attach_masks, mask_parameters
-from ..models.loading import attach_lora, fingerprint, is_peft_param, load_config, load_model, load_tokenizer
+from ..models.loading import fingerprint, load_config, load_model, load_tokenizer
 from ..pruning.plan import make_plan
-from ..rundir import SCORE_FILES, RunDir
+from ..rundir import ADAPTER, ESTIMATE_RECORD, RunDir, SCORE_FILES
 from ..runtime import Runtime, current
 from ..pruning.scores import Scores, save_scores
 from .base import Stage, Strategy
@@ -63,17 +63,17 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
                                min(min(s["num_attention_heads"], s["intermediate_size"]) for s in shapes),
                                rt.world_size)
     batches = train_batches(recipe.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.seed, rt)
+    kinds = kinds_of(recipe.peft)
     with zero3_loading(ds_cfg):
-        model = attach_lora(load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation),
-                            recipe.peft)
+        model = attach_adapters(load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation),
+                                recipe.peft)
         sink = L1Sink()
         activations = ActivationTracker(model, rt)  # its hooks run before the mask hooks (prepended)
         attach_masks(model, sink=sink)
         head_masks, ffn_masks = mask_parameters(model)
-        tracker = (BottleneckImportanceTracker if recipe.peft.type == "adapter" else PeftImportanceTracker)(
-            model, cfg.steps, rt)
+        tracker = TrackerSet({kind.name: kind.tracker(model, cfg.steps, rt) for kind in kinds})
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        peft_params = [p for n, p in trainable if is_peft_param(n)]
+        peft_params = [p for n, p in trainable if is_adapter_param(n)]
         mask_lr = cfg.lr * cfg.mask_lr_coef
         optimizer = torch.optim.AdamW([
             {"params": peft_params, "lr": cfg.lr, "name": "peft"},
@@ -101,7 +101,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     act_head, act_ffn = activations.results()
     all_scores = {"masks": scores,
                   "activation": Scores(head=act_head, ffn=act_ffn, module=module_scores, rank=rank_scores)}
-    adapter_state = full_state([(n, p) for n, p in trainable if is_peft_param(n)])
+    adapter_state = full_state([(n, p) for n, p in trainable if is_adapter_param(n)])
     plan_hash = make_plan(all_scores[recipe.prune.unit_scores], shapes, recipe.prune, fingerprint(base_config),
                           base_config.hidden_size, head_dim_of(base_config))["hash"]
     rt.agree(plan_hash, "plan computed from the gathered scores")
@@ -114,7 +114,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
         "train_seconds": stats.seconds, "wall_seconds": time.time() - t0, "recipe": recipe_to_dict(recipe),
     }
     if rt.is_main:
-        write_estimate(RunDir(run_dir).estimate, all_scores, model, adapter_state, record)
+        write_estimate(RunDir(run_dir).estimate, all_scores, model, adapter_state, kinds, record)
         shutil.rmtree(RunDir(run_dir).checkpoint("estimate"), ignore_errors=True)
     rt.barrier()
     return record
@@ -127,7 +127,7 @@ class EstimateHooks(StepHooks):
     are not counted; the trackers' totals are the checkpointed state.
     """
 
-    def __init__(self, tracker: PeftImportanceTracker | BottleneckImportanceTracker, activations: ActivationTracker,
+    def __init__(self, tracker: TrackerSet, activations: ActivationTracker,
                  sink: L1Sink, l1: float):
         self.tracker, self.activations, self.sink, self.l1 = tracker, activations, sink, l1
 
@@ -181,16 +181,13 @@ def mask_partitioning(masks: list[torch.Tensor], rt: Runtime) -> dict | None:
 
 
 def write_estimate(out_dir: Path, all_scores: dict[str, Scores], peft_model, adapter_state: dict,
-                   record: dict) -> None:
+                   kinds: list[AdapterKind], record: dict) -> None:
     """Both unit scorings are written; `prune.unit_scores` picks one at plan time, so switching needs no new run."""
     with atomic_dir(out_dir) as tmp:
         for kind, scores in all_scores.items():
             save_scores(tmp / SCORE_FILES[kind], scores, metadata={"strategy": record["strategy"], "units": kind})
-        if record["recipe"]["peft"]["type"] == "adapter":
-            save_bottleneck(tmp / "adapter", adapter_state, adapter_config(peft_model))
-        else:
-            peft_model.save_pretrained(tmp / "adapter", state_dict=adapter_state, safe_serialization=True)
-        write_json(tmp / "estimate.json", record)
+        save_adapters(tmp / ADAPTER, peft_model, adapter_state, kinds)  # layout: adapters/registry.py
+        write_json(tmp / ESTIMATE_RECORD, record)
     masks = torch.cat([*all_scores["masks"].head, *all_scores["masks"].ffn])
     log.info("estimate written to %s: mask range [%.4f, %.4f], mean module score %.4f", out_dir,
              float(masks.min()), float(masks.max()),

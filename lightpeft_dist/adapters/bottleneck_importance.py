@@ -1,7 +1,7 @@
 """Module ("p2") and bottleneck-unit ("first-order") importance for the bottleneck adapter, tracked with hooks.
 
-Same surface and bookkeeping as the LoRA tracker (importance.py: per step, second half, summed across ranks, hooks
-record only while `recording`); only what is measured differs.
+Same surface and bookkeeping as every kind's tracker (importance.py `ImportanceTracker`: per step, second half,
+summed across ranks, hooks record only while `recording`); only what is measured differs.
 
 Module score: per token ||s * up(act(down(h)))|| / ||base output||, averaged over non-pad tokens (spec 2.1, the
 output_adapter's denominator is the linear output it is added to).
@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..adapters.bottleneck import adapter_modules
-from .importance import PeftImportanceTracker, _Module
+from .bottleneck import adapter_modules
+from ..pruning.importance import ImportanceTracker, _Module
 from ..runtime import Runtime
 
 
-class BottleneckImportanceTracker(PeftImportanceTracker):
+class BottleneckImportanceTracker(ImportanceTracker):
     def __init__(self, model: nn.Module, total_steps: int, runtime: Runtime):
         self.adapter = None
         self._setup(model, total_steps, runtime, [
