@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import LightPeftError
 from ..io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from ..runtime import Runtime
 from .zero import full_value, gathered
@@ -108,8 +109,19 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
 
 
 def restore_checkpoint(engine, named_params: list[tuple[str, torch.Tensor]], meta: dict,
-                       tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Load params and AdamW moments into a freshly initialised engine; returns the caller's `extra` tensors."""
+                       tensors: dict[str, torch.Tensor],
+                       source: Path | str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """Load params and AdamW moments into a freshly initialised engine; returns the caller's `extra` tensors.
+
+    A checkpoint lacking a tensor is refused before anything is loaded: a parameter left at its fresh value would
+    silently resume a different run than the one that was checkpointed."""
+    expected = [f"{kind}/{name}" for name, _ in named_params for kind in ("param", *ADAM_KEYS)]
+    missing = [k for k in expected if k not in tensors]
+    if not isinstance(meta.get("step"), int):
+        missing.insert(0, "the step in state.json")
+    if missing:  # checked before any state is touched
+        raise LightPeftError(f"{source} is incomplete: it lacks {missing[0]}{' and more' * (len(missing) > 1)}; "
+                             "delete it to start the stage afresh")
     step = int(meta["step"]) + 1  # optimizer steps taken so far
     _init_adam_state(engine, step)
     for name, p in named_params:
