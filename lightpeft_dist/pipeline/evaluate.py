@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
 from ..adapters.bottleneck import is_bottleneck_dir, load_bottleneck
 from ..config import Recipe, recipe_to_dict
@@ -19,7 +18,7 @@ from ..data.batches import Collator, encode_split, load_rows
 from ..io_utils import read_json, sha256_json, write_json
 from .metrics import classification_accuracy, lm_loss
 from ..rundir import RunDir
-from ..models.loading import count_parameters, load_model, load_tokenizer
+from ..models.loading import count_parameters, load_adapter, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ def run_evaluate(recipe: Recipe, run_dir: Path, baseline: bool = True) -> dict:
         del base
     pruned = load_model(str(run_dir / "pruned_model"), recipe.model.dtype, recipe.model.attn_implementation)
     adapter = run_dir / "train" / "adapter"
-    model = load_bottleneck(pruned, adapter) if is_bottleneck_dir(adapter) else PeftModel.from_pretrained(pruned, adapter)
+    model = load_bottleneck(pruned, adapter) if is_bottleneck_dir(adapter) else load_adapter(pruned, adapter)
     result["pruned"] = evaluate_model(model, tokenizer, recipe, split)
     log.info("pruned + fine-tuned: %s", result["pruned"])
     write_json(run_dir / "eval.json", result)

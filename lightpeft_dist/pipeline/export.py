@@ -19,7 +19,8 @@ from ..config import Recipe
 from ..errors import LightPeftError
 from ..io_utils import atomic_dir, read_json, sha256_file, sha256_json, write_json
 from ..rundir import RunDir
-from ..models.loading import DTYPES, count_parameters, load_model, load_tokenizer
+from ..training.finite import check_tensors
+from ..models.loading import DTYPES, count_parameters, load_adapter, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ def export_key(recipe: Recipe, run_dir: Path) -> str:
 
 
 def run_export(recipe: Recipe, run_dir: Path) -> Path:
-    from peft import PeftModel
-
     adapter = run_dir / "train" / "adapter"
     if is_bottleneck_dir(adapter):
         raise LightPeftError("a bottleneck adapter (peft.type: adapter) is a nonlinear module and cannot be merged "
@@ -41,8 +40,10 @@ def run_export(recipe: Recipe, run_dir: Path) -> Path:
         raise LightPeftError(f"no trained adapter at {adapter}; run the train stage first")
     key = export_key(recipe, run_dir)
     base = load_model(str(run_dir / "pruned_model"), "float32", "sdpa")
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    merged = load_adapter(base, adapter).merge_and_unload()
     merged = merged.to(DTYPES[recipe.model.dtype])
+    check_tensors("the merged model's weights", merged.state_dict(), "the pruned model or the trained adapter "
+                  "is not finite; rerun train (with a lower train.lr if it diverged)")
     out = run_dir / "export"
     params = count_parameters(merged)["total"]
     with atomic_dir(out) as tmp:

@@ -21,8 +21,9 @@ from ..training.distill import make_distiller
 from .evaluate import task_metrics
 from ..models.fastpath import prepare_for_training
 from ..io_utils import atomic_dir, read_json, sha256_json, write_json
+from ..training.finite import DIVERGED, check_tensors
 from ..training.loop import linear_schedule, make_engine, run_steps, train_batches
-from ..models.loading import count_parameters, load_config, load_model, load_tokenizer
+from ..models.loading import count_parameters, load_adapter, load_config, load_model, load_tokenizer
 from ..data.packing import packed_batches
 from ..rundir import RunDir
 from ..runtime import Runtime, current
@@ -45,7 +46,7 @@ def load_trainable(run_dir: Path, recipe: Recipe) -> PeftModel:
     if recipe.peft.type == "adapter":  # bottleneck adapter, our own format (bottleneck.py)
         return load_bottleneck(model, adapter, trainable=True, weights=recipe.train.warm_start)
     if recipe.train.warm_start:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        return load_adapter(model, adapter, is_trainable=True)
     cfg = read_json(adapter / "adapter_config.json", "pruned adapter config")
     fields = {k: cfg[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern")}
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **fields))
@@ -92,6 +93,7 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
     if on_trained is not None:
         on_trained(engine.module)
     adapter_state = full_state(named)  # collective under ZeRO-3: the saved adapter is complete, never shape [0]
+    check_tensors("the trained adapter's weights", adapter_state, DIVERGED.format(stage="train"))  # on every rank
     record = {"key": train_key(recipe, run_dir), "steps": cfg.steps, "losses": stats.losses,
               "tokens": stats.tokens * rt.world_size, "train_seconds": stats.seconds,
               "tokens_per_s": stats.tokens * rt.world_size / max(stats.seconds, 1e-9),
