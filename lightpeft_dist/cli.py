@@ -64,8 +64,10 @@ def _plan_overrides(args: argparse.Namespace) -> list[str]:
 
 def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
     from .pipeline import stages as pipeline
+    from .pipeline.preflight import check_inputs, check_run_dir
 
     run_dir: Path = args.run_dir
+    check_run_dir(run_dir)
     if args.stage == "report":
         from .reporting.report import summary_table, write_report
 
@@ -85,6 +87,7 @@ def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
         from .training.zero import load_ds_config
 
         load_ds_config(deepspeed)  # a missing or broken config fails before any rank loads a model
+    check_inputs(recipe, args.stage)  # every input file, before the first stage starts (pipeline/preflight.py)
     rt = init_distributed(require_group=bool(deepspeed))
     if not rt.is_main:
         logging.getLogger().setLevel(logging.WARNING)
