@@ -87,7 +87,7 @@ def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
         from .training.zero import load_ds_config
 
         load_ds_config(deepspeed)  # a missing or broken config fails before any rank loads a model
-    check_inputs(recipe, args.stage)  # every input file, before the first stage starts (pipeline/preflight.py)
+    check_inputs(recipe, args.stage)  # every input, before any rank works (docs/architecture.md, "Guarantees")
     rt = init_distributed(require_group=bool(deepspeed))
     if not rt.is_main:
         logging.getLogger().setLevel(logging.WARNING)
