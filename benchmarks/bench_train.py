@@ -72,12 +72,10 @@ def estimate_child(base_dir: str, adapter_out: str, s: dict) -> dict:
 
 def train_child(model_dir: str, adapter_dir: str | None, s: dict) -> dict:
     """Train steps on one variant, loaded and prepared exactly as the train stage does."""
-    from peft import PeftModel
-
     from lightpeft_dist.models.fastpath import prepare_for_training
     from lightpeft_dist.training.loop import PlainEngine, linear_schedule
-    from lightpeft_dist.adapters.registry import attach_adapters
-    from lightpeft_dist.adapters.registry import count_parameters
+    from lightpeft_dist.adapters.registry import attach_adapters, count_parameters
+    from lightpeft_dist.adapters.lora import load_adapter
     from lightpeft_dist.models.loading import load_model
 
     device = setup_child(s["seed"], s["cpu_threads"])
@@ -87,7 +85,7 @@ def train_child(model_dir: str, adapter_dir: str | None, s: dict) -> dict:
     model = prepare_for_training(model, TrainConfig(load_in_4bit=s["load_in_4bit"],
                                                     gradient_checkpointing=s["gradient_checkpointing"]))
     if adapter_dir:  # the pruned adapter (per-module ranks), as `train` warm-starts from it
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+        model = load_adapter(model, adapter_dir, is_trainable=True)
     else:
         model = attach_adapters(model, PeftConfig(**s["peft"]))
     model = model.to(device)

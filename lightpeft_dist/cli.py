@@ -68,8 +68,10 @@ def _plan_overrides(args: argparse.Namespace) -> list[str]:
 
 def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
     from .pipeline import stages as pipeline
+    from .pipeline.preflight import check_inputs, check_run_dir
 
     run_dir: Path = args.run_dir
+    check_run_dir(run_dir)
     if args.stage == "report":
         from .reporting.report import summary_table, write_report
 
@@ -93,6 +95,7 @@ def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
         from .training.zero import load_ds_config
 
         load_ds_config(deepspeed)  # a missing or broken config fails before any rank loads a model
+    check_inputs(recipe, args.stage)  # every input, before any rank works (docs/architecture.md, "Guarantees")
     rt = init_distributed(require_group=bool(deepspeed))
     if not rt.is_main:
         logging.getLogger().setLevel(logging.WARNING)

@@ -31,7 +31,8 @@ Scope = Literal["layerwise", "global"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # `.inf` and `.nan` are valid YAML floats; a NaN learning rate passes every `gt=0` bound and diverges a run
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -49,8 +50,8 @@ class DataConfig(_Strict):
     test_file: str | None = None
     labels: dict[str, str] | None = Field(None, description="classification: label -> verbalizer word")
     template: str = "{text}\n"
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
+    max_train_examples: int | None = Field(None, ge=1, description="unset = all rows")
+    max_eval_examples: int | None = Field(None, ge=1, description="unset = all rows")
 
     @model_validator(mode="after")
     def _classification_needs_labels(self) -> "DataConfig":
@@ -59,7 +60,23 @@ class DataConfig(_Strict):
                 raise ValueError("data.labels (label -> verbalizer word) is required for format 'classification'")
             if "{text}" not in self.template:
                 raise ValueError("data.template must contain '{text}'")
+            _check_label_words(self.labels)
         return self
+
+
+def _check_label_words(labels: dict[str, str]) -> None:
+    """Training supervises only the verbalizer tokens and evaluation ranks them: an empty word gives no token to
+    learn, and two labels sharing a word cannot be told apart, so either would run to the end and mean nothing."""
+    seen: dict[str, str] = {}
+    for label, word in labels.items():
+        if not word.strip():
+            raise ValueError(f"data.labels: label {label!r} has an empty verbalizer word; give it a word, e.g. "
+                             f"{label}: {label}")
+        key = word.strip()
+        if key in seen:
+            raise ValueError(f"data.labels: labels {seen[key]!r} and {label!r} share the verbalizer word {key!r}; "
+                             "every label needs its own word")
+        seen[key] = label
 
 
 class PeftConfig(_Strict):
@@ -81,6 +98,13 @@ class PeftConfig(_Strict):
             return resolve(word).name
         except LightPeftError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, v: list[str]) -> list[str]:
+        if not v:  # no adapter at all: estimation would learn nothing and the plan would keep no module
+            raise ValueError("peft.targets is empty; list the projections to adapt, e.g. [q_proj, v_proj]")
+        return v
 
     @model_validator(mode="after")
     def _kind_defaults(self) -> "PeftConfig":
@@ -166,7 +190,7 @@ def _strategies() -> dict:
 
 
 class Recipe(_Strict):
-    model_config = ConfigDict(extra="allow")  # strategy sections (apt:, prunepeft:, ...), each checked below
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # strategy sections (apt:, ...), checked below
 
     strategy: str = Field("lightpeft", description="what decides the pruning: lightpeft (masked estimate)")
     model: ModelConfig
@@ -267,7 +291,10 @@ def keyed_section(recipe: Recipe, section: str) -> dict[str, Any]:
 
 def _coerce(text: str) -> Any:
     """Parse an override value the way YAML would ('0.4' -> 0.4, 'true' -> True, '[a,b]' -> list)."""
-    return yaml.safe_load(text) if text != "" else ""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as exc:
+        raise LightPeftError(f"override value {text!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -323,17 +350,31 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
         setattr(recipe.data, name, fix(getattr(recipe.data, name)))
 
 
+def read_recipe_file(path: Path, what: str = "recipe", fix: str = "") -> dict[str, Any]:
+    """The raw mapping in a recipe file; unreadable, non-UTF-8 or non-YAML files are one-line errors ending in
+    `fix`, an alternative to fixing the file (the saved recipe of a run directory is read through here too)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LightPeftError(f"{what} {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                             f"{exc.start}); save it as UTF-8{fix}") from None
+    except OSError as exc:
+        raise LightPeftError(f"{what} {path} cannot be read ({exc.strerror or exc}); check its permissions{fix}") \
+            from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise LightPeftError(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]}); fix it{fix}") from None
+    if not isinstance(raw, dict):
+        raise LightPeftError(f"{what} {path} is not a YAML mapping of sections (model, data, peft, ...); fix it{fix}")
+    return raw
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise LightPeftError(f"recipe not found at {path}; pass --config with a YAML recipe (see recipes/)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise LightPeftError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise LightPeftError(f"recipe {path} must be a YAML mapping of sections (model, data, peft, ...)")
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(read_recipe_file(path), overrides or [])
     return recipe_from_dict(raw, source=str(path), base_dir=path.parent)
 
 

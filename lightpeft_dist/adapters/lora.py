@@ -17,6 +17,7 @@ import torch.nn as nn
 from ..errors import LightPeftError
 from ..io_utils import read_json
 from ..models.families import family_for
+from ..models.weights import check_adapter
 from .registry import CONFIG_FILE, AdapterKind, register
 
 if TYPE_CHECKING:
@@ -60,12 +61,31 @@ def owns(path: Path) -> bool:
     return cfg.is_file() and read_json(cfg, "adapter config").get("peft_type") == PEFT_TYPE
 
 
+def load_adapter(model: nn.Module, adapter_dir: Path, is_trainable: bool = False) -> PeftModel:
+    """A saved LoRA adapter on `model`: safetensors only, and a missing adapter tensor is an error (PEFT would keep
+    its fresh initialisation and only warn)."""
+    import warnings
+
+    from peft import PeftModel
+
+    from ..models.loading import first_line  # on use: loading imports the schema, which reads the kinds registered here
+
+    check_adapter(Path(adapter_dir))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Found missing adapter keys")
+        try:
+            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
+        except UserWarning as exc:
+            raise LightPeftError(f"the adapter at {adapter_dir} is incomplete ({first_line(exc)[:200]}); rerun "
+                                 "the stage that writes it") from None
+
+
 def load(model: nn.Module, path: Path, trainable: bool = False, weights: bool = True) -> PeftModel:
     """The saved LoRA (weights=False: fresh LoRA with the same per-module ranks, e.g. `train.warm_start: false`)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     if weights:
-        return PeftModel.from_pretrained(model, path, is_trainable=trainable)
+        return load_adapter(model, path, is_trainable=trainable)
     cfg = read_json(Path(path) / CONFIG_FILE, "pruned adapter config")
     fields = {k: cfg[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern")}
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **fields))
@@ -84,9 +104,7 @@ def tracker(model: nn.Module, total_steps: int, runtime: Runtime) -> ImportanceT
 
 
 def merge(model: nn.Module, path: Path) -> nn.Module:
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, path).merge_and_unload()
+    return load_adapter(model, path).merge_and_unload()
 
 
 KIND = register(AdapterKind(name="lora", aliases=(), order=0, attach=attach, is_param=is_param, save=save, owns=owns,

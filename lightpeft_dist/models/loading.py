@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .. import assets
@@ -20,6 +22,7 @@ from ..config import ModelConfig
 from ..errors import LightPeftError
 from .families import family_for, head_dim_of
 from ..io_utils import sha256_json
+from .weights import check_adapter, check_model_weights
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,26 +37,44 @@ def resolve_model_dir(path: str) -> Path:
 
 def load_config(path: str):
     real = resolve_model_dir(path)
-    try:
+    try:  # transformers wraps bad JSON in OSError; its strict config dataclasses raise their own type
         config = AutoConfig.from_pretrained(real)
-    except (ValueError, KeyError) as exc:
-        raise LightPeftError(f"cannot read the model config at {real} ({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as exc:
+        raise LightPeftError(f"transformers cannot read the model config at {real}/config.json "
+                             f"({first_line(exc)}); fix or replace config.json") from None
     family_for(config)  # unsupported architectures fail here, before any weights are read
     return config
 
 
+def first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else exc.__class__.__name__
+
+
 def load_model(path: str, dtype: str = "float32", attn_implementation: str | None = None,
                load_in_4bit: bool = False) -> PreTrainedModel:
+    """Safetensors only (models/weights.py), and a checkpoint that lacks or adds a tensor is an error: transformers
+    would fill a missing tensor with random values and only log it."""
     real = resolve_model_dir(path)
     load_config(path)
+    check_model_weights(real)
     kwargs = {"dtype": DTYPES[dtype]}
     kwargs["attn_implementation"] = choose_attention(attn_implementation, DTYPES[dtype])
     if load_in_4bit:
         kwargs.update(quant.load_kwargs(DTYPES[dtype]))
     try:
-        model = AutoModelForCausalLM.from_pretrained(real, **kwargs)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise LightPeftError(f"cannot load model weights from {real} ({str(exc).splitlines()[0]})") from None
+        model, info = AutoModelForCausalLM.from_pretrained(real, use_safetensors=True, output_loading_info=True,
+                                                           **kwargs)
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
+        raise LightPeftError(f"cannot load model weights from {real} ({first_line(exc)})") from None
+    problems = [(kind, sorted(map(str, info.get(f"{kind}_keys") or ()))) for kind in ("missing", "unexpected",
+                                                                                      "mismatched")]
+    problems.append(("load errors", [str(m) for m in info.get("error_msgs") or ()]))
+    found = "; ".join(f"{len(names)} {kind} ({names[0]}{', ...' if len(names) > 1 else ''})"
+                      for kind, names in problems if names)
+    if found:
+        raise LightPeftError(f"the weights in {real} do not match its config.json: {found}; the checkpoint is "
+                             "incomplete or for another model, so re-download or re-save it")
     if load_in_4bit:
         quant.keep_generic_cpu_path(model)  # pruned widths crash bitsandbytes' packed CPU kernel (quant.py)
     log.info("loaded %s from %s (%s params, attention=%s)", type(model).__name__, real,
@@ -65,8 +86,8 @@ def load_tokenizer(cfg: ModelConfig):
     real = assets.resolve(cfg.tokenizer or cfg.path)
     try:
         tok = AutoTokenizer.from_pretrained(real)
-    except (OSError, ValueError) as exc:
-        raise LightPeftError(f"cannot load a tokenizer from {real} ({str(exc).splitlines()[0]}); "
+    except Exception as exc:  # noqa: BLE001 - `tokenizers` raises a bare Exception for a garbage tokenizer.json
+        raise LightPeftError(f"cannot load a tokenizer from {real} ({first_line(exc)}); "
                              "set model.tokenizer to a folder with tokenizer files") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -20,6 +20,7 @@ from ..config import Recipe
 from ..errors import LightPeftError
 from ..io_utils import atomic_dir, read_json, sha256_file, sha256_json, write_json
 from ..rundir import EXPORT_RECORD, RunDir
+from ..training.finite import check_tensors
 from ..models.loading import DTYPES, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def run_export(recipe: Recipe, run_dir: Path) -> Path:
         merged = kind.merge(merged, path)
     merged = merged.to(DTYPES[recipe.model.dtype])
     out = RunDir(run_dir).export
+    check_tensors("the merged model's weights", merged.state_dict(), "the pruned model or the trained adapter "
+                  "is not finite; rerun train (with a lower train.lr if it diverged)")
     params = count_parameters(merged)["total"]
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..config import DataConfig
 from ..data.batches import IGNORE_INDEX, Collator, encode_example
 from ..errors import LightPeftError
+from ..training.finite import NON_FINITE_OUTPUTS, check_metrics, check_tensors
 
 
 def _device(model: Any) -> torch.device:
@@ -112,6 +113,7 @@ def classification_accuracy(model: Any, tokenizer: Any, rows: datasets.Dataset |
     if unknown:
         raise LightPeftError(f"label(s) {', '.join(map(repr, unknown))} are not in data.labels; add them there")
     scores = classification_scores(model, tokenizer, rows, cfg, seq_len, batch_size)
+    check_tensors("the label log-probabilities", {"classification scores": scores}, NON_FINITE_OUTPUTS)
     pred = [names[i] for i in scores.argmax(dim=1).tolist()]
     hits = [p == g for p, g in zip(pred, gold)]
     per_label: dict[str, float] = {}
@@ -138,6 +140,7 @@ def lm_loss(model: Any, dataset_encoded: datasets.Dataset | Sequence[dict[str, A
         raise LightPeftError("the evaluation split has no tokens to score (empty split, or every example shorter "
                              "than two tokens); check the eval data and seq_len")
     loss = total / tokens
+    check_metrics("evaluation", {"loss": loss})
     try:
         ppl = math.exp(loss)
     except OverflowError:

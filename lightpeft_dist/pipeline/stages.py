@@ -18,8 +18,9 @@ from typing import Callable, Iterator
 import yaml
 
 from ..adapters.registry import bare_kind, kinds_of, saved_kinds
+from ..config import (Recipe, apply_overrides, keyed_section, load_recipe, read_recipe_file, recipe_from_dict,
+                      recipe_to_dict)
 from ..pruning.module_keys import upgrade_keys
-from ..config import Recipe, apply_overrides, keyed_section, load_recipe, recipe_from_dict, recipe_to_dict
 from ..errors import LightPeftError
 from ..io_utils import read_json, read_json_if_present, sha256_file, sha256_json, write_json, write_text
 from ..pruning.scores import load_scores
@@ -38,8 +39,8 @@ def resolve_recipe(run_dir: Path, config: str | None, overrides: list[str]) -> R
     saved = RunDir(run_dir).recipe
     if not saved.is_file():
         raise LightPeftError(f"no recipe in {run_dir}; pass --config R.yaml (or run estimate there first)")
-    raw = apply_overrides(yaml.safe_load(saved.read_text()), overrides)
-    return recipe_from_dict(raw, source=str(saved))
+    raw = read_recipe_file(saved, "saved recipe", " or pass --config R.yaml to start from a recipe again")
+    return recipe_from_dict(apply_overrides(raw, overrides), source=str(saved))
 
 
 def save_recipe(run_dir: Path, recipe: Recipe) -> None:

@@ -21,6 +21,7 @@ from ..training.distill import make_distiller
 from .evaluate import task_metrics
 from ..models.fastpath import prepare_for_training
 from ..io_utils import atomic_dir, read_json, sha256_json, write_json
+from ..training.finite import DIVERGED, check_tensors
 from ..training.hooks import HookList, StepHooks, Trainee
 from ..training.loop import linear_schedule, make_engine, run_steps, train_batches
 from ..models.loading import load_config, load_model, load_tokenizer
@@ -90,6 +91,7 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
         on_trained(trainee.engine.module)
     model, named = trainee.model, trainee.named
     adapter_state = full_state(named)  # collective under ZeRO-3: the saved adapter is complete, never shape [0]
+    check_tensors("the trained adapter's weights", adapter_state, DIVERGED.format(stage="train"))  # on every rank
     record = {"key": train_key(recipe, run_dir), "steps": cfg.steps, "losses": stats.losses,
               "tokens": stats.tokens * rt.world_size, "train_seconds": stats.seconds,
               "tokens_per_s": stats.tokens * rt.world_size / max(stats.seconds, 1e-9),

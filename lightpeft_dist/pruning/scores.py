@@ -15,6 +15,7 @@ import torch
 
 from ..errors import LightPeftError
 from ..io_utils import load_tensors, save_tensors
+from ..training.finite import check_tensors
 
 
 @dataclass
@@ -34,13 +35,19 @@ class Scores:
                       {k: float(torch.rand(1, generator=g)) for k in self.module},
                       {k: noise(v) for k, v in self.rank.items()})
 
+    def named(self) -> dict[str, torch.Tensor]:
+        """Every score under the name it has on disk (`head.3`, `module.<path>`, ...)."""
+        tensors = {f"head.{i}": t for i, t in enumerate(self.head)}
+        tensors.update({f"ffn.{i}": t for i, t in enumerate(self.ffn)})
+        tensors.update({f"module.{k}": torch.tensor(v, dtype=torch.float32) for k, v in self.module.items()})
+        tensors.update({f"rank.{k}": v for k, v in self.rank.items()})
+        return tensors
 
 
 def save_scores(path: str | Path, scores: Scores, metadata: dict[str, str] | None = None) -> None:
-    tensors = {f"head.{i}": t for i, t in enumerate(scores.head)}
-    tensors.update({f"ffn.{i}": t for i, t in enumerate(scores.ffn)})
-    tensors.update({f"module.{k}": torch.tensor(v, dtype=torch.float32) for k, v in scores.module.items()})
-    tensors.update({f"rank.{k}": v for k, v in scores.rank.items()})
+    """Refuses non-finite scores: the planner would rank NaN as if it were a number (docs/architecture.md)."""
+    tensors = scores.named()
+    check_tensors("the unit scores to save", tensors, "the estimate diverged; lower estimate.lr and rerun estimate")
     meta = dict(metadata or {})
     meta["modules"] = json.dumps(list(scores.module))  # keeps module order (safetensors sorts keys)
     save_tensors(path, {k: v.float() for k, v in tensors.items()}, metadata=meta)
@@ -50,6 +57,7 @@ def load_scores(path: str | Path) -> Scores:
     from safetensors import safe_open
 
     tensors = load_tensors(path, "scores file")
+    check_tensors(f"the scores in {path}", tensors, "delete the file and rerun estimate")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     try:

@@ -25,6 +25,7 @@ from ..adapters.registry import AdapterKind, attach_adapters, is_adapter_param, 
 from ..pruning.importance import TrackerSet
 from ..errors import LightPeftError
 from ..io_utils import atomic_dir, read_json_if_present, sha256_json, write_json
+from ..training.finite import DIVERGED, check_tensors
 from ..training.loop import linear_schedule, make_engine, run_steps, train_batches
 from ..pruning.masks import L1Sink, attach_masks, mask_parameters
 from ..models.loading import fingerprint, load_config, load_model, load_tokenizer
@@ -102,6 +103,10 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     all_scores = {"masks": scores,
                   "activation": Scores(head=act_head, ffn=act_ffn, module=module_scores, rank=rank_scores)}
     adapter_state = full_state([(n, p) for n, p in trainable if is_adapter_param(n)])
+    # every rank holds these gathered values, so a diverged last step stops all ranks here, before any plan or write
+    for kind, kind_scores in all_scores.items():
+        check_tensors(f"the estimate's {kind} unit scores", kind_scores.named(), DIVERGED.format(stage="estimate"))
+    check_tensors("the estimation adapter's weights", adapter_state, DIVERGED.format(stage="estimate"))
     plan_hash = make_plan(all_scores[recipe.prune.unit_scores], shapes, recipe.prune, fingerprint(base_config),
                           base_config.hidden_size, head_dim_of(base_config))["hash"]
     rt.agree(plan_hash, "plan computed from the gathered scores")

@@ -152,9 +152,16 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
 
 
 def restore_checkpoint(engine, named_params: list[tuple[str, torch.Tensor]], meta: dict,
-                       tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Load params and AdamW moments into a freshly initialised engine; returns the caller's `extra` tensors."""
-    check_shapes(named_params, tensors)
+                       tensors: dict[str, torch.Tensor],
+                       source: Path | str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """Load params and AdamW moments into a freshly initialised engine; returns the caller's `extra` tensors.
+
+    A checkpoint lacking a tensor is refused before anything is loaded: a parameter left at its fresh value would
+    silently resume a different run than the one that was checkpointed."""
+    if not isinstance(meta.get("step"), int):
+        raise LightPeftError(f"{source} is incomplete: it lacks the step in state.json; delete it to start the "
+                             "stage afresh")
+    check_shapes(named_params, tensors, source)
     step = int(meta["step"]) + 1  # optimizer steps taken so far
     _init_adam_state(engine, step)
     for name, p in named_params:
@@ -171,14 +178,18 @@ def restore_checkpoint(engine, named_params: list[tuple[str, torch.Tensor]], met
     return {k.removeprefix("extra/"): v for k, v in tensors.items() if k.startswith("extra/")}
 
 
-def check_shapes(named_params: list[tuple[str, torch.Tensor]], tensors: dict[str, torch.Tensor]) -> None:
+def check_shapes(named_params: list[tuple[str, torch.Tensor]], tensors: dict[str, torch.Tensor],
+                 source: Path | str = "the checkpoint") -> None:
     """Every parameter must find a value and moments of its own full shape (ZeRO-3 keeps it as `ds_shape`)."""
     for name, p in named_params:
         shape = tuple(getattr(p, "ds_shape", p.shape))
         for key in ("param", *ADAM_KEYS):
             value = tensors.get(f"{key}/{name}")
-            if value is None or tuple(value.shape) != shape:
-                got = "nothing" if value is None else f"shape {tuple(value.shape)}"
+            if value is None:
+                raise LightPeftError(f"{source} is incomplete: it lacks {key}/{name}; delete it to start the "
+                                     "stage afresh")
+            if tuple(value.shape) != shape:
+                got = f"shape {tuple(value.shape)}"
                 raise LightPeftError(f"checkpoint state has {got} for {key}/{name}, the model's parameter has shape "
                                      f"{shape}; the model was built for another structure than the saved state")
 
@@ -220,7 +231,7 @@ def resume(path: Path, trainee: Trainee, hooks: StepHooks, runtime: Runtime, wha
         return 0
     if meta.get("structure"):
         _rebuild(trainee, meta, hooks, rebuild, f"the checkpoint {path} was written after a restructure")
-    hooks.load_state_dict(restore_checkpoint(trainee.engine, trainee.named, meta, tensors))
+    hooks.load_state_dict(restore_checkpoint(trainee.engine, trainee.named, meta, tensors, source=path))
     log.info("resumed %s from %s after step %d (written by %d ranks, now %d)", what, path, meta["step"],
              meta["world_size"], runtime.world_size)
     return int(meta["step"]) + 1
@@ -242,7 +253,7 @@ def apply_restructure(trainee: Trainee, action: Restructure, step: int, hooks: S
     if int(meta.get("step", -1)) != step:
         raise LightPeftError(f"{why}: the transform changed meta['step'] ({meta.get('step')}); it must keep it")
     _rebuild(trainee, meta, hooks, rebuild, why)
-    extra = restore_checkpoint(trainee.engine, trainee.named, meta, tensors)
+    extra = restore_checkpoint(trainee.engine, trainee.named, meta, tensors, source="the restructured state")
     hooks.load_state_dict(extra)
     log.info("restructured after step %d: %s; %d trainable tensors", step, action.reason or "no reason given",
              len(trainee.named))

@@ -22,6 +22,7 @@ from ..config import DataConfig
 from ..data.batches import Collator, StepBatches, encode_split, load_rows
 from ..errors import LightPeftError
 from ..data.packing import pop_token_count
+from .finite import check_loss
 from ..runtime import Runtime
 from .checkpoint import Checkpointing, Rebuild, apply_restructure
 from .hooks import Restructure, StepAction, StepHooks, Trainee
@@ -139,6 +140,7 @@ def run_steps(trainee: Trainee, batches, steps: int, grad_accum: int, runtime: R
         stats.seconds += time.perf_counter() - t0
         if runtime.distributed:  # the job's loss, not rank 0's shard of it
             step_loss = float(runtime.all_reduce_sum(torch.tensor([step_loss], dtype=torch.float64))) / runtime.world_size
+        check_loss(desc, step, step_loss)  # every rank holds the same loss here, so all stop together
         stats.losses.append(step_loss if math.isfinite(step_loss) else float("nan"))
         bar.set_postfix(loss=f"{step_loss:.4f}")
         action = hooks.after_optimizer_step(step, step_loss)

@@ -28,16 +28,28 @@ def is_partitioned(param: torch.Tensor) -> bool:
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
+    """The DeepSpeed config, checked as far as this toolkit relies on it. The CLI calls this before any rank starts,
+    because DeepSpeed itself only objects inside `deepspeed.initialize`, after every rank has loaded its model."""
     path = Path(path)
     if not path.is_file():
         raise LightPeftError(f"DeepSpeed config not found at {path}; pass --deepspeed ds_configs/zero3.json "
                              "(or zero2.json, zero3_offload.json)")
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise LightPeftError(f"DeepSpeed config {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                             f"offset {exc.start}); save it as UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
         raise LightPeftError(f"DeepSpeed config {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(cfg, dict):
         raise LightPeftError(f"DeepSpeed config {path} must be a JSON object")
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise LightPeftError(f"DeepSpeed config {path}: zero_optimization must be a JSON object with a \"stage\"")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise LightPeftError(f"DeepSpeed config {path}: zero_optimization.stage is {stage!r}; ZeRO stages are 0, 1, "
+                             "2 and 3 (ds_configs/zero3.json uses 3)")
     return cfg
 
 
