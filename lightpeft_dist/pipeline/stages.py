@@ -64,7 +64,7 @@ def run_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> d
     rt = runtime or current()
     scores_file, record_file = _scoring(recipe).scores(recipe, run_dir)
     est = read_json(record_file, "estimate record")
-    plan = make_plan(load_scores(scores_file), est["layer_shapes"], recipe.prune, est["model_fingerprint"],
+    plan = make_plan(load_scores(scores_file, est), est["layer_shapes"], recipe.prune, est["model_fingerprint"],
                      est["hidden_size"], est["head_dim"])
     plan["key"] = plan_key(recipe, run_dir)
     rt.agree(plan["hash"], "plan hash")
@@ -92,8 +92,11 @@ def recorded(path: Callable[[RunDir], Path], field: str = "key") -> Callable[[Pa
     return read
 
 
-def _plan_hash(recipe: Recipe, run_dir: Path) -> str | None:
-    return recorded(lambda d: d.plan, "hash")(run_dir)
+def _plan_hash(recipe: Recipe, run_dir: Path) -> str:
+    """The prune stage's key: the plan's hash, recomputed (a hand-edited plan must not pass for the one it was)."""
+    from ..pruning.plan import read_plan
+
+    return read_plan(RunDir(run_dir).plan)["hash"]
 
 
 def _pruned(run_dir: Path) -> str | None:

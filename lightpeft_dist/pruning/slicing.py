@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 from ..adapters.bottleneck import is_bottleneck_dir, prune_bottleneck
 from ..errors import LightPeftError
-from ..models.families import FamilySpec, family_for, head_dim_of
+from ..models.families import FamilySpec, config_layer_shapes, family_for, head_dim_of
 from ..io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from ..models.loading import fingerprint, load_config, resolve_model_dir
-from .plan import kept_shapes
+from ..rundir import RunDir
+from .plan import check_plan_structure, kept_shapes, read_plan
 from ..models.pruned_model import architecture_name, pruned_config
 from .safetensors_stream import ShardReader, ShardWriter
 
@@ -95,12 +96,20 @@ def _shards(model_dir: Path) -> list[str]:
     raise LightPeftError(f"no safetensors weights in {model_dir}; convert the checkpoint to safetensors first")
 
 
+def model_reference(config) -> dict:
+    """What `plan.read_plan` checks a plan against, taken from the model that is about to be sliced."""
+    return {"model_fingerprint": fingerprint(config), "layer_shapes": config_layer_shapes(config),
+            "hidden_size": config.hidden_size, "head_dim": head_dim_of(config)}
+
+
 def check_plan(plan: dict, config) -> None:
+    """The plan is for this model and every index it keeps exists there and is GQA-valid: slicing trusts both."""
     if plan.get("model_fingerprint") != fingerprint(config):
         raise LightPeftError(f"plan.json was made for model {plan.get('model_fingerprint')} but model.path is "
                              f"{fingerprint(config)}; re-run estimate and plan for this model")
     if len(plan["layers"]) != config.num_hidden_layers:
         raise LightPeftError("plan.json layer count does not match the model; re-run plan")
+    check_plan_structure(plan, model_reference(config))
 
 
 def prune_checkpoint(model_path: str, plan: dict, out_dir: Path) -> dict:
@@ -146,6 +155,9 @@ def prune_adapter(adapter_dir: Path, plan: dict, config, model_dir: Path, out_di
         a_key, b_key = f"{ADAPTER_PREFIX}{module}.lora_A.weight", f"{ADAPTER_PREFIX}{module}.lora_B.weight"
         if a_key not in weights or b_key not in weights:
             raise LightPeftError(f"estimation adapter has no LoRA weights for {module}; re-run estimate")
+        if module not in table or any(not 0 <= r < r_init for r in ranks):
+            raise LightPeftError(f"the plan keeps ranks {ranks} of {module}, which the estimation adapter (r={r_init}) "
+                                 "does not have as a sliced projection; rerun `lightpeft plan`")
         ranks_t = torch.as_tensor(ranks, dtype=torch.long)
         a, b = weights[a_key].index_select(0, ranks_t), weights[b_key].index_select(1, ranks_t)
         side, idx = table[module]
@@ -171,12 +183,18 @@ def prune_adapter(adapter_dir: Path, plan: dict, config, model_dir: Path, out_di
 
 
 def run_prune(run_dir: Path, model_path: str) -> dict:
-    plan = read_json(run_dir / "plan.json", "plan")
-    record = prune_checkpoint(model_path, plan, run_dir / "pruned_model")  # checks the plan against the model first
-    est_adapter = run_dir / "estimate" / "adapter"
-    if is_bottleneck_dir(est_adapter):  # hidden-size adapters: only modules and units are cut (bottleneck.py)
-        record["adapter"] = prune_bottleneck(est_adapter, plan, run_dir / "pruned_adapter")
+    """Slice the model and the estimation adapter to the run's plan, checked against the model before anything is
+    written. The previous plan's pruned adapter is removed first: a crash between the model and the adapter must
+    not leave a new model beside an old adapter that the prune stage would then take for finished."""
+    d = RunDir(run_dir)
+    config = load_config(model_path)
+    plan = read_plan(d.plan, model_reference(config))
+    check_plan(plan, config)
+    if d.pruned_adapter.exists():
+        shutil.rmtree(d.pruned_adapter)
+    record = prune_checkpoint(model_path, plan, d.pruned_model)
+    if is_bottleneck_dir(d.estimate_adapter):  # hidden-size adapters: only modules and units are cut (bottleneck.py)
+        record["adapter"] = prune_bottleneck(d.estimate_adapter, plan, d.pruned_adapter)
         return record
-    record["adapter"] = prune_adapter(est_adapter, plan, load_config(model_path),
-                                      run_dir / "pruned_model", run_dir / "pruned_adapter")
+    record["adapter"] = prune_adapter(d.estimate_adapter, plan, config, d.pruned_model, d.pruned_adapter)
     return record
