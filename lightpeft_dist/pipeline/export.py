@@ -19,6 +19,7 @@ from ..config import Recipe
 from ..errors import LightPeftError
 from ..io_utils import atomic_dir, read_json, sha256_file, sha256_json, write_json
 from ..rundir import RunDir
+from .evaluate import trained_plan
 from ..models.loading import DTYPES, count_parameters, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ def run_export(recipe: Recipe, run_dir: Path) -> Path:
     if not (adapter / "adapter_config.json").is_file():
         raise LightPeftError(f"no trained adapter at {adapter}; run the train stage first")
     key = export_key(recipe, run_dir)
+    trained_plan(run_dir)  # a clear error, not a size mismatch, when the model was re-pruned since training
+    plan_hash = read_json(RunDir(run_dir).prune_record, "prune record")["plan_hash"]
     base = load_model(str(run_dir / "pruned_model"), "float32", "sdpa")
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged = merged.to(DTYPES[recipe.model.dtype])
@@ -52,7 +55,7 @@ def run_export(recipe: Recipe, run_dir: Path) -> Path:
         write_json(tmp / RunDir(run_dir).export_record.name, {
             "key": key, "dtype": recipe.model.dtype, "architecture": type(merged).__name__,
             "model_type": merged.config.model_type, "params": params,
-            "plan_hash": read_json(run_dir / "plan.json", "plan").get("hash"),
+            "plan_hash": plan_hash,
             "weights_sha256": {name: sha256_file(tmp / name)[:16] for name in weights}})
     needs = "plain transformers" if not getattr(merged.config, "layer_shapes", None) else "`import lightpeft_dist` first"
     log.info("exported the merged model to %s (%s, %s params, %s; loads with %s)", out, type(merged).__name__,
