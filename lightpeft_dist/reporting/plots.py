@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import PercentFormatter
 
-from ..io_utils import read_json_if_present
-from ..rundir import RunDir
-from ..pruning.scores import Scores, load_scores
+from .artefacts import RunData, load
 
 log = logging.getLogger(__name__)
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -33,28 +30,8 @@ KEPT, PRUNED, ORIG, EDGE = "#2b6cb0", "#e07b39", "#d5dbe3", "#8a94a3"
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
-@dataclass
-class RunData:
-    """Whatever stages of a run have finished; a missing stage is None, never an error (corrupt files still raise)."""
-
-    run_dir: Path
-    scores: Scores | None = None
-    estimate: dict | None = None
-    plan: dict | None = None
-    train: dict | None = None
-    eval: dict | None = None
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> "RunData":
-        d = RunDir(run_dir)
-        sc = d.scores("masks")
-        return cls(d.root, load_scores(sc) if sc.is_file() else None, read_json_if_present(d.estimate_record),
-                   read_json_if_present(d.plan), read_json_if_present(d.train_record),
-                   read_json_if_present(d.eval_record))
-
-
 def _run(run: str | Path | RunData) -> RunData:
-    return run if isinstance(run, RunData) else RunData.load(run)
+    return load(run)
 
 
 def _save(fig: Figure, out: str | Path) -> Path:
