@@ -10,7 +10,7 @@ model's per-layer shapes. Deliberate deviations from the reference (spec 1.4, 6.
 
 A plan is also the artefact people are tempted to edit by hand, and slicing trusts it. `read_plan` is therefore the
 only way any stage, report or benchmark reads one back: it checks every index against the model's shapes and
-recomputes the hash (docs/architecture.md, "Stages").
+recomputes the hash (docs/architecture.md, "Trusted artefacts").
 """
 
 from __future__ import annotations
