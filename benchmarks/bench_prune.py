@@ -35,10 +35,11 @@ def child(plan_path: str, src: str, out: str) -> None:
     """Runs in the measured process: import, record the RSS, prune, report JSON on stdout."""
     import psutil
 
+    from lightpeft_dist.pruning.plan import read_plan
     from lightpeft_dist.pruning.slicing import prune_checkpoint
 
     rss0 = psutil.Process().memory_info().rss
-    plan = json.loads(Path(plan_path).read_text())
+    plan = read_plan(plan_path)
     t0 = time.perf_counter()
     prune_checkpoint(src, plan, Path(out))
     seconds = time.perf_counter() - t0

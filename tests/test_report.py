@@ -1,7 +1,8 @@
 """Report and figures on fake but self-consistent run directories (no model, no training: runs in seconds).
 
 The fake run mirrors what the stages write: scores via save_scores, JSON records via write_json, and a plan whose
-summary comes from the real planner's `summarize`, so the numbers the report shows can be checked exactly.
+summary and hash come from the real planner's `summarize` and `plan_hash` (the report reads plans through
+`read_plan`, which checks both), so the numbers the report shows can be checked exactly.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from lightpeft_dist.reporting import plots
 from lightpeft_dist.io_utils import write_json
-from lightpeft_dist.pruning.plan import summarize
+from lightpeft_dist.pruning.plan import plan_hash, summarize
 from lightpeft_dist.reporting.report import layer_rows, write_report
 from lightpeft_dist.pruning.scores import Scores, save_scores
 
@@ -40,7 +41,7 @@ def kept_ranks_of(layer: int, j: int) -> list[int] | None:
 
 
 def make_run(root: Path, n_layers: int = 3, stages: tuple[str, ...] = ("estimate", "plan", "train", "eval"),
-             attn_ratio_hint: float = 0.0, accuracy: float = 0.8, seed: int = 0) -> Path:
+             accuracy: float = 0.8, seed: int = 0) -> Path:
     g = torch.Generator().manual_seed(seed)
     root.mkdir(parents=True, exist_ok=True)
     layers = []
@@ -66,13 +67,14 @@ def make_run(root: Path, n_layers: int = 3, stages: tuple[str, ...] = ("estimate
                         module, rank)
         save_scores(root / "estimate" / "scores.safetensors", scores, metadata={"strategy": "lightpeft"})
         write_json(root / "estimate" / "estimate.json", {
-            "layer_shapes": shapes, "hidden_size": HIDDEN, "head_dim": HEAD_DIM, "steps": 40,
+            "layer_shapes": shapes, "hidden_size": HIDDEN, "head_dim": HEAD_DIM, "model_fingerprint": "fake",
+            "steps": 40,
             "losses": [2.5 * 0.97 ** s + 0.05 * float(torch.rand(1, generator=g)) for s in range(40)],
             "train_seconds": 3.0})
     if "plan" in stages:
-        plan = {"version": 1, "layers": layers, "peft_modules": peft}
+        plan = {"version": 1, "model_fingerprint": "fake", "prune": {}, "layers": layers, "peft_modules": peft}
         plan["summary"] = summarize(plan, shapes, HIDDEN, HEAD_DIM)
-        plan["summary"]["prunable_fraction_pruned"] += attn_ratio_hint  # lets two fake runs differ on the x axis
+        plan["hash"] = plan_hash(plan)
         write_json(root / "plan.json", plan)
     if "train" in stages:
         write_json(root / "train" / "train.json", {"losses": [1.5 * 0.95 ** s for s in range(30)] + [float("nan")],

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     base = recipe_from_dict(yaml.safe_load((args.study / "base_recipe.yaml").read_text()))
     est_dir = args.study / f"seed{args.seed}" / "estimate-run" / "estimate"
     est = read_json(est_dir / ESTIMATE_RECORD)
-    scores = load_scores(est_dir / SCORE_FILES["activation" if args.scores == "estimate-activation" else "masks"])
+    scores = load_scores(est_dir / SCORE_FILES["activation" if args.scores == "estimate-activation" else "masks"],
+                         est)
     tok = load_tokenizer(base.model)
     windows, info = load_windows(tok, args.ppl_text, args.ppl_window_tokens, args.ppl_windows)
     if args.scores == "activation":

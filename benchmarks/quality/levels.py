@@ -33,7 +33,7 @@ def solve_level(estimate_dir: Path, base: PruneConfig, target: float, iterations
     if not 0.0 < target < MAX_RATIO:
         raise LightPeftError(f"pruning level {target} must be in (0, {MAX_RATIO}); use e.g. 0.35 for 35%")
     est = read_json(estimate_dir / ESTIMATE_RECORD, "estimate record")
-    scores = load_scores(estimate_dir / SCORE_FILES["masks"])
+    scores = load_scores(estimate_dir / SCORE_FILES["masks"], est)
 
     def at(ffn: float) -> float:
         return achieved_fraction(scores, est, base.model_copy(update={"attn_ratio": target, "ffn_ratio": ffn,

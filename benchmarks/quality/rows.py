@@ -28,6 +28,7 @@ from lightpeft_dist.strategies.lightpeft import estimate_key
 from lightpeft_dist.pipeline.evaluate import eval_split, evaluate_model, run_evaluate
 from lightpeft_dist.io_utils import read_json, sha256_json, write_json
 from lightpeft_dist.models.loading import load_model, load_tokenizer
+from lightpeft_dist.pruning.plan import read_plan
 from lightpeft_dist.reporting import methods
 from lightpeft_dist.reporting.report import write_report
 from lightpeft_dist.rundir import ESTIMATE_RECORD, RunDir
@@ -153,14 +154,15 @@ def run_row(study: Study, seed: int, shared: Path, method: str, level: float | N
         result["base"], result["base_from"] = study.zero_shot, str(study.out_dir / "zero-shot")
         write_json(RunDir(d).eval_record, result)
     q_path = RunDir(d).quality_record
-    plan_hash = read_json(RunDir(d).plan)["hash"]
+    plan = read_plan(RunDir(d).plan)
+    plan_hash = plan["hash"]
     q = read_json(q_path) if q_path.is_file() else {}
     if stale or q.get("plan_hash") != plan_hash or q.get("ppl_key") != _ppl_key(study, plan_hash):
         label = methods.label(method)
         ppl = _model_ppl(study, recipe, str(RunDir(d).pruned_model))
         q = {"method": method, "label": label, "level": level, "seed": seed, "uses_estimate": method != "lora",
              "plan_hash": plan_hash, "prune": recipe_to_dict(recipe)["prune"],
-             "achieved_fraction": read_json(RunDir(d).plan)["summary"]["prunable_fraction_pruned"],
+             "achieved_fraction": plan["summary"]["prunable_fraction_pruned"],
              "ppl_key": _ppl_key(study, plan_hash), "ppl": {"pruned_base": ppl, **(study.ppl_info or {})},
              "row_seconds": round(time.time() - t0, 1)}
         write_json(q_path, q)

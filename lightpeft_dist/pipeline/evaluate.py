@@ -14,6 +14,7 @@ import torch
 
 from ..adapters.registry import count_parameters, load_adapters
 from ..config import Recipe, recipe_to_dict
+from ..errors import LightPeftError
 from ..data.batches import Collator, encode_split, load_rows
 from ..io_utils import read_json, sha256_json, write_json
 from .metrics import classification_accuracy, lm_loss
@@ -63,10 +64,25 @@ def eval_key(recipe: Recipe, run_dir: Path) -> str:
     return sha256_json({"train": train["key"], "eval": recipe_to_dict(recipe)["eval"]})[:16]
 
 
+def trained_plan(run_dir: Path) -> str | None:
+    """The plan the trained adapter was made for, which must still be the pruned model's: after a re-prune the
+    adapter no longer fits, and loading it would fail with a size mismatch deep inside PEFT. None for a train
+    record older than this check (it did not record its plan)."""
+    d = RunDir(run_dir)
+    trained = read_json(d.train_record, "train record").get("plan_hash")
+    pruned = read_json(d.prune_record, "prune record").get("plan_hash")
+    if trained is not None and trained != pruned:
+        raise LightPeftError(f"the adapter in {d.train} was trained on plan {trained} but {d.pruned_model} is now "
+                             f"plan {pruned}; rerun `lightpeft train`")
+    return trained
+
+
 def run_evaluate(recipe: Recipe, run_dir: Path, baseline: bool = True) -> dict:
+    plan_hash = trained_plan(run_dir)
     tokenizer = load_tokenizer(recipe.model)
     split = eval_split(recipe)
-    result: dict = {"key": eval_key(recipe, run_dir), "split": split, "format": recipe.data.format}
+    result: dict = {"key": eval_key(recipe, run_dir), "split": split, "format": recipe.data.format,
+                    "plan_hash": plan_hash}
     if baseline:
         base = load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation)
         result["base"] = evaluate_model(base, tokenizer, recipe, split)

@@ -21,6 +21,7 @@ from ..errors import LightPeftError
 from ..io_utils import atomic_dir, read_json, sha256_file, sha256_json, write_json
 from ..rundir import EXPORT_RECORD, RunDir
 from ..training.finite import check_tensors
+from .evaluate import trained_plan
 from ..models.loading import DTYPES, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ def run_export(recipe: Recipe, run_dir: Path) -> Path:
     if not kinds:
         raise LightPeftError(f"no trained adapter at {adapter}; run the train stage first")
     key = export_key(recipe, run_dir)
+    trained_plan(run_dir)  # a clear error, not a size mismatch, when the model was re-pruned since training
+    plan_hash = read_json(RunDir(run_dir).prune_record, "prune record")["plan_hash"]
     merged = load_model(str(RunDir(run_dir).pruned_model), "float32", "sdpa")
     for kind, path in kinds:
         merged = kind.merge(merged, path)
@@ -57,7 +60,7 @@ def run_export(recipe: Recipe, run_dir: Path) -> Path:
         write_json(tmp / EXPORT_RECORD, {
             "key": key, "dtype": recipe.model.dtype, "architecture": type(merged).__name__,
             "model_type": merged.config.model_type, "params": params,
-            "plan_hash": read_json(RunDir(run_dir).plan, "plan").get("hash"),
+            "plan_hash": plan_hash,
             "weights_sha256": {name: sha256_file(tmp / name)[:16] for name in weights}})
     needs = "plain transformers" if not getattr(merged.config, "layer_shapes", None) else "`import lightpeft_dist` first"
     log.info("exported the merged model to %s (%s, %s params, %s; loads with %s)", out, type(merged).__name__,

@@ -66,7 +66,7 @@ def run_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> d
     rt = runtime or current()
     scores_file, record_file = _scoring(recipe).scores(recipe, run_dir)
     est = read_json(record_file, "estimate record")
-    scores = load_scores(scores_file)
+    scores = load_scores(scores_file, est)
     bare = bare_kind(est)  # an older bottleneck run's bare keys are qualified (adapters/registry.py)
     scores.module, scores.rank = upgrade_keys(scores.module, bare), upgrade_keys(scores.rank, bare)
     plan = make_plan(scores, est["layer_shapes"], recipe.prune, est["model_fingerprint"], est["hidden_size"],
@@ -97,8 +97,11 @@ def recorded(path: Callable[[RunDir], Path], field: str = "key") -> Callable[[Pa
     return read
 
 
-def _plan_hash(recipe: Recipe, run_dir: Path) -> str | None:
-    return recorded(lambda d: d.plan, "hash")(run_dir)
+def _plan_hash(recipe: Recipe, run_dir: Path) -> str:
+    """The prune stage's key: the plan's hash, recomputed (a hand-edited plan must not pass for the one it was)."""
+    from ..pruning.plan import read_plan
+
+    return read_plan(RunDir(run_dir).plan)["hash"]
 
 
 def _pruned(run_dir: Path) -> str | None:

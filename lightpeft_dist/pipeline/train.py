@@ -57,6 +57,8 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
     """
     rt = runtime or current()
     cfg = recipe.train
+    # read before training: the record must name the plan of the model actually trained, even if re-pruned meanwhile
+    key, plan_hash = train_key(recipe, run_dir), read_json(RunDir(run_dir).prune_record, "prune record")["plan_hash"]
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model)
     pruned_config = load_config(str(RunDir(run_dir).pruned_model))
@@ -92,7 +94,7 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
     model, named = trainee.model, trainee.named
     adapter_state = full_state(named)  # collective under ZeRO-3: the saved adapter is complete, never shape [0]
     check_tensors("the trained adapter's weights", adapter_state, DIVERGED.format(stage="train"))  # on every rank
-    record = {"key": train_key(recipe, run_dir), "steps": cfg.steps, "losses": stats.losses,
+    record = {"key": key, "steps": cfg.steps, "losses": stats.losses, "plan_hash": plan_hash,
               "tokens": stats.tokens * rt.world_size, "train_seconds": stats.seconds,
               "tokens_per_s": stats.tokens * rt.world_size / max(stats.seconds, 1e-9),
               "wall_seconds": time.time() - t0, "params": params, "evals": evals, "world_size": rt.world_size,

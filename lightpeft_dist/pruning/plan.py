@@ -14,22 +14,29 @@ top-scored neurons; global totals are then no longer exact. KV groups are kept i
 so kept KV and query widths (heads x head_dim) are multiples of m (a layer whose own group count is not such a multiple
 loses groups even at attn_ratio 0); where a layer has too few KV groups for one, its heads are planned as without the
 option (logged).
+
+A plan is also the artefact people are tempted to edit by hand, and slicing trusts it. `read_plan` is therefore the
+only way any stage, report or benchmark reads one back: it checks every index against the model's shapes and
+recomputes the hash (docs/architecture.md, "Trusted artefacts").
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import torch
 
 from ..config import PruneConfig, without_later_defaults
 from ..errors import LightPeftError
-from ..io_utils import sha256_json
-from .scores import Scores
+from ..io_utils import read_json, sha256_json
+from .scores import Scores, check_shapes
 
 log = logging.getLogger(__name__)
 PLAN_VERSION = 1
+# Written after the hash: the summary is derived from the hashed fields, `key` is added by the plan stage.
+UNHASHED = ("summary", "hash", "key")
 
 
 def n_pruned(ratio: float, n: int) -> int:
@@ -168,6 +175,7 @@ def make_plan(scores: Scores, shapes: list[dict[str, int]], cfg: PruneConfig, mo
     if len(scores.head) != len(shapes):
         raise LightPeftError(f"scores cover {len(scores.head)} layers but the model has {len(shapes)}; "
                              "re-run estimate for this model")
+    check_shapes(scores, shapes, "scores", "re-run estimate for this model")
     if cfg.uniform:
         if len({s["intermediate_size"] for s in shapes}) > 1 or len({s["num_attention_heads"] for s in shapes}) > 1:
             raise LightPeftError("prune.uniform needs a model whose layers all have the same shape; set uniform: false")
@@ -185,8 +193,14 @@ def make_plan(scores: Scores, shapes: list[dict[str, int]], cfg: PruneConfig, mo
     plan = {"version": PLAN_VERSION, "model_fingerprint": model_fingerprint, "prune": without_later_defaults("prune", cfg.model_dump(mode="json")),
             "layers": layers, "peft_modules": peft}
     plan["summary"] = summarize(plan, shapes, hidden_size, head_dim)
-    plan["hash"] = sha256_json({k: v for k, v in plan.items() if k != "summary"})[:16]
+    plan["hash"] = plan_hash(plan)
     return plan
+
+
+def plan_hash(plan: dict) -> str:
+    """A plan's identity: everything the planner decided. `make_plan` and `read_plan` both call this, so a stored
+    hash is checked exactly as it was made."""
+    return sha256_json({k: v for k, v in plan.items() if k not in UNHASHED})[:16]
 
 
 def prunable_params(shapes: list[dict[str, int]], hidden_size: int, head_dim: int) -> int:
@@ -195,15 +209,24 @@ def prunable_params(shapes: list[dict[str, int]], hidden_size: int, head_dim: in
                + 3 * hidden_size * s["intermediate_size"] for s in shapes)
 
 
+SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
 def summarize(plan: dict, shapes: list[dict[str, int]], hidden_size: int, head_dim: int) -> dict:
     after_shapes = kept_shapes(plan)
-    keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
     before_p = prunable_params(shapes, hidden_size, head_dim)
     after_p = prunable_params(after_shapes, hidden_size, head_dim)
-    return {"before": {k: sum(s[k] for s in shapes) for k in keys},
-            "after": {k: sum(s[k] for s in after_shapes) for k in keys},
+    kept = summarize_kept(plan)
+    return {"before": {k: sum(s[k] for s in shapes) for k in SHAPE_KEYS}, "after": kept["after"],
             "prunable_params_before": before_p, "prunable_params_after": after_p,
             "prunable_fraction_pruned": round(1 - after_p / before_p, 6),
+            **{k: kept[k] for k in ("uniform", "peft_modules_kept", "lora_ranks_kept")}}
+
+
+def summarize_kept(plan: dict) -> dict:
+    """The part of the summary that the plan alone decides (no model shapes needed)."""
+    after_shapes = kept_shapes(plan)
+    return {"after": {k: sum(s[k] for s in after_shapes) for k in SHAPE_KEYS},
             "uniform": all(s == after_shapes[0] for s in after_shapes),
             "peft_modules_kept": len(plan["peft_modules"]),
             "lora_ranks_kept": sum(len(r) for r in plan["peft_modules"].values())}
@@ -212,3 +235,100 @@ def summarize(plan: dict, shapes: list[dict[str, int]], hidden_size: int, head_d
 def kept_shapes(plan: dict) -> list[dict[str, int]]:
     return [{"num_attention_heads": len(lp["q_heads"]), "num_key_value_heads": len(lp["kv_heads"]),
              "intermediate_size": len(lp["ffn"])} for lp in plan["layers"]]
+
+
+def read_plan(path: str | Path, reference: dict | None = None) -> dict:
+    """The plan at `path`, checked before anyone slices with it or believes its hash.
+
+    `reference` is a record of the model the plan is for (`model_fingerprint`, `layer_shapes`, and for the summary
+    `hidden_size`, `head_dim`): the estimate record, or `slicing.model_reference` of the model config. It is used
+    only when its fingerprint is the plan's; a plan for another model is the caller's error to name. Without it,
+    indices can only be checked for sign, order and uniqueness; the hash still catches any edit.
+    """
+    plan = read_json(path, "plan")
+    where = f"plan {path}"
+    if reference is not None and (not isinstance(plan, dict)
+                                  or reference.get("model_fingerprint") != plan.get("model_fingerprint")):
+        reference = None
+    check_plan_structure(plan, reference, where)
+    _check_summary(plan, reference, where)
+    stored, actual = plan["hash"], plan_hash(plan)
+    if stored != actual:
+        raise LightPeftError(f"{where} records hash {stored} but its contents hash to {actual}: it was edited or "
+                             "corrupted after `lightpeft plan` wrote it; rerun `lightpeft plan`")
+    return plan
+
+
+def _bad(where: str, problem: str) -> LightPeftError:
+    return LightPeftError(f"{where} is invalid: {problem}; it was edited or corrupted, rerun `lightpeft plan`")
+
+
+def _indices(value, what: str, n: int | None, where: str) -> list[int]:
+    """Kept indices as the planner writes them: non-empty, sorted, unique, within [0, n)."""
+    if not isinstance(value, list) or not all(type(i) is int for i in value):
+        raise _bad(where, f"{what} is not a list of integers")
+    if not value:
+        raise _bad(where, f"{what} keeps nothing")
+    if len(set(value)) != len(value):
+        seen: set[int] = set()
+        raise _bad(where, f"{what} repeats index {next(i for i in value if i in seen or seen.add(i))}")
+    if value != sorted(value):
+        raise _bad(where, f"{what} is not sorted")
+    if value[0] < 0:
+        raise _bad(where, f"{what} has negative index {value[0]}")
+    if n is not None and value[-1] >= n:
+        raise _bad(where, f"{what} has index {value[-1]}, out of range for {n}")
+    return value
+
+
+def check_plan_structure(plan, reference: dict | None = None, where: str = "plan") -> None:
+    """Fields, indices and GQA validity; with `reference`, ranges and layer count against the model's shapes."""
+    if not isinstance(plan, dict):
+        raise _bad(where, "it is not a JSON object")
+    missing = [k for k in ("version", "model_fingerprint", "layers", "peft_modules", "summary", "hash")
+               if k not in plan]
+    if missing:
+        raise _bad(where, f"field {missing[0]!r} is missing")
+    if plan["version"] != PLAN_VERSION:
+        raise _bad(where, f"version {plan['version']!r} is not {PLAN_VERSION}")
+    layers, peft = plan["layers"], plan["peft_modules"]
+    if not isinstance(layers, list) or not layers or not all(isinstance(lp, dict) for lp in layers):
+        raise _bad(where, "'layers' is not a non-empty list of layers")
+    shapes = (reference or {}).get("layer_shapes")
+    if shapes is not None and len(shapes) != len(layers):
+        raise _bad(where, f"it has {len(layers)} layers but the model has {len(shapes)}")
+    for i, lp in enumerate(layers):
+        sh = shapes[i] if shapes is not None else {}
+        n_heads, n_kv = sh.get("num_attention_heads"), sh.get("num_key_value_heads")
+        q = _indices(lp.get("q_heads"), f"layer {i} q_heads", n_heads, where)
+        kv = _indices(lp.get("kv_heads"), f"layer {i} kv_heads", n_kv, where)
+        _indices(lp.get("ffn"), f"layer {i} ffn", sh.get("intermediate_size"), where)
+        if n_heads is not None and n_kv:
+            rep = n_heads // n_kv
+            per_group = {g: sum(1 for h in q if h // rep == g) for g in sorted({h // rep for h in q})}
+            if list(per_group) != kv:
+                raise _bad(where, f"layer {i} keeps query heads of KV groups {list(per_group)} but KV heads {kv}")
+            if len(set(per_group.values())) > 1:
+                raise _bad(where, f"layer {i} keeps {list(per_group.values())} query heads in its KV groups; "
+                                  "GQA needs the same number in each kept group")
+    if not isinstance(peft, dict):
+        raise _bad(where, "'peft_modules' is not an object")
+    for name, ranks in peft.items():
+        _indices(ranks, f"peft module {name} ranks", None, where)
+    if not isinstance(plan["hash"], str):
+        raise _bad(where, "'hash' is not a string")
+
+
+def _check_summary(plan: dict, reference: dict | None, where: str) -> None:
+    """The recorded counts are the layers' counts: recomputed whole when the model's shapes are known."""
+    summary = plan.get("summary")
+    ref = reference or {}
+    if all(ref.get(k) is not None for k in ("layer_shapes", "hidden_size", "head_dim")):
+        expect = summarize(plan, ref["layer_shapes"], ref["hidden_size"], ref["head_dim"])
+    elif isinstance(summary, dict):
+        expect = summarize_kept(plan)
+        summary = {k: v for k, v in summary.items() if k in expect}
+    else:
+        raise _bad(where, "'summary' is not an object")
+    if summary != expect:
+        raise _bad(where, "its summary counts do not match its layers and the model's shapes")

@@ -53,19 +53,50 @@ def save_scores(path: str | Path, scores: Scores, metadata: dict[str, str] | Non
     save_tensors(path, {k: v.float() for k, v in tensors.items()}, metadata=meta)
 
 
-def load_scores(path: str | Path) -> Scores:
+FIX = "delete it and rerun estimate (`lightpeft estimate`)"
+
+
+def load_scores(path: str | Path, reference: dict | None = None) -> Scores:
+    """The scores at `path`, checked: one 1-D tensor per layer and kind, finite values (a diverged estimate or a
+    damaged file gives NaN, which would sort into a meaningless plan), and with `reference` (a record with
+    `layer_shapes`, such as the estimate record) one score per head and FFN neuron of each layer."""
     from safetensors import safe_open
 
     tensors = load_tensors(path, "scores file")
-    check_tensors(f"the scores in {path}", tensors, "delete the file and rerun estimate")
+    where = f"scores file {path}"
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
+    for name, t in tensors.items():
+        if name.startswith(("head.", "ffn.", "rank.", "module.")):
+            if t.dim() != (0 if name.startswith("module.") else 1) or t.numel() == 0:
+                raise LightPeftError(f"{where}: {name} has shape {list(t.shape)}, not one score per unit; {FIX}")
+            if not bool(torch.isfinite(t).all()):
+                raise LightPeftError(f"{where}: {name} holds non-finite values (NaN or inf); the estimate diverged "
+                                     f"or the file is corrupt: {FIX}")
     try:
         n_layers = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("head."))
         modules = json.loads(meta.get("modules", "[]"))
-        return Scores(head=[tensors[f"head.{i}"] for i in range(n_layers)],
-                      ffn=[tensors[f"ffn.{i}"] for i in range(n_layers)],
-                      module={k: float(tensors[f"module.{k}"]) for k in modules},
-                      rank={k: tensors[f"rank.{k}"] for k in modules})
-    except (KeyError, ValueError) as exc:
-        raise LightPeftError(f"scores file {path} is incomplete ({exc}); delete it and rerun estimate") from None
+        scores = Scores(head=[tensors[f"head.{i}"] for i in range(n_layers)],
+                        ffn=[tensors[f"ffn.{i}"] for i in range(n_layers)],
+                        module={k: float(tensors[f"module.{k}"]) for k in modules},
+                        rank={k: tensors[f"rank.{k}"] for k in modules})
+    except (KeyError, ValueError, TypeError) as exc:
+        raise LightPeftError(f"{where} is incomplete ({exc}); {FIX}") from None
+    layers = {f"{kind}.{i}" for kind in ("head", "ffn") for i in range(n_layers)}
+    if extra := sorted(k for k in set(tensors) - layers if k.startswith(("head.", "ffn."))):
+        raise LightPeftError(f"{where} holds {extra[0]} but head scores for {n_layers} layers; {FIX}")
+    check_shapes(scores, (reference or {}).get("layer_shapes"), where)
+    return scores
+
+
+def check_shapes(scores: Scores, shapes: list[dict] | None, where: str = "scores", fix: str = FIX) -> None:
+    """One score per head and FFN neuron of each layer of the model (`shapes`: its per-layer shapes)."""
+    if shapes is None:
+        return
+    if len(shapes) != len(scores.head):
+        raise LightPeftError(f"{where} covers {len(scores.head)} layers but the model has {len(shapes)}; {fix}")
+    for i, (sh, head, ffn) in enumerate(zip(shapes, scores.head, scores.ffn)):
+        if head.numel() != sh["num_attention_heads"] or ffn.numel() != sh["intermediate_size"]:
+            raise LightPeftError(f"{where}: layer {i} has {head.numel()} head and {ffn.numel()} FFN scores but the "
+                                 f"model has {sh['num_attention_heads']} heads and {sh['intermediate_size']} FFN "
+                                 f"neurons; {fix}")

@@ -18,10 +18,11 @@ import torch
 from tqdm import tqdm
 
 from ..errors import LightPeftError
-from ..models.families import FamilySpec, family_for, head_dim_of
+from ..models.families import FamilySpec, config_layer_shapes, family_for, head_dim_of
 from ..io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from ..models.loading import fingerprint, load_config, resolve_model_dir
-from .plan import kept_shapes
+from ..rundir import RunDir
+from .plan import check_plan_structure, kept_shapes, read_plan
 from ..models.pruned_model import architecture_name, pruned_config
 from .safetensors_stream import ShardReader, ShardWriter
 from ..rundir import PRUNE_RECORD
@@ -95,12 +96,20 @@ def _shards(model_dir: Path) -> list[str]:
     raise LightPeftError(f"no safetensors weights in {model_dir}; convert the checkpoint to safetensors first")
 
 
+def model_reference(config) -> dict:
+    """What `plan.read_plan` checks a plan against, taken from the model that is about to be sliced."""
+    return {"model_fingerprint": fingerprint(config), "layer_shapes": config_layer_shapes(config),
+            "hidden_size": config.hidden_size, "head_dim": head_dim_of(config)}
+
+
 def check_plan(plan: dict, config) -> None:
+    """The plan is for this model and every index it keeps exists there and is GQA-valid: slicing trusts both."""
     if plan.get("model_fingerprint") != fingerprint(config):
         raise LightPeftError(f"plan.json was made for model {plan.get('model_fingerprint')} but model.path is "
                              f"{fingerprint(config)}; re-run estimate and plan for this model")
     if len(plan["layers"]) != config.num_hidden_layers:
         raise LightPeftError("plan.json layer count does not match the model; re-run plan")
+    check_plan_structure(plan, model_reference(config))
 
 
 def prune_checkpoint(model_path: str, plan: dict, out_dir: Path) -> dict:
@@ -146,6 +155,9 @@ def prune_adapter(adapter_dir: Path, plan: dict, config, model_dir: Path, out_di
         a_key, b_key = f"{ADAPTER_PREFIX}{module}.lora_A.weight", f"{ADAPTER_PREFIX}{module}.lora_B.weight"
         if a_key not in weights or b_key not in weights:
             raise LightPeftError(f"estimation adapter has no LoRA weights for {module}; re-run estimate")
+        if module not in table or any(not 0 <= r < r_init for r in ranks):
+            raise LightPeftError(f"the plan keeps ranks {ranks} of {module}, which the estimation adapter (r={r_init}) "
+                                 "does not have as a sliced projection; rerun `lightpeft plan`")
         ranks_t = torch.as_tensor(ranks, dtype=torch.long)
         a, b = weights[a_key].index_select(0, ranks_t), weights[b_key].index_select(1, ranks_t)
         side, idx = table[module]

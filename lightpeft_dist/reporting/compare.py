@@ -19,6 +19,7 @@ from ..errors import LightPeftError
 from ..io_utils import read_json_if_present, write_json
 from ..rundir import RunDir
 from . import methods
+from .artefacts import RunData
 from .plots import _save
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,13 @@ def _maybe(path: Path) -> dict:
 
 
 def run_summary(run_dir: str | Path) -> dict | None:
-    """Flat numbers of one run (None if it has no evaluation yet)."""
+    """Flat numbers of one run (None if it has no evaluation yet, or none of its current plan: artefacts.py)."""
     d = Path(run_dir)
-    r = RunDir(d)
-    ev, plan, train = _maybe(r.eval_record), _maybe(r.plan), _maybe(r.train_record)
-    est, q = _maybe(r.estimate_record), _maybe(r.quality_record)
+    data = RunData.load(d)
+    for note in data.notes:
+        log.warning("compare: %s: %s", d, note)
+    ev, plan, train, est = data.eval or {}, data.plan or {}, data.train or {}, data.estimate or {}
+    q = _maybe(RunDir(d).quality_record)
     model = ev.get("pruned") or ev.get("base")
     metric = next((m for m in ("accuracy", "perplexity") if model and m in model), None)
     if metric is None:
@@ -44,7 +47,8 @@ def run_summary(run_dir: str | Path) -> dict | None:
     return {
         "run": str(d), "method": q.get("method", "run"), "level": q.get("level"), "seed": q.get("seed"),
         "label": q.get("label", d.name), "metric": metric, "value": model[metric],
-        "fraction_pruned": plan.get("summary", {}).get("prunable_fraction_pruned", 0.0 if not plan else None),
+        "fraction_pruned": plan.get("summary", {}).get("prunable_fraction_pruned", None if plan or
+                                                        RunDir(d).plan.is_file() else 0.0),  # no plan: nothing pruned
         "params_total": model.get("params", {}).get("total"),
         "params_trainable": train.get("params", {}).get("trainable", 0 if "pruned" not in ev else None),
         "train_tokens_per_s": train.get("tokens_per_s"),

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import PercentFormatter
 
-from ..adapters.registry import bare_kind
-from ..pruning.module_keys import DEFAULT_KIND, split_key, upgrade_keys
-from ..io_utils import read_json_if_present
-from ..rundir import RunDir
-from ..pruning.scores import Scores, load_scores
+from ..pruning.module_keys import DEFAULT_KIND, split_key
+from .artefacts import RunData, load
 
 log = logging.getLogger(__name__)
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -35,32 +31,8 @@ KEPT, PRUNED, ORIG, EDGE = "#2b6cb0", "#e07b39", "#d5dbe3", "#8a94a3"
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
-@dataclass
-class RunData:
-    """Whatever stages of a run have finished; a missing stage is None, never an error (corrupt files still raise)."""
-
-    run_dir: Path
-    scores: Scores | None = None
-    estimate: dict | None = None
-    plan: dict | None = None
-    train: dict | None = None
-    eval: dict | None = None
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> "RunData":
-        d = RunDir(run_dir)
-        sc, estimate = d.scores("masks"), read_json_if_present(d.estimate_record)
-        scores, plan, bare = load_scores(sc) if sc.is_file() else None, read_json_if_present(d.plan), bare_kind(estimate)
-        if scores is not None:  # keys as plans write them now (adapters/registry.py)
-            scores.module, scores.rank = upgrade_keys(scores.module, bare), upgrade_keys(scores.rank, bare)
-        if plan is not None and "peft_modules" in plan:
-            plan["peft_modules"] = upgrade_keys(plan["peft_modules"], bare)
-        return cls(d.root, scores, estimate, plan, read_json_if_present(d.train_record),
-                   read_json_if_present(d.eval_record))
-
-
 def _run(run: str | Path | RunData) -> RunData:
-    return run if isinstance(run, RunData) else RunData.load(run)
+    return load(run)
 
 
 def _save(fig: Figure, out: str | Path) -> Path:

@@ -1,19 +1,20 @@
 """Human-readable summary of a run directory: one table (Markdown) that `demo` and `report` print.
 
 `write_report` adds a per-layer kept-structure table and the PNG figures of plots.py under report/. Works on whatever
-stages have finished; missing stages show as '-', missing figures are left out.
+stages have finished; missing stages show as '-', missing figures are left out. What it reads comes through
+`artefacts.RunData`: an invalid plan or score file, or records of an earlier plan, are left out with a note line.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from ..io_utils import read_json_if_present, write_json, write_text
+from ..io_utils import write_json, write_text
 from ..rundir import RunDir
+from .artefacts import RunData, load
 
-
-def _maybe(path: Path) -> dict:
-    return read_json_if_present(path) or {}
+log = logging.getLogger(__name__)
 
 
 def _fmt(value, spec: str = ",") -> str:
@@ -22,10 +23,11 @@ def _fmt(value, spec: str = ",") -> str:
     return format(value, spec)
 
 
-def summary_rows(run_dir: Path) -> list[tuple[str, str, str]]:
-    ev = _maybe(RunDir(run_dir).eval_record)
+def summary_rows(run: str | Path | RunData) -> list[tuple[str, str, str]]:
+    r = load(run)
+    ev = r.eval or {}
     base, pruned = ev.get("base", {}), ev.get("pruned", {})
-    plan = _maybe(RunDir(run_dir).plan).get("summary", {})
+    plan = (r.plan or {}).get("summary", {})
     metric = "accuracy" if "accuracy" in pruned or "accuracy" in base else "perplexity"
     spec = ".2%" if metric == "accuracy" else ".2f"
     rows = [
@@ -36,8 +38,7 @@ def summary_rows(run_dir: Path) -> list[tuple[str, str, str]]:
         (f"{metric} ({ev.get('split', '-')})", _fmt(base.get(metric), spec), _fmt(pruned.get(metric), spec)),
         ("inference tokens/s", _fmt(base.get("tokens_per_s"), ",.0f"), _fmt(pruned.get("tokens_per_s"), ",.0f")),
     ]
-    train = _maybe(RunDir(run_dir).train_record)
-    est = _maybe(RunDir(run_dir).estimate_record)
+    train, est = r.train or {}, r.estimate or {}
     if train:
         rows.append(("training tokens/s", "-", _fmt(train.get("tokens_per_s"), ",.0f")))
     if train and est:
@@ -45,21 +46,22 @@ def summary_rows(run_dir: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def summary_table(run_dir: Path) -> str:
-    rows = [("", "before (base, zero-shot)", "after (pruned + LoRA)"), *summary_rows(run_dir)]
+def summary_table(run: str | Path | RunData) -> str:
+    rows = [("", "before (base, zero-shot)", "after (pruned + LoRA)"), *summary_rows(run)]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(rows[0]), sep, *(line(r) for r in rows[1:])])
 
 
-def layer_rows(run_dir: Path) -> list[tuple[str, str, str, str]]:
-    """Per layer 'kept / original' query heads, KV heads and FFN neurons; empty until a plan exists.
+def layer_rows(run: str | Path | RunData) -> list[tuple[str, str, str, str]]:
+    """Per layer 'kept / original' query heads, KV heads and FFN neurons; empty until a valid plan exists.
 
     Without estimate.json (original shapes) only the kept counts are shown.
     """
-    plan = _maybe(RunDir(run_dir).plan)
-    shapes = _maybe(RunDir(run_dir).estimate_record).get("layer_shapes") or []
+    r = load(run)
+    plan = r.plan or {}
+    shapes = (r.estimate or {}).get("layer_shapes") or []
     if len(shapes) != len(plan.get("layers", [])):
         shapes = [{}] * len(plan.get("layers", []))
     cell = lambda kept, orig: f"{kept} / {orig}" if orig is not None else str(kept)  # noqa: E731
@@ -69,8 +71,8 @@ def layer_rows(run_dir: Path) -> list[tuple[str, str, str, str]]:
             for i, (lp, sh) in enumerate(zip(plan.get("layers", []), shapes))]
 
 
-def layer_table(run_dir: Path) -> str:
-    rows = layer_rows(run_dir)
+def layer_table(run: str | Path | RunData) -> str:
+    rows = layer_rows(run)
     if not rows:
         return ""
     head = "| layer | query heads kept | KV heads kept | FFN neurons kept |"
@@ -85,16 +87,21 @@ def write_report(run_dir: Path) -> Path:
     from .plots import plot_run
 
     run_dir = Path(run_dir)
+    r = RunData.load(run_dir)
+    for note in r.notes:
+        log.warning("report: %s", note)
     out = RunDir(run_dir).report
     out.mkdir(parents=True, exist_ok=True)
-    plots = plot_run(run_dir, out)
-    parts = [f"# Light-PEFT run: {run_dir.name}\n\n{summary_table(run_dir)}\n"]
-    if table := layer_table(run_dir):
+    plots = plot_run(r, out)
+    parts = [f"# Light-PEFT run: {run_dir.name}\n\n{summary_table(r)}\n"]
+    if r.notes:
+        parts.append("\n".join(f"> note: {note}" for note in r.notes) + "\n")
+    if table := layer_table(r):
         parts.append(f"## Kept structure per layer\n\n{table}\n")
     if plots:
         parts.append("## Figures\n\n" + "\n".join(f"![{name[:-4].replace('_', ' ')}]({name})\n"
                                                    for name in plots))
     write_text(out / "summary.md", "\n".join(parts))
-    write_json(out / "summary.json", {"rows": summary_rows(run_dir), "layers": layer_rows(run_dir),
-                                      "plots": list(plots)})
+    write_json(out / "summary.json", {"rows": summary_rows(r), "layers": layer_rows(r), "plots": list(plots),
+                                      "notes": r.notes})
     return out
