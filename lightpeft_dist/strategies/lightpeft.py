@@ -9,7 +9,6 @@ pruning (spec 3).
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from ..adapters.bottleneck import adapter_config, save_bottleneck
 from ..pruning.bottleneck_importance import BottleneckImportanceTracker
 from ..pruning.importance import PeftImportanceTracker
 from ..errors import LightPeftError
-from ..io_utils import atomic_dir, read_json_if_present, sha256_json, write_json
+from ..io_utils import atomic_dir, read_json_if_present, remove_owned, sha256_json, write_json
 from ..training.loop import linear_schedule, make_engine, run_steps, train_batches
 from ..pruning.masks import L1Sink, attach_masks, mask_parameters
 from ..models.loading import attach_lora, fingerprint, is_peft_param, load_config, load_model, load_tokenizer
@@ -129,7 +128,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     }
     if rt.is_main:
         write_estimate(RunDir(run_dir).estimate, all_scores, model, adapter_state, record)
-        shutil.rmtree(RunDir(run_dir).checkpoint("estimate"), ignore_errors=True)
+        remove_owned(RunDir(run_dir).checkpoint("estimate"))
     rt.barrier()
     return record
 
