@@ -142,7 +142,8 @@ def test_crash_mid_prune_leaves_no_partial_output(finished_run, monkeypatch):
 
 def test_console_script_exit_code_and_stderr(tmp_path):
     exe = Path(sys.executable).parent / "lightpeft"
+    repo = str(Path(__file__).resolve().parent.parent)  # this checkout, wherever the editable install points
     proc = subprocess.run([str(exe), "plan", "--run-dir", str(tmp_path / "none")], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": repo})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: run directory {tmp_path / 'none'} does not exist")
