@@ -40,12 +40,19 @@ def run_dir_arg(raw: str | os.PathLike) -> Path:
     return Path(raw)
 
 
+def _names(run_dir: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(run_dir))
+    except OSError as exc:
+        raise LightPeftError(f"cannot read run directory {run_dir}: {exc.strerror}") from None
+
+
 def require_run(run_dir: Path) -> None:
     """Stages that continue a run need its folder, holding a run; creating it (or writing into an empty one) would
     hide a typo behind an empty result."""
     if not run_dir.is_dir():
         what = "is not a directory" if run_dir.exists() else "does not exist"
-    elif not RunDir(run_dir).marker.is_file() and all(p.name.startswith(".") for p in run_dir.iterdir()):
+    elif not RunDir(run_dir).marker.is_file() and all(n.startswith(".") for n in _names(run_dir)):
         what = "holds no run yet"
     else:
         return
@@ -88,7 +95,7 @@ def check_run_dir(run_dir: Path, create: bool) -> bool:
         return True
     elif not run_dir.is_dir():
         raise LightPeftError(f"--run-dir {run_dir} is not a directory")
-    names = sorted(p.name for p in run_dir.iterdir())
+    names = _names(run_dir)
     marked = d.marker.is_file() and not d.marker.is_symlink()
     if not marked:
         foreign = [n for n in names if not _own_name(d, n)]
@@ -182,11 +189,13 @@ def open_run_dir(run_dir: Path, create: bool, command: str = "lightpeft",
                 except OSError as exc:
                     raise LightPeftError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
                 stack.enter_context(run_lock(run_dir, command))
-                if unmarked and not (RunDir(run_dir).marker.is_file()):
-                    _mark(run_dir, adopted=not fresh and any(n != RunDir(run_dir).lock.name
-                                                             for n in os.listdir(run_dir)))
+                d = RunDir(run_dir)
+                if unmarked and not d.marker.is_file():
+                    _mark(run_dir, adopted=not fresh and bool(set(_names(run_dir)) - {d.lock.name, d.logs.name}))
             except LightPeftError as exc:
                 error = str(exc)
+            except OSError as exc:  # unreadable or unwritable: the user's to fix, not a bug
+                error = f"cannot use run directory {run_dir}: {exc}"
         errors = [e for e in rt.all_gather_object(error) if e]
         if errors:
             raise LightPeftError(str(errors[0]))

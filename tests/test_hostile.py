@@ -175,6 +175,12 @@ def test_user_files_in_the_run_dir_or_a_stage_folder_are_never_touched(own_cli, 
     own_one_error(rc, err, str(mine), "notes.txt", "not a run directory")
     assert own_tree(mine) == before  # nothing written, not even a marker or a lock
 
+    (mine / "notes.txt").unlink()  # only a folder named like a stage's: still not one that we wrote
+    before = own_tree(mine)
+    rc, _, err = own_cli("run", "--config", recipe, "--run-dir", mine, *OWN_FEW)
+    own_one_error(rc, err, str(mine / "train"), "not written by lightpeft")
+    assert own_tree(mine) == before
+
     (own_run / "train" / "notes.txt").write_text("my notes on this run")  # inside a stage folder we wrote
     before = own_tree(own_run)
     rc, _, err = own_cli("run", "--config", recipe, "--run-dir", own_run, "--estimate.steps=2", "--train.steps=3")
