@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
@@ -30,11 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # a checkout or the copy `ray job submit --working-dir .` makes
     sys.path.insert(0, str(REPO))
 
-from lightpeft_dist.cli import guarded
+from lightpeft_dist.cli import guarded, starts_a_run
 from lightpeft_dist.errors import LightPeftError
-from lightpeft_dist.io_utils import write_json
+from lightpeft_dist.io_utils import atomic_dir, write_json
+from lightpeft_dist.ownership import open_run_dir, require_run, run_dir_arg
 from lightpeft_dist.pipeline import stages as pipeline
-from lightpeft_dist.rundir import RunDir
+from lightpeft_dist.rundir import CHECKPOINT_RECORD, RunDir
 from lightpeft_dist.training import checkpoint
 from lightpeft_dist.training.zero import load_ds_config
 
@@ -45,7 +45,7 @@ IN_RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by the job super
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="ray_train.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="recipe YAML (default: the run directory's recipe.yaml)")
-    p.add_argument("--run-dir", required=True, type=Path, help="absolute path on storage shared by all nodes")
+    p.add_argument("--run-dir", required=True, help="absolute path on storage shared by all nodes")
     p.add_argument("--num-workers", type=int, default=1, help="ranks for estimate and train")
     p.add_argument("--stage", default="all", choices=["all", *pipeline.all_stages()])
     p.add_argument("--deepspeed", help="DeepSpeed config JSON for estimate/train, e.g. ds_configs/zero3.json "
@@ -77,7 +77,8 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def check_run_dir(run_dir: Path) -> Path:
+def check_run_dir(raw: str) -> Path:
+    run_dir = run_dir_arg(raw)
     if IN_RAY_JOB and not run_dir.is_absolute():
         raise LightPeftError(f"--run-dir {run_dir} is relative, but a Ray job runs in a temporary copy of its "
                              "--working-dir that disappears with the cluster; pass an absolute path on storage "
@@ -141,12 +142,10 @@ def _restore_from_ray(run_dir: Path) -> None:
         return
     stage = Path(ckpt.path).name.rpartition("_step_")[0]
     target = RunDir(run_dir).checkpoint(stage)
-    if not stage or (target / "state.json").is_file():
+    if not stage or (target / CHECKPOINT_RECORD).is_file():
         return
-    tmp = target.with_name(f"{target.name}.from-ray")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ckpt.to_directory(str(tmp))
-    os.replace(tmp, target)
+    with atomic_dir(target) as tmp:  # replaces only a folder we wrote, never through a link
+        ckpt.to_directory(str(tmp))
     log.info("restored the %s checkpoint from Ray's copy %s", stage, ckpt.path)
 
 
@@ -256,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> None:
     run_dir = check_run_dir(args.run_dir)
+    creates = starts_a_run(args.stage)
+    if not creates:
+        require_run(run_dir)
     recipe = pipeline.resolve_recipe(run_dir, args.config, overrides)
     if args.deepspeed:
         load_ds_config(args.deepspeed)  # a missing or broken file is an error now, not on the workers
@@ -268,17 +270,19 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
     use_gpu = {"yes": True, "no": False}.get(args.use_gpu, ray.cluster_resources().get("GPU", 0) >= 1)
     collective = any(s.collective for s in stages)
     check_resources(args.num_workers if collective else 1, args.cpus_per_worker, use_gpu)
-    if args.stage == "all" or stages[0] is pipeline.strategy_for(recipe).stages[0]:
-        pipeline.save_recipe(run_dir, recipe)
-    log.info("Ray cluster %s: %s; %s on %d worker(s), gpu=%s", args.address,
-             {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}, args.stage,
-             args.num_workers, use_gpu)
-    t0 = time.time()
-    if collective:
-        run_collective([s.name for s in stages], recipe, run_dir, args, use_gpu)
-    else:
-        run_single(args.stage, recipe, run_dir, args, use_gpu)
-    log.info("%s done in %.1fs", args.stage, time.time() - t0)
+    # The driver holds the run directory for the whole job; the workers are the same job and take no lock.
+    with open_run_dir(run_dir, create=creates, command=f"ray_train.py --stage {args.stage}"):
+        if args.stage == "all" or stages[0] is pipeline.strategy_for(recipe).stages[0]:
+            pipeline.save_recipe(run_dir, recipe)
+        log.info("Ray cluster %s: %s; %s on %d worker(s), gpu=%s", args.address,
+                 {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}, args.stage,
+                 args.num_workers, use_gpu)
+        t0 = time.time()
+        if collective:
+            run_collective([s.name for s in stages], recipe, run_dir, args, use_gpu)
+        else:
+            run_single(args.stage, recipe, run_dir, args, use_gpu)
+        log.info("%s done in %.1fs", args.stage, time.time() - t0)
 
 
 if __name__ == "__main__":

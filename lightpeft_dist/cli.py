@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import LightPeftError
+from .ownership import open_run_dir, require_run, run_dir_arg
 from .runtime import init_distributed, shutdown
 
 # Shipped recipes are package data, so `lightpeft demo` works from an installed wheel with no source tree; the
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def stage(name: str, help_: str, config: bool = True, collective: bool = False) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("--run-dir", required=name != "demo", type=Path, default=Path("runs/demo"))
+        sp.add_argument("--run-dir", required=name != "demo", default="runs/demo")  # a str: "" must stay visible
         if config:
             default = "the shipped demo recipe" if name == "demo" else "the run directory's recipe.yaml"
             sp.add_argument("--config", help=f"recipe YAML (default: {default})")
@@ -66,23 +67,39 @@ def _plan_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def starts_a_run(stage: str) -> bool:
+    """Only these may create the run directory (docs/architecture.md, Guarantees); every other stage continues a
+    run, so a missing run directory there is a typo, not a new run."""
+    from .strategies.registry import STRATEGIES
+
+    return stage in ("run", "demo", "all") or any(s.stages and s.stages[0].name == stage for s in STRATEGIES.values())
+
+
+def _report(run_dir: Path, compare: list[Path] | None) -> None:
+    from .reporting.report import summary_table, write_report
+
+    with open_run_dir(run_dir, create=False, command="lightpeft report"):
+        out = write_report(run_dir)
+        print(summary_table(run_dir))
+        print(f"report written to {out}")
+        if compare:
+            from .reporting.compare import write_comparison
+
+            print(write_comparison([run_dir, *compare], out)["table"])
+            print(f"comparison written to {out / 'compare.md'}")
+
+
 def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
     from .pipeline import stages as pipeline
     from .pipeline.preflight import check_inputs, check_run_dir
 
-    run_dir: Path = args.run_dir
+    run_dir = run_dir_arg(args.run_dir)
     check_run_dir(run_dir)
+    creates = starts_a_run(args.stage)
+    if not creates:
+        require_run(run_dir)  # before the recipe: its "no recipe in D" would hide that D is a typo
     if args.stage == "report":
-        from .reporting.report import summary_table, write_report
-
-        out = write_report(run_dir)
-        print(summary_table(run_dir))
-        print(f"report written to {out}")
-        if args.compare:
-            from .reporting.compare import write_comparison
-
-            print(write_comparison([run_dir, *args.compare], out)["table"])
-            print(f"comparison written to {out / 'compare.md'}")
+        _report(run_dir, args.compare)
         return
     deepspeed = getattr(args, "deepspeed", None)
     overrides = overrides + _plan_overrides(args)
@@ -99,14 +116,15 @@ def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
     rt = init_distributed(require_group=bool(deepspeed))
     if not rt.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    if args.stage in ("run", "demo"):
-        pipeline.run_all(recipe, run_dir, deepspeed=deepspeed)
-        if rt.is_main:
-            from .reporting.report import summary_table
+    with open_run_dir(run_dir, create=creates, command=f"lightpeft {args.stage}", runtime=rt):
+        if args.stage in ("run", "demo"):
+            pipeline.run_all(recipe, run_dir, deepspeed=deepspeed)
+            if rt.is_main:
+                from .reporting.report import summary_table
 
-            print(summary_table(run_dir))
-        return
-    pipeline.run_stage(args.stage, recipe, run_dir, deepspeed=deepspeed)
+                print(summary_table(run_dir))
+            return
+        pipeline.run_stage(args.stage, recipe, run_dir, deepspeed=deepspeed)
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

@@ -17,6 +17,10 @@ PRUNE_RECORD = "lightpeft_prune.json"  # inside a pruned model folder (wherever 
 TRAIN_RECORD = "train.json"  # inside the train folder
 EXPORT_RECORD = "lightpeft_export.json"  # inside the export folder
 ADAPTER = "adapter"  # a stage folder's adapter (estimate/adapter, train/adapter)
+CHECKPOINT_RECORD = "state.json"  # inside a stage checkpoint folder, next to its tensors
+# Inside every folder that io_utils.atomic_dir publishes: the entries we wrote, so that replacing the folder deletes
+# nothing else (docs/architecture.md, Guarantees).
+MANIFEST = ".lightpeft-manifest.json"
 
 
 @dataclass(frozen=True)
@@ -114,3 +118,36 @@ class RunDir:
     def quality_record(self) -> Path:
         """Written by the quality study (benchmarks/quality) next to a row's eval.json."""
         return self.root / "quality.json"
+
+    @property
+    def logs(self) -> Path:
+        """Slurm's job logs (slurm/pipeline.sh spells it `$run_dir/logs`); written by Slurm, not by us."""
+        return self.root / "logs"
+
+    # ownership and concurrency (ownership.py, docs/architecture.md: Guarantees)
+    @property
+    def marker(self) -> Path:
+        """Says that we made (or adopted) this folder as a run directory."""
+        return self.root / ".lightpeft-run.json"
+
+    @property
+    def lock(self) -> Path:
+        """Held (flock) by the one process that writes the run directory now; it names that process."""
+        return self.root / ".lightpeft-run.lock"
+
+    def top_level_names(self) -> frozenset[str]:
+        """Every top-level name of an artefact above, taken from the properties so that a new one counts at once
+        (stage checkpoints, `<stage>.ckpt`, are matched by `is_checkpoint_name`)."""
+        names = {getattr(self, attr) for attr, value in vars(RunDir).items() if isinstance(value, property)}
+        return frozenset(path.relative_to(self.root).parts[0] for path in names)
+
+    def replaced_folders(self) -> dict[str, str]:
+        """The folders that a stage replaces as a whole (io_utils.atomic_dir), each with the record that every
+        version of lightpeft left in it (how a folder from before manifests is recognised); checkpoints apart."""
+        records = (self.estimate_record, self.prune_record, self.pruned_adapter / "adapter_config.json",
+                   self.train_record, self.export_record)
+        return {record.parent.name: record.name for record in records}
+
+    @staticmethod
+    def is_checkpoint_name(name: str) -> bool:
+        return name.endswith(".ckpt") and len(name) > len(".ckpt")

@@ -28,6 +28,7 @@ from lightpeft_dist.models.loading import fingerprint
 from lightpeft_dist.pruning.plan import make_plan
 from lightpeft_dist.pruning.slicing import prune_checkpoint
 from lightpeft_dist.runtime import Runtime
+from lightpeft_dist.rundir import MANIFEST
 from lightpeft_dist.pruning.scores import Scores
 from tiny import save_tiny, tiny_model
 
@@ -141,7 +142,8 @@ def test_save_reload_in_fresh_process_is_identical(tmp_path):
         here = model(INPUT).logits
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "lightpeft_bottleneck" and set(cfg["targets"].values()) == {4}
-    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                                  MANIFEST}
     script = f"""
 import torch
 from transformers import AutoModelForCausalLM

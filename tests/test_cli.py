@@ -119,7 +119,7 @@ def test_missing_and_corrupt_files(tmp_path, finished_run, capsys):
     line = one_error_line(capsys)
     assert "plan at" in line and "corrupt" in line
     assert main(["plan", "--run-dir", str(tmp_path / "nowhere")]) == 2
-    assert "no recipe" in one_error_line(capsys)
+    assert "does not exist" in one_error_line(capsys)
 
 
 def test_crash_mid_prune_leaves_no_partial_output(finished_run, monkeypatch):
@@ -137,12 +137,13 @@ def test_crash_mid_prune_leaves_no_partial_output(finished_run, monkeypatch):
     with pytest.raises(OSError):
         main(["prune", "--run-dir", str(run)])
     assert calls["n"] == 1 and not (run / "pruned_model").exists()
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # temp dirs cleaned up
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # temp dirs cleaned up
 
 
 def test_console_script_exit_code_and_stderr(tmp_path):
     exe = Path(sys.executable).parent / "lightpeft"
+    repo = str(Path(__file__).resolve().parent.parent)  # this checkout, wherever the editable install points
     proc = subprocess.run([str(exe), "plan", "--run-dir", str(tmp_path / "none")], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": repo})
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: no recipe in")
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: run directory {tmp_path / 'none'} does not exist")

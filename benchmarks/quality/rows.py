@@ -26,7 +26,7 @@ from lightpeft_dist.pipeline import stages as pipeline
 from lightpeft_dist.config import Recipe, recipe_from_dict, recipe_to_dict
 from lightpeft_dist.strategies.lightpeft import estimate_key
 from lightpeft_dist.pipeline.evaluate import eval_split, evaluate_model, run_evaluate
-from lightpeft_dist.io_utils import read_json, sha256_json, write_json
+from lightpeft_dist.io_utils import read_json, remove_owned, sha256_json, write_json
 from lightpeft_dist.models.loading import load_model, load_tokenizer
 from lightpeft_dist.pruning.plan import read_plan
 from lightpeft_dist.reporting import methods
@@ -108,14 +108,14 @@ def run_estimate(study: Study, seed: int) -> Path:
 
 def _link_estimate(shared: Path, row_dir: Path, recipe: Recipe) -> None:
     target = RunDir(row_dir).estimate
-    if target.exists():
+    if target.exists() or target.is_symlink():
         try:
             if read_json(target / ESTIMATE_RECORD).get("key") == estimate_key(recipe) and \
                     (target / ESTIMATE_RECORD).samefile(shared / ESTIMATE_RECORD):
                 return
         except Exception:  # noqa: BLE001 - anything unreadable is replaced below
             pass
-        shutil.rmtree(target)
+        remove_owned(target)  # refuses a link or a folder holding files we did not write
     row_dir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(shared, target, copy_function=os.link)
 

@@ -10,7 +10,6 @@ reference does, docs/method.md).
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ..models.families import config_layer_shapes, head_dim_of
 from ..adapters.registry import AdapterKind, attach_adapters, is_adapter_param, kinds_of, save_adapters
 from ..pruning.importance import TrackerSet
 from ..errors import LightPeftError
-from ..io_utils import atomic_dir, read_json_if_present, sha256_json, write_json
+from ..io_utils import atomic_dir, read_json_if_present, remove_owned, sha256_json, write_json
 from ..training.finite import DIVERGED, check_tensors
 from ..training.loop import linear_schedule, make_engine, run_steps, train_batches
 from ..pruning.masks import L1Sink, attach_masks, mask_parameters
@@ -120,7 +119,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     }
     if rt.is_main:
         write_estimate(RunDir(run_dir).estimate, all_scores, model, adapter_state, kinds, record)
-        shutil.rmtree(RunDir(run_dir).checkpoint("estimate"), ignore_errors=True)
+        remove_owned(RunDir(run_dir).checkpoint("estimate"))
     rt.barrier()
     return record
 

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import LightPeftError
 from ..io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from ..rundir import CHECKPOINT_RECORD
 from ..runtime import Runtime
 from .hooks import Restructure, StepHooks, Trainee
 from .zero import full_value, gathered
@@ -138,7 +139,7 @@ def save_checkpoint(path: Path, engine, named_params: list[tuple[str, torch.Tens
     if runtime.is_main:
         with atomic_dir(path) as tmp:
             save_tensors(tmp / "state.safetensors", tensors)
-            write_json(tmp / "state.json", {**meta, "step": step, "world_size": runtime.world_size})
+            write_json(tmp / CHECKPOINT_RECORD, {**meta, "step": step, "world_size": runtime.world_size})
         log.info("checkpoint at step %d written to %s", step, path)
     runtime.barrier()
     for listener in LISTENERS:
@@ -146,9 +147,9 @@ def save_checkpoint(path: Path, engine, named_params: list[tuple[str, torch.Tens
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    if not (path / "state.json").is_file():
+    if not (path / CHECKPOINT_RECORD).is_file():
         return None
-    return read_json(path / "state.json", "checkpoint record"), load_tensors(path / "state.safetensors")
+    return read_json(path / CHECKPOINT_RECORD, "checkpoint record"), load_tensors(path / "state.safetensors")
 
 
 def restore_checkpoint(engine, named_params: list[tuple[str, torch.Tensor]], meta: dict,
