@@ -8,6 +8,7 @@ mapping before validation, so they get the same checks as the file.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 from .errors import LightPeftError
 
 Scope = Literal["layerwise", "global"]
+# FFN neurons may also be ranked globally on scores divided by their layer's mean (plan.py): score scales differ
+# between layers, which is what makes plain global ranking break layers (docs/results.md).
+FfnScope = Literal["layerwise", "global", "global_normalized"]
 
 
 class _Strict(BaseModel):
@@ -90,10 +94,12 @@ class PruneConfig(_Strict):
     ffn_ratio: float = 1 / 3
     module_ratio: float = 0.75
     rank_ratio: float = 0.5
-    ffn_scope: Scope = "global"
+    ffn_scope: FfnScope = "global"
     rank_scope: Scope = "global"
     uniform: bool = False
-    random: bool = Field(False, description="control: replace every score with seeded noise")
+    random: bool = Field(False, description="control: seeded noise for the head and FFN scores; the PEFT module "
+                         "and rank choices stay the scored plan's")
+    random_peft: bool = Field(False, description="with random: the PEFT module and rank scores are noise too")
     unit_scores: Literal["masks", "activation"] = Field(
         "masks", description="rank heads and FFN neurons by the learned masks (Light-PEFT) or by their measured "
                              "activations times output weight norms (see activation.py)")
@@ -107,6 +113,12 @@ class PruneConfig(_Strict):
         if not 0.0 <= v < 1.0:
             raise ValueError(f"pruning ratio {v} is outside [0, 1); use e.g. 0.3 to prune 30%")
         return v
+
+    @model_validator(mode="after")
+    def _random_peft_needs_random(self) -> "PruneConfig":
+        if self.random_peft and not self.random:
+            raise ValueError("random_peft randomises the PEFT choices of the random control; set random: true too")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -184,11 +196,20 @@ class Recipe(_Strict):
         return getattr(self, name)
 
 
+@dataclass(frozen=True)
+class Follows:
+    """The old implicit value of an added field was another field's value."""
+
+    field: str
+
+
 # Fields added after run directories already existed, with the default they had implicitly before. Cache keys leave
-# them out while they sit at that default, so adding a field never invalidates a finished stage.
+# them out while they sit at that default, so adding a field never invalidates a finished stage. random_peft:
+# `random` used to randomise the PEFT choices too, so a random plan keeps its old key only with random_peft true
+# (and is then the same plan); a random plan of the new kind gets a new key.
 ADDED_LATER: dict[str, dict[str, Any]] = {
     "train": {"distill_weight": 0.0, "distill_temperature": 1.0},
-    "prune": {"multiple_of": 1},
+    "prune": {"multiple_of": 1, "random_peft": Follows("random")},
 }
 
 
@@ -196,7 +217,8 @@ def without_later_defaults(section: str, values: dict[str, Any]) -> dict[str, An
     """`values` of a recipe section without the later-added fields, when they are all at their old default."""
     values = dict(values)
     added = ADDED_LATER.get(section, {})
-    if all(values.get(k) == v for k, v in added.items()):
+    old = lambda v: values.get(v.field) if isinstance(v, Follows) else v  # noqa: E731
+    if all(values.get(k) == old(v) for k, v in added.items()):
         for k in added:
             values.pop(k, None)
     return values
