@@ -100,9 +100,10 @@ class PruneConfig(_Strict):
     random: bool = Field(False, description="control: seeded noise for the head and FFN scores; the PEFT module "
                          "and rank choices stay the scored plan's")
     random_peft: bool = Field(False, description="with random: the PEFT module and rank scores are noise too")
-    unit_scores: Literal["masks", "activation"] = Field(
-        "masks", description="rank heads and FFN neurons by the learned masks (Light-PEFT) or by their measured "
-                             "activations times output weight norms (see activation.py)")
+    unit_scores: Literal["masks", "activation", "taylor"] = Field(
+        "masks", description="rank heads and FFN neurons by the learned masks (Light-PEFT), by their measured "
+                             "activations times output weight norms (activation.py), or by first-order Taylor "
+                             "importance at the masks' position (taylor.py)")
     seed: int = 0
     multiple_of: int = Field(1, ge=1, description="kept FFN widths, and KV-group widths (groups x head_dim) where "
                              "needed, rounded to a multiple of this (plan.py); 1 = off")

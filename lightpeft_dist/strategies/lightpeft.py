@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..pruning.activation import ActivationTracker
+from ..pruning.taylor import FirstOrderTracker
 from ..training.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from ..config import Recipe, recipe_to_dict
 from ..models.families import config_layer_shapes, head_dim_of
@@ -68,6 +69,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
         sink = L1Sink()
         activations = ActivationTracker(model, rt)  # its hooks run before the mask hooks (prepended)
         attach_masks(model, sink=sink)
+        first_order = FirstOrderTracker(model, rt)  # after the masks: its hooks see the masked unit outputs
         head_masks, ffn_masks = mask_parameters(model)
         tracker = (BottleneckImportanceTracker if recipe.peft.type == "adapter" else PeftImportanceTracker)(
             model, cfg.steps, rt)
@@ -82,21 +84,25 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
         engine = make_engine(model, optimizer, linear_schedule(optimizer, cfg.steps), cfg.grad_accum,
                              cfg.max_grad_norm, ds_cfg, rt)
     partitioning = mask_partitioning(head_masks + ffn_masks, rt)
-    start = resume(RunDir(run_dir).checkpoint("estimate"), key, engine, trainable, tracker, activations, rt)
+    start = resume(RunDir(run_dir).checkpoint("estimate"), key, engine, trainable, tracker, activations,
+                   first_order, rt)
 
     def before_forward(batch: dict) -> None:
         tracker.recording, tracker.token_mask, sink.active = True, batch["attention_mask"], True
         activations.recording, activations.token_mask = True, batch["attention_mask"]
+        first_order.recording, first_order.token_mask = True, batch["attention_mask"]
 
     def after_forward() -> None:
-        tracker.recording = sink.active = activations.recording = False
+        tracker.recording = sink.active = activations.recording = first_order.recording = False
 
     def after_step(step: int, loss: float) -> None:
         tracker.end_step(step)
         activations.end_step()
+        first_order.end_step()
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             path = RunDir(run_dir).checkpoint("estimate")
-            extra = tracker.state_dict() | {f"act.{k}": v for k, v in activations.state_dict().items()}
+            extra = tracker.state_dict() | {f"act.{k}": v for k, v in activations.state_dict().items()} | {
+                f"taylor.{k}": v for k, v in first_order.state_dict().items()}
             save_checkpoint(path, engine, trainable, step, extra, {"key": key}, rt)
 
     log.info("estimate: steps %d..%d, batch %d, %d PEFT modules, %d head masks, %d FFN masks", start, cfg.steps,
@@ -110,11 +116,14 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     module_scores, rank_scores = tracker.results()
     tracker.remove()
     activations.remove()
+    first_order.remove()
     scores = Scores(head=[full_value(m) for m in head_masks], ffn=[full_value(m) for m in ffn_masks],
                     module=module_scores, rank=rank_scores)
     act_head, act_ffn = activations.results()
+    taylor_head, taylor_ffn = first_order.taylor()
     all_scores = {"masks": scores,
-                  "activation": Scores(head=act_head, ffn=act_ffn, module=module_scores, rank=rank_scores)}
+                  "activation": Scores(head=act_head, ffn=act_ffn, module=module_scores, rank=rank_scores),
+                  "taylor": Scores(head=taylor_head, ffn=taylor_ffn, module=module_scores, rank=rank_scores)}
     adapter_state = full_state([(n, p) for n, p in trainable if is_peft_param(n)])
     plan_hash = make_plan(all_scores[recipe.prune.unit_scores], shapes, recipe.prune, fingerprint(base_config),
                           base_config.hidden_size, head_dim_of(base_config))["hash"]
@@ -135,7 +144,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
 
 
 def resume(path: Path, key: str, engine, trainable, tracker: PeftImportanceTracker, activations: ActivationTracker,
-           rt: Runtime) -> int:
+           first_order: FirstOrderTracker, rt: Runtime) -> int:
     """The first step to run: 0, or the step after a checkpoint written for this same recipe."""
     found = read_checkpoint(path)
     if found is None:
@@ -145,12 +154,14 @@ def resume(path: Path, key: str, engine, trainable, tracker: PeftImportanceTrack
         log.warning("ignoring checkpoint %s: it was written for another recipe (key %s, now %s)", path,
                     meta.get("key"), key)
         return 0
-    if "extra/act.tokens" not in tensors:
-        log.warning("ignoring checkpoint %s: it predates activation statistics; estimating from step 0", path)
+    if "extra/act.tokens" not in tensors or "extra/taylor.steps" not in tensors:
+        log.warning("ignoring checkpoint %s: it predates activation or Taylor statistics; estimating from step 0",
+                    path)
         return 0
     extra = restore_checkpoint(engine, trainable, meta, tensors)
     tracker.load_state_dict(extra)
     activations.load_state_dict({k.removeprefix("act."): v for k, v in extra.items() if k.startswith("act.")})
+    first_order.load_state_dict({k.removeprefix("taylor."): v for k, v in extra.items() if k.startswith("taylor.")})
     log.info("resumed estimation from %s after step %d (written by %d ranks, now %d)", path, meta["step"],
              meta["world_size"], rt.world_size)
     return int(meta["step"]) + 1
@@ -171,7 +182,8 @@ def mask_partitioning(masks: list[torch.Tensor], rt: Runtime) -> dict | None:
 
 def write_estimate(out_dir: Path, all_scores: dict[str, Scores], peft_model, adapter_state: dict,
                    record: dict) -> None:
-    """Both unit scorings are written; `prune.unit_scores` picks one at plan time, so switching needs no new run."""
+    """Every unit scoring (`SCORE_FILES`) is written; `prune.unit_scores` picks one at plan time, so switching needs
+    no new run."""
     with atomic_dir(out_dir) as tmp:
         for kind, scores in all_scores.items():
             save_scores(tmp / SCORE_FILES[kind], scores, metadata={"strategy": record["strategy"], "units": kind})
