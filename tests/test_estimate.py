@@ -120,6 +120,14 @@ def test_estimation_ranks_irrelevant_units_lowest(tmp_path, tiny_recipe):
                          record["model_fingerprint"], record["hidden_size"], record["head_dim"])
     assert all(sorted(lay["ffn"]) == list(range(8, 40)) for lay in act_plan["layers"])  # exactly the dead ones go
     assert all(0 not in lay["q_heads"] for i, lay in enumerate(act_plan["layers"]) if i != 1)
+    # So do the Taylor scores: no gradient reaches a unit that writes through a zero column.
+    taylor = load_scores(tmp_path / "run" / "estimate" / "taylor_scores.safetensors")
+    assert taylor.module == scores.module
+    assert float(taylor.head[1].abs().max()) == 0.0
+    for i in (0, 2):
+        assert float(taylor.head[i][0]) == 0.0 and float(taylor.head[i][1:].min()) > 0
+    for ffn in taylor.ffn:
+        assert float(ffn[:8].abs().max()) == 0.0 and float(ffn[8:].min()) > 0
     # the estimation adapter is a standard PEFT adapter for the base model
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     loaded = PeftModel.from_pretrained(base, tmp_path / "run" / "estimate" / "adapter")

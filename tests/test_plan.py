@@ -202,3 +202,50 @@ def test_multiple_of_below_one_is_rejected(bad):
     with pytest.raises(LightPeftError, match=r"prune\.multiple_of.*greater than or equal to 1"):
         recipe_from_dict({"model": {"path": "m"}, "data": {"format": "text", "train_file": "t"},
                           "prune": {"multiple_of": bad}})
+
+
+def test_random_control_keeps_the_scored_peft_choices_unless_random_peft():
+    sh = shapes()
+    sc = scores_for(sh, seed=7, modules=8, r=4)
+    scored = plan(sh, sc, attn_ratio=0.5, ffn_ratio=0.5)
+    units = plan(sh, sc, attn_ratio=0.5, ffn_ratio=0.5, random=True)
+    both = plan(sh, sc, attn_ratio=0.5, ffn_ratio=0.5, random=True, random_peft=True)
+    assert units["peft_modules"] == scored["peft_modules"]
+    assert both["peft_modules"] != scored["peft_modules"]
+    assert units["layers"] != scored["layers"] and units["layers"] == both["layers"]  # the same unit noise
+    assert units["summary"]["after"] == scored["summary"]["after"]
+    with pytest.raises(ValueError, match="random_peft .* set random: true"):
+        PruneConfig(random_peft=True)
+
+
+def test_random_peft_keeps_the_old_random_plan_and_its_key():
+    """Before random_peft existed, prune.random randomised the PEFT choices too: random + random_peft is that plan,
+    byte for byte (hash pinned before the change) with the same cache key; random alone is a new plan and key."""
+    from lightpeft_dist.config import without_later_defaults
+
+    sh = shapes(n_layers=3, heads=6, kv=2, ffn=40)
+    sc = Scores(head=[spread(6, 5), spread(6, 1), spread(6, 5).flip(0)], ffn=[spread(40), spread(40, 3), spread(40, 9)],
+                module={"a": 0.3, "b": 0.7, "c": 0.5}, rank={"a": spread(4, 3), "b": spread(4), "c": spread(4, 1)})
+    old = plan(sh, sc, random=True, random_peft=True, module_ratio=0.34)
+    assert old["hash"] == "52f22028a9c7d8a3" and "random_peft" not in old["prune"]
+    new = plan(sh, sc, random=True, module_ratio=0.34)
+    assert new["prune"]["random_peft"] is False and new["hash"] != old["hash"]
+    assert new["peft_modules"] == plan(sh, sc, module_ratio=0.34)["peft_modules"] != old["peft_modules"]
+    key = lambda **kw: without_later_defaults("prune", PruneConfig(**kw).model_dump(mode="json"))  # noqa: E731
+    assert "random_peft" not in key() and "random_peft" not in key(random=True, random_peft=True)
+    assert key(random=True)["random_peft"] is False
+
+
+def test_normalised_global_ffn_ranking_ignores_a_layers_score_scale():
+    sh = shapes(n_layers=3, ffn=20)
+    sc = scores_for(sh, seed=5)
+    scaled = Scores(head=sc.head, ffn=[sc.ffn[0], sc.ffn[1] * 100.0, sc.ffn[2]], module=sc.module, rank=sc.rank)
+    kept = lambda p: [lay["ffn"] for lay in p["layers"]]  # noqa: E731
+    norm, norm_scaled = (plan(sh, s, ffn_ratio=0.4, ffn_scope="global_normalized") for s in (sc, scaled))
+    assert kept(norm) == kept(norm_scaled)
+    assert sum(len(k) for k in kept(norm)) == 60 - 24  # the total stays exact
+    assert len({len(k) for k in kept(norm)}) > 1  # still a global ranking: layers keep different counts
+    glob, glob_scaled = (plan(sh, s, ffn_ratio=0.4, ffn_scope="global") for s in (sc, scaled))
+    assert kept(glob) != kept(glob_scaled)
+    assert len(kept(glob_scaled)[1]) == 20  # plain global ranking spends nothing on the loud layer
+    assert "ffn_scope" in norm["prune"] and norm["hash"] != glob["hash"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lightpeft_dist.assets import EMBEDDED_NAMES
 from lightpeft_dist.cli import main
 from lightpeft_dist.config import load_recipe
 
@@ -19,7 +20,15 @@ FEW_STEPS = ["--estimate.steps=2", "--estimate.batch_size=2", "--estimate.seq_le
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_parses(recipe):
-    load_recipe(recipe)
+    r = load_recipe(recipe)
+    # embedded names are resolved only when a stage reads them, so a misspelt one would pass parsing
+    named = [r.model.path, r.data.train_file, r.data.eval_file, r.data.test_file]
+    assert all(p in EMBEDDED_NAMES for p in named if p and p.startswith("embedded:")), named
+
+
+def test_both_real_tasks_have_a_recipe():
+    data = {load_recipe(r).data.train_file for r in RECIPES}
+    assert {"embedded:movie_reviews/train", "embedded:nyt_editorials/train"} <= data
 
 
 def test_top_level_recipes_is_the_shipped_folder():

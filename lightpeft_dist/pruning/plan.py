@@ -7,6 +7,9 @@ model's per-layer shapes. Deliberate deviations from the reference (spec 1.4, 6.
 - a layer never loses all of its heads or all of its FFN neurons (global ranking then prunes the next-lowest unit
   elsewhere, keeping the total exact);
 - GQA: query heads are kept in equal numbers inside each kept KV group (see `choose_heads`).
+Opt-in `prune.ffn_scope: global_normalized` ranks FFN neurons across layers on each layer's scores divided by the
+layer's mean |score|: unit score scales differ between layers, so plain global ranking empties the layers with small
+scales (7-29x worse perplexity than per-layer ranking, docs/results.md); the layer mean removes exactly that factor.
 Opt-in `prune.multiple_of: m` (default 1, which plans exactly as above) rounds widths for matrix kernels (GPU tiles,
 bitsandbytes' packed CPU kernel, quant.py): each layer's kept FFN count goes to the nearest multiple of m (halves up),
 at least m, never above the layer's width (a layer narrower than m keeps all of it), and the layer keeps its
@@ -44,8 +47,9 @@ def n_pruned(ratio: float, n: int) -> int:
 
 
 def _order(scores: torch.Tensor) -> torch.Tensor:
-    """Indices from most to least important; ties keep the lower index first."""
-    return torch.sort(scores.float(), descending=True, stable=True).indices
+    """Indices from most to least important; ties keep the lower index first (float64 scores are kept as they are,
+    float32 otherwise)."""
+    return torch.sort(scores if scores.dtype == torch.float64 else scores.float(), descending=True, stable=True).indices
 
 
 def _best_groups(scores: torch.Tensor, n_kv: int, groups: int, per_group: int) -> tuple[float, list[int], list[int]]:
@@ -87,7 +91,7 @@ def choose_heads(scores: torch.Tensor, n_kv: int, ratio: float, shape: tuple[int
 
 def _keep_global(scores: list[torch.Tensor], ratio: float) -> list[list[int]]:
     """Global top-k over all layers' units, never emptying a layer; total pruned is exactly round(ratio * n)."""
-    flat = torch.cat([s.float() for s in scores])
+    flat = torch.cat([s if s.dtype == torch.float64 else s.float() for s in scores])
     owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
     local = torch.cat([torch.arange(s.numel()) for s in scores])
     to_prune = n_pruned(ratio, flat.numel())
@@ -108,7 +112,19 @@ def _keep_layerwise(scores: list[torch.Tensor], ratio: float) -> list[list[int]]
     return [sorted(_order(s)[: max(1, s.numel() - n_pruned(ratio, s.numel()))].tolist()) for s in scores]
 
 
+def normalized_by_layer(scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each layer's scores over the layer's mean |score| (float64; a layer of all-zero scores stays zero), so that a
+    layer whose scores are all c times larger ranks the same."""
+    out = []
+    for s in scores:
+        mean = s.double().abs().mean()
+        out.append(s.double() / mean if mean > 0 else s.double())
+    return out
+
+
 def plan_ffn(scores: list[torch.Tensor], ratio: float, scope: str) -> list[list[int]]:
+    if scope == "global_normalized":
+        return _keep_global(normalized_by_layer(scores), ratio)
     return (_keep_global if scope == "global" else _keep_layerwise)(scores, ratio)
 
 
@@ -171,7 +187,7 @@ def _keep_global_allow_empty(scores: list[torch.Tensor], ratio: float) -> list[l
 def make_plan(scores: Scores, shapes: list[dict[str, int]], cfg: PruneConfig, model_fingerprint: str,
               hidden_size: int, head_dim: int) -> dict:
     if cfg.random:
-        scores = scores.randomized(cfg.seed)
+        scores = scores.randomized(cfg.seed, peft=cfg.random_peft)
     if len(scores.head) != len(shapes):
         raise LightPeftError(f"scores cover {len(scores.head)} layers but the model has {len(shapes)}; "
                              "re-run estimate for this model")

@@ -27,12 +27,16 @@ class Scores:
     module: dict[str, float] = field(default_factory=dict)
     rank: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def randomized(self, seed: int) -> "Scores":
-        """The random-pruning control: same shapes, seeded uniform noise."""
+    def randomized(self, seed: int, peft: bool = True) -> "Scores":
+        """The random-pruning control: seeded uniform noise of the same shapes for heads and FFN neurons and, with
+        `peft`, for the PEFT module and rank scores. Without `peft` those stay, so a plan keeps the scored PEFT
+        choices and the control isolates the unit ranking. Unit noise is drawn first: the same either way."""
         g = torch.Generator().manual_seed(seed)
         noise = lambda t: torch.rand(t.shape, generator=g)  # noqa: E731
-        return Scores([noise(t) for t in self.head], [noise(t) for t in self.ffn],
-                      {k: float(torch.rand(1, generator=g)) for k in self.module},
+        head, ffn = [noise(t) for t in self.head], [noise(t) for t in self.ffn]
+        if not peft:
+            return Scores(head, ffn, dict(self.module), dict(self.rank))
+        return Scores(head, ffn, {k: float(torch.rand(1, generator=g)) for k in self.module},
                       {k: noise(v) for k, v in self.rank.items()})
 
     def named(self) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..pruning.activation import ActivationTracker
+from ..pruning.taylor import FirstOrderTracker
 from ..training.checkpoint import Checkpointing, resume
 from ..training.hooks import StepHooks, Trainee
 from ..config import Recipe, recipe_to_dict
@@ -70,6 +71,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
         sink = L1Sink()
         activations = ActivationTracker(model, rt)  # its hooks run before the mask hooks (prepended)
         attach_masks(model, sink=sink)
+        first_order = FirstOrderTracker(model, rt)  # after the masks: its hooks see the masked unit outputs
         head_masks, ffn_masks = mask_parameters(model)
         tracker = TrackerSet({kind.name: kind.tracker(model, cfg.steps, rt) for kind in kinds})
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -84,7 +86,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
                              cfg.max_grad_norm, ds_cfg, rt)
     partitioning = mask_partitioning(head_masks + ffn_masks, rt)
     trainee = Trainee(model, engine, trainable)
-    hooks = EstimateHooks(tracker, activations, sink, cfg.l1)
+    hooks = EstimateHooks(tracker, activations, first_order, sink, cfg.l1)
     start = resume(RunDir(run_dir).checkpoint("estimate"), trainee, hooks, rt, "estimation", accept=_same_recipe(key))
     log.info("estimate: steps %d..%d, batch %d, %d PEFT modules, %d head masks, %d FFN masks", start, cfg.steps,
              cfg.batch_size, len(tracker.modules), sum(s["num_attention_heads"] for s in shapes),
@@ -96,11 +98,14 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     module_scores, rank_scores = tracker.results()
     tracker.remove()
     activations.remove()
+    first_order.remove()
     scores = Scores(head=[full_value(m) for m in head_masks], ffn=[full_value(m) for m in ffn_masks],
                     module=module_scores, rank=rank_scores)
     act_head, act_ffn = activations.results()
+    taylor_head, taylor_ffn = first_order.taylor()
     all_scores = {"masks": scores,
-                  "activation": Scores(head=act_head, ffn=act_ffn, module=module_scores, rank=rank_scores)}
+                  "activation": Scores(head=act_head, ffn=act_ffn, module=module_scores, rank=rank_scores),
+                  "taylor": Scores(head=taylor_head, ffn=taylor_ffn, module=module_scores, rank=rank_scores)}
     adapter_state = full_state([(n, p) for n, p in trainable if is_adapter_param(n)])
     # every rank holds these gathered values, so a diverged last step stops all ranks here, before any plan or write
     for kind, kind_scores in all_scores.items():
@@ -131,31 +136,37 @@ class EstimateHooks(StepHooks):
     are not counted; the trackers' totals are the checkpointed state.
     """
 
-    def __init__(self, tracker: TrackerSet, activations: ActivationTracker,
+    def __init__(self, tracker: TrackerSet, activations: ActivationTracker, first_order: FirstOrderTracker,
                  sink: L1Sink, l1: float):
-        self.tracker, self.activations, self.sink, self.l1 = tracker, activations, sink, l1
+        self.tracker, self.activations, self.first_order = tracker, activations, first_order
+        self.sink, self.l1 = sink, l1
 
     def before_forward(self, batch: dict) -> None:
         self.tracker.recording, self.tracker.token_mask, self.sink.active = True, batch["attention_mask"], True
         self.activations.recording, self.activations.token_mask = True, batch["attention_mask"]
+        self.first_order.recording, self.first_order.token_mask = True, batch["attention_mask"]
 
     def extra_loss(self, batch: dict, output) -> torch.Tensor:
         # sum|m| over every mask element, not a mean: lambda is per element, as in the reference (docs/method.md)
         return self.l1 * self.sink.pop()
 
     def after_forward(self) -> None:
-        self.tracker.recording = self.sink.active = self.activations.recording = False
+        self.tracker.recording = self.sink.active = self.activations.recording = self.first_order.recording = False
 
     def after_optimizer_step(self, step: int, loss: float) -> None:
         self.tracker.end_step(step)
         self.activations.end_step()
+        self.first_order.end_step()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.tracker.state_dict() | {f"act.{k}": v for k, v in self.activations.state_dict().items()}
+        return (self.tracker.state_dict() | {f"act.{k}": v for k, v in self.activations.state_dict().items()}
+                | {f"taylor.{k}": v for k, v in self.first_order.state_dict().items()})
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.tracker.load_state_dict(state)
         self.activations.load_state_dict({k.removeprefix("act."): v for k, v in state.items() if k.startswith("act.")})
+        self.first_order.load_state_dict({k.removeprefix("taylor."): v for k, v in state.items()
+                                          if k.startswith("taylor.")})
 
 
 def _same_recipe(key: str) -> Callable[[dict, dict[str, torch.Tensor]], str | None]:
@@ -164,8 +175,8 @@ def _same_recipe(key: str) -> Callable[[dict, dict[str, torch.Tensor]], str | No
     def accept(meta: dict, tensors: dict[str, torch.Tensor]) -> str | None:
         if meta.get("key") != key:
             return f"it was written for another recipe (key {meta.get('key')}, now {key})"
-        if "extra/act.tokens" not in tensors:
-            return "it predates activation statistics; estimating from step 0"
+        if "extra/act.tokens" not in tensors or "extra/taylor.steps" not in tensors:
+            return "it predates activation or Taylor statistics; estimating from step 0"
         return None
 
     return accept
@@ -186,7 +197,8 @@ def mask_partitioning(masks: list[torch.Tensor], rt: Runtime) -> dict | None:
 
 def write_estimate(out_dir: Path, all_scores: dict[str, Scores], peft_model, adapter_state: dict,
                    kinds: list[AdapterKind], record: dict) -> None:
-    """Both unit scorings are written; `prune.unit_scores` picks one at plan time, so switching needs no new run."""
+    """Every unit scoring (`SCORE_FILES`) is written; `prune.unit_scores` picks one at plan time, so switching needs
+    no new run."""
     with atomic_dir(out_dir) as tmp:
         for kind, scores in all_scores.items():
             save_scores(tmp / SCORE_FILES[kind], scores, metadata={"strategy": record["strategy"], "units": kind})
