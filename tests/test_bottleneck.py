@@ -69,7 +69,7 @@ def test_unit_score_activation_form_equals_weight_times_grad():
     for name, m in adapter_modules(model):
         assert 0 < float((pre[name] > 0).float().mean()) < 1, "ReLU must cut some units for the check to bite"
         d, u = m.down.weight, m.up.weight
-        reference = (d * d.grad).mean(dim=1).abs() + (u * u.grad).mean(dim=0).abs()  # spec 2.2, weights only
+        reference = (d * d.grad).mean(dim=1).abs() + (u * u.grad).mean(dim=0).abs()  # the reference's formula, weights only (docs/method.md)
         assert reference.abs().max() > 0
         assert torch.allclose(units[name], reference.float(), rtol=1e-4, atol=1e-10), name
         assert modules[name] > 0

@@ -34,7 +34,7 @@ def test_rank_score_equals_reference_weight_times_grad_form():
     _, ranks = tracker.results()
     for name, m in lora_modules(model):
         a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
-        reference = (a * a.grad).mean(dim=1).abs() + (b * b.grad).mean(dim=0).abs()  # spec 2.2, verbatim
+        reference = (a * a.grad).mean(dim=1).abs() + (b * b.grad).mean(dim=0).abs()  # the reference's formula, verbatim (docs/method.md)
         assert torch.allclose(ranks[name], reference.float(), rtol=1e-4, atol=1e-9), name
 
 

@@ -3,10 +3,10 @@
 Same surface and bookkeeping as every kind's tracker (importance.py `ImportanceTracker`: per step, second half,
 summed across ranks, hooks record only while `recording`); only what is measured differs.
 
-Module score: per token ||s * up(act(down(h)))|| / ||base output||, averaged over non-pad tokens (spec 2.1, the
+Module score: per token ||s * up(act(down(h)))|| / ||base output||, averaged over non-pad tokens (docs/method.md, the
 output_adapter's denominator is the linear output it is added to).
 
-Unit score, the reference's |mean_j(D_ij dL/dD_ij)| + |mean_k(U_ki dL/dU_ki)| (spec 2.2, weights only, biases not
+Unit score, the reference's |mean_j(D_ij dL/dD_ij)| + |mean_k(U_ki dL/dU_ki)| (docs/method.md, weights only, biases not
 counted), in an activation form that is exact for this adapter and never reads `param.grad` (so ZeRO partitioning
 and gradient zeroing cannot affect it): with lin = D h (down's output without its bias) and a = act(down(h)),
   sum_j D_ij dL/dD_ij = sum_tokens lin_i dL/dpre_i   and   sum_k U_ki dL/dU_ki = sum_tokens a_i dL/da_i,

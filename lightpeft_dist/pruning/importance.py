@@ -5,15 +5,15 @@ reduction, checkpoint state); `LoraImportanceTracker` measures LoRA, bottleneck_
 and `TrackerSet` drives one tracker per kind of a model as one (docs/adapters.md).
 
 Module score: per token, ||delta(x)|| / ||base(x)|| over the hidden dimension, averaged over non-pad tokens of an
-optimizer step, then over the second half of the steps (spec 2.1).
+optimizer step, then over the second half of the steps (docs/method.md).
 
 Rank score: the reference's |mean_j(A_ij dL/dA_ij)| + |mean_k(B_ki dL/dB_ki)|, computed in its equivalent
-activation form |T_i| * (1/d_in + 1/d_out) with T_i = sum_tokens h_i * dL/dh_i and h = A(dropout(x)) (spec 2.2).
+activation form |T_i| * (1/d_in + 1/d_out) with T_i = sum_tokens h_i * dL/dh_i and h = A(dropout(x)) (docs/method.md).
 The activation form never reads `param.grad`, so it is unaffected by gradient partitioning (ZeRO) or by the optimizer
 zeroing gradients; gradient accumulation sums T over micro-batches, which is the full-batch value.
 
-Per-step statistics are summed across ranks before they are used (the reference used rank 0's alone: spec 6.8), and
-hooks record only while `recording` is set, so a gradient-checkpointing recompute never counts twice (spec 6.2).
+Per-step statistics are summed across ranks before they are used (the reference used rank 0's alone, a bug we do not copy: docs/method.md), and
+hooks record only while `recording` is set, so a gradient-checkpointing recompute never counts twice (docs/method.md).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class LoraImportanceTracker(ImportanceTracker):
 
     @staticmethod
     def _taylor_shape(mod: _Module) -> tuple[int, ...]:
-        return (mod.rank,)  # LoRA: one T_i serves both factors (spec 2.2)
+        return (mod.rank,)  # LoRA: one T_i serves both factors (docs/method.md)
 
     @staticmethod
     def _rank_score(mod: _Module, t: torch.Tensor) -> torch.Tensor:

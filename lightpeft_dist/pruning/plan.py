@@ -1,7 +1,7 @@
 """Turn importance scores into a pruning plan: which heads, FFN neurons, PEFT modules and LoRA ranks survive.
 
 Planning is shared by every scoring strategy: it sees only `Scores` (per-unit numbers, higher = keep) and the
-model's per-layer shapes. Deliberate deviations from the reference (spec 1.4, 6.4), documented in docs/method.md:
+model's per-layer shapes. Deliberate deviations from the reference, documented in docs/method.md:
 - exact counts: k_pruned = round(ratio * n) with a top-k, instead of `score > quantile` (which prunes more, and
   prunes every tie at the threshold); ties break toward the lower index, so plans are deterministic;
 - a layer never loses all of its heads or all of its FFN neurons (global ranking then prunes the next-lowest unit
@@ -158,7 +158,7 @@ def kv_group_step(multiple: int, head_dim: int) -> int:
 
 
 def plan_peft(module: dict[str, float], rank: dict[str, torch.Tensor], cfg: PruneConfig) -> dict[str, list[int]]:
-    """Kept LoRA modules -> kept rank indices. Modules rank globally (spec 2.1); ranks per `rank_scope`."""
+    """Kept LoRA modules -> kept rank indices. Modules rank globally, as in the reference (docs/method.md); ranks per `rank_scope`."""
     names = list(module)
     if not names:
         return {}
@@ -169,7 +169,7 @@ def plan_peft(module: dict[str, float], rank: dict[str, torch.Tensor], cfg: Prun
         kept = _keep_global_allow_empty(rank_scores, cfg.rank_ratio)
     else:
         kept = _keep_layerwise(rank_scores, cfg.rank_ratio)
-    # A module whose every rank is pruned is dropped, as in the reference (spec 2.2).
+    # A module whose every rank is pruned is dropped, as in the reference (docs/method.md).
     return {n: k for n, k in zip(keep, kept) if k}
 
 

@@ -2,7 +2,7 @@
 
 The base checkpoint is read and written one tensor at a time (safetensors_stream), so memory holds one tensor,
 not a shard or the model, whatever the shard size (benchmarks/bench_prune.py measures it; docs/benchmarks.md). The
-estimation-stage LoRA weights are sliced the same way and warm-start training, as the reference does (spec 3, step 5):
+estimation-stage LoRA weights are sliced the same way and warm-start training, as the reference does (docs/method.md):
 rows of lora_B where the projection's outputs are pruned, columns of lora_A where its inputs are, then rank cuts
 (rows of A, columns of B). The LoRA scale alpha / r_init is kept by setting alpha per module to alpha * r_kept / r_init.
 """

@@ -29,7 +29,7 @@ from .hooks import Restructure, StepAction, StepHooks, Trainee
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 0) -> LambdaLR:
-    """Linear warm-up, then linear decay to 0 at `steps` (the reference's schedule; spec 6.11)."""
+    """Linear warm-up, then linear decay to 0 at `steps` (the reference's schedule; docs/method.md)."""
 
     def factor(step: int) -> float:
         if step < warmup:
