@@ -29,6 +29,7 @@ from lightpeft_dist.io_utils import read_json, sha256_json, write_json
 from lightpeft_dist.models.families import head_dim_of, layer_shapes, unwrap
 from lightpeft_dist.models.loading import fingerprint
 from lightpeft_dist.pipeline.stages import plan_key, stages_for
+from lightpeft_dist.rundir import MANIFEST
 from lightpeft_dist.pruning.importance import ImportanceTracker, TrackerSet, _Module, lora_modules
 from lightpeft_dist.pruning.masks import attach_masks, set_masks_from_plan
 from lightpeft_dist.pruning.plan import make_plan
@@ -42,6 +43,11 @@ INPUT = torch.tensor([[3, 5, 7, 9, 11, 13, 4, 6], [8, 10, 12, 14, 16, 18, 20, 22
 MIXED = [{"type": "lora", "targets": ["q_proj", "v_proj", "o_proj"], "r": 4, "alpha": 8, "dropout": 0.0},
          {"type": "bottleneck", "targets": ["o_proj", "down_proj"], "r": 4, "dropout": 0.0}]
 O0, O1 = "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"
+
+
+def entries(folder: Path) -> list[str]:
+    """What a folder holds, less our own manifest (MANIFEST: the entries we wrote, docs/architecture.md)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
 
 
 def stage_names(recipe) -> list[str]:
@@ -93,7 +99,7 @@ def test_mixed_lora_and_bottleneck_estimate_plan_prune_masked_equals_pruned(tmp_
     cfg, run = write_recipe(tmp_path, raw), tmp_path / "run"
     assert main(["estimate", "--config", cfg, "--run-dir", str(run)]) == 0
     est = run / "estimate" / "adapter"
-    assert sorted(p.name for p in est.iterdir()) == ["bottleneck", "lora"]  # several kinds: one subdir each
+    assert entries(est) == ["bottleneck", "lora"]  # several kinds: one subdir each
     assert read_json(est / "lora" / "adapter_config.json")["peft_type"] == "LORA"  # a standard PEFT directory
     scores = load_scores(run / "estimate" / "scores.safetensors")
     lora_keys = {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj", "o_proj")}
@@ -107,7 +113,7 @@ def test_mixed_lora_and_bottleneck_estimate_plan_prune_masked_equals_pruned(tmp_
     plan = read_json(run / "plan.json")
     kept = plan["peft_modules"]
     assert len(kept) == 7 and set(kept) & lora_keys and set(kept) & bn_keys
-    assert sorted(p.name for p in (run / "pruned_adapter").iterdir()) == ["bottleneck", "lora"]
+    assert entries(run / "pruned_adapter") == ["bottleneck", "lora"]
 
     model_dir = tiny_recipe["model"]["path"]
     full = load_adapters(AutoModelForCausalLM.from_pretrained(model_dir), est)
@@ -392,7 +398,7 @@ def test_a_third_kind_is_one_module_and_one_registry_line(tmp_path, tiny_recipe,
     assert shifted < set(scores.module) and all(scores.module[k] > 0 and scores.rank[k].shape == (1,) for k in shifted)
     assert shifted < set(read_json(run / "plan.json")["peft_modules"])
     for d in ("estimate/adapter", "pruned_adapter", "train/adapter"):
-        assert sorted(p.name for p in (run / d).iterdir()) == ["lora", "shift"], d
+        assert entries(run / d) == ["lora", "shift"], d
     trained = load_file(run / "train" / "adapter" / "shift" / "adapter_model.safetensors")
     pruned = load_file(run / "pruned_adapter" / "shift" / "adapter_model.safetensors")
     assert trained.keys() == {f"{O0}_shift.b", f"{O1}_shift.b"} and not torch.equal(trained[f"{O0}_shift.b"],
