@@ -17,7 +17,7 @@ from ..adapters.bottleneck import is_bottleneck_dir, load_bottleneck
 from ..config import Recipe, keyed_section
 from ..data.batches import Collator, encode_split, load_rows
 from ..errors import LightPeftError
-from ..io_utils import read_json, sha256_json, write_json
+from ..io_utils import read_json, read_json_if_present, sha256_json, write_json
 from ..training.reporters import log_once
 from .metrics import classification_accuracy, lm_loss
 from ..rundir import RunDir
@@ -73,7 +73,7 @@ def chosen_adapter(recipe: Recipe, run_dir: Path) -> tuple[Path, dict]:
     fall back to the last one, so it is an error instead.
     """
     d, which = RunDir(run_dir), recipe.eval.adapter
-    train = read_json(d.train_record, "train record")
+    train = read_json_if_present(d.train_record, "train record") or {}  # no training: the caller says so
     path = d.adapter(which)
     if which == "best" and not path.is_dir():
         raise LightPeftError(f"eval.adapter is best but {path} does not exist: training keeps a best adapter only "

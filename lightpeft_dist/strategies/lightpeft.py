@@ -9,14 +9,13 @@ pruning (spec 3).
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from ..pruning.activation import ActivationTracker
-from ..training.checkpoint import Checkpointing, resume
+from ..training.checkpoint import Checkpointing, remove_checkpoints, resume
 from ..training.hooks import HookList, StepHooks, Trainee
 from ..training.reporters import open_reporter
 from ..config import Recipe, recipe_to_dict
@@ -122,7 +121,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     }
     if rt.is_main:
         write_estimate(RunDir(run_dir).estimate, all_scores, model, adapter_state, record)
-        shutil.rmtree(RunDir(run_dir).checkpoint("estimate"), ignore_errors=True)
+        remove_checkpoints(RunDir(run_dir).checkpoint("estimate"))  # and any kept older ones
     rt.barrier()
     return record
 
