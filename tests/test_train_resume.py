@@ -74,6 +74,9 @@ def kill(run: Path, recipe: Path, ranks: int, rank: int = 0) -> None:
 
 def assert_same_training(run: Path, reference: Path, exact: bool) -> None:
     (rec, last, best), (ref, ref_last, ref_best) = outputs(run), outputs(reference)
+    worst = max(float((last[k] - ref_last[k]).abs().max()) for k in ref_last)
+    print(f"resumed from step {rec['resumed_from_step']} on {rec['world_size']} rank(s): adapter max |diff| {worst:.2e}, "
+          f"loss max rel diff {max(abs(a - b) / abs(b) for a, b in zip(rec['losses'], ref['losses'])):.2e}")
     assert rec["resumed_from_step"] == KILL_AFTER and ref["resumed_from_step"] == 0
     assert len(rec["losses"]) == STEPS and [e["step"] for e in rec["evals"]] == [3, 6]
     assert rec["best"]["step"] == ref["best"]["step"]
@@ -122,6 +125,28 @@ def test_killed_single_process_training_resumes_on_two_zero3_ranks(recipe, dist_
             "--config", str(recipe), "--run-dir", str(run), "--deepspeed", ZERO3], env={"PYTHONPATH": PYTHONPATH})
     assert_same_training(run, uninterrupted, exact=False)
     assert json.loads((run / "train" / "train.json").read_text())["world_size"] == 2
+
+
+def test_every_train_checkpoint_reaches_the_listeners(recipe, dist_single, tmp_path):
+    """What the Ray launcher relies on: each train checkpoint is handed to checkpoint.LISTENERS (Ray's
+    ray.train.report copies it), named so that `_restore_from_ray` puts it back as D/train.ckpt."""
+    from lightpeft_dist.config import load_recipe
+    from lightpeft_dist.pipeline.train import run_train
+    from lightpeft_dist.runtime import Runtime
+    from lightpeft_dist.training import checkpoint
+
+    run = pruned_copy(dist_single, tmp_path / "run")
+    heard: list[tuple[str, int, int]] = []
+
+    def listener(path: Path, step: int) -> None:
+        heard.append((path.name, step, json.loads((path / "state.json").read_text())["step"]))
+
+    checkpoint.LISTENERS.append(listener)
+    try:
+        run_train(load_recipe(recipe), run, Runtime())
+    finally:
+        checkpoint.LISTENERS.remove(listener)
+    assert heard == [("train.ckpt", 1, 1), ("train.ckpt", 3, 3)]
 
 
 def test_checkpoint_of_another_train_key_is_ignored_with_a_warning(recipe, dist_single, uninterrupted, tmp_path,
