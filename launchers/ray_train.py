@@ -7,8 +7,9 @@ Why Ray: estimate and train are collective (every rank steps; rank 0 writes), an
 nodes a lost rank must not throw the run away. The job is one `TorchTrainer` (Ray creates the torch process group,
 gloo on CPU and nccl on GPU; DeepSpeed joins it inside each worker) with `FailureConfig(max_failures)`: when a worker
 dies, Ray replaces the worker group and calls the stages again; finished stages are skipped by their recorded keys
-and estimation resumes from its last checkpoint (`estimate.checkpoint_every`), which is also handed to
-`ray.train.report` so Ray keeps a copy under `run_dir/ray/`. Plan, prune, evaluate and report run on rank 0 inside
+and estimation and training resume from their last checkpoints (`estimate.checkpoint_every`,
+`train.checkpoint_every`), which are also handed to `ray.train.report` (checkpoint.LISTENERS, whatever the stage) so
+Ray keeps a copy under `run_dir/ray/`. Plan, prune, evaluate and report run on rank 0 inside
 the same workers (the others wait), or, asked for alone with --stage, as one Ray task.
 
 The run directory must be on storage that every node and the driver can reach (as Ray's own storage_path must be):

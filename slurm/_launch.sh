@@ -145,7 +145,8 @@ log "$NNODES node(s) x $NPROC rank(s) = world size $((NNODES * NPROC)); GPUs per
   "rendezvous $HEAD:$PORT; collective timeout ${LIGHTPEFT_DIST_TIMEOUT_S}s"
 
 # srun in the background so the batch shell can take USR1 (sbatch --signal=B:USR1@SECONDS, sent before the time
-# limit) and requeue the job; the requeued job reruns this script and the stage resumes from its last checkpoint.
+# limit) and requeue the job; the requeued job reruns this script and the stage (estimate or train) resumes from its
+# last checkpoint, `$RUN_DIR/$STAGE.ckpt` (the latest; RunDir.checkpoint, which keeps older ones beside it).
 # Only when this run wrote a checkpoint: otherwise a stage too long for the time limit would restart forever.
 STARTED=$(date +%s)
 CKPT="$RUN_DIR/$STAGES.ckpt"
@@ -154,7 +155,7 @@ requeue() {  # shellcheck disable=SC2317  # called by the USR1 trap
     log "time limit near: requeueing job $SLURM_JOB_ID; it resumes from the checkpoint in $CKPT"
     scontrol requeue "$SLURM_JOB_ID"
   else
-    log "time limit near but this run wrote no checkpoint ($CKPT); not requeueing (set estimate.checkpoint_every)"
+    log "time limit near but this run wrote no checkpoint ($CKPT); not requeueing (set $STAGES.checkpoint_every)"
   fi
 }
 trap requeue USR1

@@ -37,7 +37,7 @@ def recipe(tmp_path_factory) -> Path:
     # not reproduce one process's masks (a core-loop matter, not Ray's)
     raw["peft"]["dropout"] = 0.0
     raw["estimate"].update(steps=STEPS, checkpoint_every=CHECKPOINT_EVERY)
-    raw["train"]["steps"] = 4
+    raw["train"].update(steps=4, checkpoint_every=2)  # one train checkpoint (after step 2), handed to Ray as well
     path = d / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -94,7 +94,10 @@ def test_job_submit_runs_the_pipeline_on_two_nodes(uninterrupted, reference):
     assert record["world_size"] == 2 and record["resumed_from_step"] == 0
     assert json.loads((run_dir / "train" / "train.json").read_text())["world_size"] == 2
     assert not (run_dir / "estimate.ckpt").exists()  # removed once the estimate is written
-    assert list((run_dir / "ray").glob("*/estimate_step_*")), "no checkpoint reached Ray via ray.train.report"
+    # checkpoint.LISTENERS hands every stage's checkpoints to ray.train.report (folders <stage>_step_N); Ray keeps the
+    # latest, the train stage's
+    assert list((run_dir / "ray").glob("*/train_step_0000001")), "no train checkpoint reached Ray via ray.train.report"
+    assert not (run_dir / "train.ckpt").exists()
     assert _plan(run_dir) == reference, "2 Ray workers planned differently from one plain process"
 
 

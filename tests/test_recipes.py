@@ -13,7 +13,9 @@ from lightpeft_dist.config import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "lightpeft_dist" / "recipes").glob("*.yaml"))
-FEW_STEPS = ["--estimate.steps=2", "--estimate.batch_size=2", "--estimate.seq_len=32", "--train.steps=2",
+# train.epochs=null: a recipe that trains for epochs runs two steps here instead (steps and epochs exclude each other)
+FEW_STEPS = ["--estimate.steps=2", "--estimate.batch_size=2", "--estimate.seq_len=32", "--train.epochs=null",
+             "--train.steps=2",
              "--train.batch_size=2", "--train.seq_len=32", "--data.max_train_examples=8",
              "--data.max_eval_examples=4", "--eval.batch_size=4", "--eval.speed_batches=1"]
 

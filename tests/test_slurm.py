@@ -156,6 +156,37 @@ def test_requeued_estimate_resumes_from_its_checkpoint(slurm, workdir, tiny_reci
     print(f"requeue + resume took {time.monotonic() - t0:.1f}s; {resumed[0]}")
 
 
+@pytest.mark.slow
+def test_requeued_training_resumes_from_its_checkpoint(slurm, workdir, tiny_recipe):
+    """The same for the train stage: USR1 after a train checkpoint requeues the job, and the rerun continues
+    training from that checkpoint, not from step 0."""
+    tiny_recipe["train"].update(steps=1200, checkpoint_every=20)
+    (workdir / "long.yaml").write_text(yaml.safe_dump(tiny_recipe))
+    for stage in ("estimate", "plan", "prune"):
+        cli(stage, "--config", "long.yaml", "--run-dir", "rt", cwd=workdir)
+    t0 = time.monotonic()
+    job = submit(slurm, workdir, "-n", "1", str(SLURM / "train.sbatch"), "--run-dir", "rt")
+    state = workdir / "rt" / "train.ckpt" / "state.json"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    polls = 0
+    while not state.is_file():
+        assert time.monotonic() < deadline, "no train checkpoint within the job timeout"
+        if polls % 20 == 0:
+            assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), log_of(slurm.job(job))[-3000:]
+        polls += 1
+        time.sleep(0.05)
+    slurm.run(["scancel", "--signal=USR1", "--batch", job])
+    info, log = finished(slurm, job)
+    assert info["Restarts"] == "1", info
+    assert "requeueing job" in log and "restart 1" in log and "train.ckpt" in log, log[-3000:]
+    resumed = [line for line in log.splitlines() if "resumed training from" in line]
+    assert resumed and " after step 0 " not in resumed[0], log[-3000:]
+    record = json.loads((workdir / "rt" / "train" / "train.json").read_text())
+    assert record["resumed_from_step"] > 0 and len(record["losses"]) == 1200
+    assert not (workdir / "rt" / "train.ckpt").exists()
+    print(f"train requeue + resume took {time.monotonic() - t0:.1f}s; {resumed[0]}")
+
+
 def rank_pid(job: str, rank: int) -> int | None:
     """The pid of the CLI process that runs `rank` of `job` (from its environment, as torchrun set it)."""
     for env_file in Path("/proc").glob("[0-9]*/environ"):
@@ -216,7 +247,7 @@ def test_pipeline_chains_dependent_jobs_to_eval(slurm, workdir):
     ev = json.loads((run / "eval.json").read_text())
     assert ev["key"] and "pruned" in json.dumps(ev)
     assert (run / "plan.json").is_file() and (run / "pruned_model" / "config.json").is_file()
-    logs = sorted(p.name for p in (run / "logs").iterdir())
+    logs = sorted(p.name for p in (run / "logs").glob("*.out"))  # beside them: the stages' metric logs (folders)
     assert logs == sorted(f"lightpeft-{s}-{j}.out" for s, j in jobs.items())
     starts = [slurm.job(j)["StartTime"] for j in jobs.values()]
     ends = [slurm.job(j)["EndTime"] for j in jobs.values()]

@@ -1,6 +1,6 @@
 """jsonl files -> causal-LM training batches.
 
-All three formats (sft, classification, text) become plain causal-LM examples so estimation, training and
+All four formats (sft, classification, text, chat) become plain causal-LM examples so estimation, training and
 evaluation share one loss. Loss masking (-100) is decided here, once, so metrics and training cannot disagree
 about which tokens count.
 """
@@ -22,6 +22,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "sft": ("prompt", "response"),
     "classification": ("text", "label"),
     "text": ("text",),
+    "chat": ("messages",),  # rendered with the tokenizer's chat template (chat.py)
 }
 _SPLIT_KEY = {"train": "train_file", "eval": "eval_file", "test": "test_file"}
 
@@ -63,8 +64,12 @@ def load_rows(cfg: DataConfig, split: Literal["train", "eval", "test"]) -> datas
     if limit is not None and limit < len(rows):
         rows = rows.select(range(max(limit, 0)))
 
+    if cfg.format == "chat":
+        from .chat import check_rows
+
+        check_rows(rows["messages"], f"data.{key} at {path}")
     for col in required:
-        if col == "label":
+        if col in ("label", "messages"):
             continue
         for i, value in enumerate(rows[col]):
             if not isinstance(value, str):
@@ -110,6 +115,10 @@ def classification_prompt(text: str, cfg: DataConfig) -> str:
 
 def encode_example(row: dict[str, Any], cfg: DataConfig, tokenizer: Any, seq_len: int) -> dict[str, list[int]]:
     """One row -> {"input_ids", "labels"}; labels are -100 wherever the model should not be trained to predict."""
+    if cfg.format == "chat":
+        from .chat import encode_chat
+
+        return encode_chat(row["messages"], tokenizer, seq_len)
     if cfg.format == "text":
         ids = list(tokenizer(row["text"])["input_ids"])[:seq_len]
         return {"input_ids": ids, "labels": list(ids)}
@@ -138,7 +147,18 @@ _ENCODED_FEATURES = datasets.Features({
 
 def encode_split(rows: datasets.Dataset, cfg: DataConfig, tokenizer: Any, seq_len: int) -> datasets.Dataset:
     """Encode eagerly into memory: no `map` cache files, so concurrent ranks never race on (or reuse stale) caches."""
-    encoded = [encode_example(row, cfg, tokenizer, seq_len) for row in rows]
+    if cfg.format == "chat":
+        from .chat import require_template
+
+        require_template(tokenizer)
+    encoded = []
+    for i, row in enumerate(rows):
+        try:
+            encoded.append(encode_example(row, cfg, tokenizer, seq_len))
+        except LightPeftError as exc:  # chat: a template problem shows on a particular conversation
+            if cfg.format != "chat":
+                raise
+            raise LightPeftError(f"row {i + 1}: {exc}") from None
     return datasets.Dataset.from_dict(
         {"input_ids": [e["input_ids"] for e in encoded], "labels": [e["labels"] for e in encoded]},
         features=_ENCODED_FEATURES,

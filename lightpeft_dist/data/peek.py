@@ -68,9 +68,10 @@ def peek_split(cfg: DataConfig, split: Literal["train", "eval", "test"]) -> None
             raise LightPeftError(f"{where} lacks column '{col}' required by data.format '{cfg.format}' (its first "
                                  f"row has {', '.join(map(repr, row)) or 'no keys'}); every line needs keys "
                                  f"{', '.join(required)}")
-        if col != "label" and not isinstance(row[col], str):
+        kind = list if col == "messages" else str  # chat rows: a list of role/content turns (chat.py checks them)
+        if col != "label" and not isinstance(row[col], kind):
             raise LightPeftError(f"{where}: column '{col}' on the first row is {type(row[col]).__name__}, not a "
-                                 "string; fix that line")
+                                 f"{'list' if kind is list else 'string'}; fix that line")
     if cfg.format == "classification" and cfg.labels is not None and str(row["label"]) not in cfg.labels:
         raise LightPeftError(f"{where} has label {str(row['label'])!r} not in data.labels "
                              f"({', '.join(map(repr, cfg.labels))}); add it to data.labels")

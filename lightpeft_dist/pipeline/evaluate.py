@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 
 from ..adapters.registry import count_parameters, load_adapters
-from ..config import Recipe, recipe_to_dict
+from ..config import Recipe, keyed_section, recipe_to_dict
 from ..errors import LightPeftError
 from ..data.batches import Collator, encode_split, load_rows
-from ..io_utils import read_json, sha256_json, write_json
+from ..errors import LightPeftError
+from ..io_utils import read_json, read_json_if_present, sha256_json, write_json
+from ..training.reporters import log_once
 from .metrics import classification_accuracy, lm_loss
 from ..rundir import RunDir
 from ..models.loading import load_model, load_tokenizer
@@ -61,7 +63,25 @@ def evaluate_model(model, tokenizer, recipe: Recipe, split: str) -> dict:
 
 def eval_key(recipe: Recipe, run_dir: Path) -> str:
     train = read_json(RunDir(run_dir).train_record, "train record")
-    return sha256_json({"train": train["key"], "eval": recipe_to_dict(recipe)["eval"]})[:16]
+    return sha256_json({"train": train["key"], "eval": keyed_section(recipe, "eval")})[:16]
+
+
+def chosen_adapter(recipe: Recipe, run_dir: Path) -> tuple[Path, dict]:
+    """The trained adapter `eval.adapter` names, and what to record about it (which one, from which step).
+
+    `best` needs the best adapter that training keeps with `train.eval_every`; without it the choice would silently
+    fall back to the last one, so it is an error instead.
+    """
+    d, which = RunDir(run_dir), recipe.eval.adapter
+    train = read_json_if_present(d.train_record, "train record") or {}  # no training: the caller says so
+    path = d.adapter(which)
+    if which == "best" and not path.is_dir():
+        raise LightPeftError(f"eval.adapter is best but {path} does not exist: training keeps a best adapter only "
+                             "with train.eval_every > 0 and data.eval_file; set them and rerun train, or use "
+                             "eval.adapter: last")
+    step = (train.get("best") or {}).get("step") if which == "best" else train.get("steps")
+    return path, {"which": which, "path": str(path.relative_to(d.root)), "step": step,
+                  **({"metric": train["best"]["metric"], "value": train["best"]["value"]} if which == "best" else {})}
 
 
 def trained_plan(run_dir: Path) -> str | None:
@@ -88,9 +108,13 @@ def run_evaluate(recipe: Recipe, run_dir: Path, baseline: bool = True) -> dict:
         result["base"] = evaluate_model(base, tokenizer, recipe, split)
         log.info("base (zero-shot, unpruned): %s", result["base"])
         del base
+    adapter, result["adapter"] = chosen_adapter(recipe, run_dir)
+    log.info("evaluating the %s adapter (%s, step %s)", result["adapter"]["which"], adapter, result["adapter"]["step"])
     pruned = load_model(str(RunDir(run_dir).pruned_model), recipe.model.dtype, recipe.model.attn_implementation)
-    model = load_adapters(pruned, RunDir(run_dir).train_adapter)
+    model = load_adapters(pruned, adapter)
     result["pruned"] = evaluate_model(model, tokenizer, recipe, split)
     log.info("pruned + fine-tuned: %s", result["pruned"])
     write_json(RunDir(run_dir).eval_record, result)
+    metrics = {f"evaluate/{k}": float(v) for k, v in result["pruned"].items() if isinstance(v, (int, float))}
+    log_once(recipe.logging.report_to, RunDir(run_dir).stage_logs("evaluate"), metrics, result["adapter"]["step"] or 0)
     return result

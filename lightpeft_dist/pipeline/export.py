@@ -29,11 +29,15 @@ log = logging.getLogger(__name__)
 
 def export_key(recipe: Recipe, run_dir: Path) -> str:
     train = read_json(RunDir(run_dir).train_record, "train record")
-    return sha256_json({"train": train["key"], "dtype": recipe.model.dtype})[:16]
+    which = {"adapter": "best"} if recipe.eval.adapter == "best" else {}  # last: the key runs always had
+    return sha256_json({"train": train["key"], "dtype": recipe.model.dtype, **which})[:16]
 
 
 def run_export(recipe: Recipe, run_dir: Path) -> Path:
-    adapter = RunDir(run_dir).train_adapter
+    from .evaluate import chosen_adapter
+
+    adapter, chosen = chosen_adapter(recipe, run_dir)
+    log.info("exporting the %s adapter (%s, step %s)", chosen["which"], adapter, chosen["step"])
     kinds = saved_kinds(adapter)
     stuck = [kind for kind, _ in kinds if not kind.mergeable]
     if stuck:
@@ -60,7 +64,7 @@ def run_export(recipe: Recipe, run_dir: Path) -> Path:
         write_json(tmp / EXPORT_RECORD, {
             "key": key, "dtype": recipe.model.dtype, "architecture": type(merged).__name__,
             "model_type": merged.config.model_type, "params": params,
-            "plan_hash": plan_hash,
+            "plan_hash": plan_hash, "adapter": chosen,
             "weights_sha256": {name: sha256_file(tmp / name)[:16] for name in weights}})
     needs = "plain transformers" if not getattr(merged.config, "layer_shapes", None) else "`import lightpeft_dist` first"
     log.info("exported the merged model to %s (%s, %s params, %s; loads with %s)", out, type(merged).__name__,

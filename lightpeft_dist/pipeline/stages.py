@@ -73,10 +73,16 @@ def run_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> d
                      est["head_dim"])
     plan["key"] = plan_key(recipe, run_dir)
     rt.agree(plan["hash"], "plan hash")
+    s = plan["summary"]
     if rt.is_main:
         write_json(RunDir(run_dir).plan, plan)
+        from ..training.reporters import log_once
+
+        log_once(recipe.logging.report_to, RunDir(run_dir).stage_logs("plan"), {
+            **{f"plan/kept_{k}": float(v) for k, v in s["after"].items() if isinstance(v, (int, float))},
+            "plan/peft_modules_kept": float(s["peft_modules_kept"]), "plan/lora_ranks_kept": float(s["lora_ranks_kept"]),
+            "plan/prunable_fraction_pruned": float(s["prunable_fraction_pruned"])})
     rt.barrier()
-    s = plan["summary"]
     log.info("plan %s: heads %d -> %d, KV heads %d -> %d, FFN %d -> %d, prunable params -%.1f%%, "
              "PEFT modules kept %d, ranks kept %d", plan["hash"], s["before"]["num_attention_heads"],
              s["after"]["num_attention_heads"], s["before"]["num_key_value_heads"], s["after"]["num_key_value_heads"],

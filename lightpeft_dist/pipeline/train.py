@@ -3,6 +3,10 @@
 Starts from the pruned checkpoint and, by default, the sliced estimation adapters (warm start, as the reference does;
 `train.warm_start: false` re-initialises them with the same per-module ranks and sizes). Masks and importance
 tracking are off here: the reference left tracking on in stage 2, which slowed it and leaked memory (docs/method.md).
+
+With `train.checkpoint_every` the stage checkpoints to D/train.ckpt (the estimate's world-size-independent format)
+and a rerun with the same train key resumes from it on any world size, so Slurm requeues and Ray restarts continue
+training instead of starting over. Metrics go to D/logs/train/ (`logging.report_to`).
 """
 
 from __future__ import annotations
@@ -15,18 +19,21 @@ from typing import Callable
 import torch
 
 from ..adapters.registry import count_parameters, load_adapters, save_adapters, saved_kinds
-from ..config import Recipe, keyed_section
+from ..config import Recipe, keyed_section, recipe_to_dict
 from ..errors import LightPeftError
+from ..training.checkpoint import Checkpointing, remove_checkpoints, resume
 from ..training.distill import make_distiller
-from .evaluate import task_metrics
 from ..models.fastpath import prepare_for_training
-from ..io_utils import atomic_dir, read_json, sha256_json, write_json
+from ..io_utils import atomic_dir, read_json, read_json_if_present, sha256_json, write_json
 from ..training.finite import DIVERGED, check_tensors
 from ..training.hooks import HookList, StepHooks, Trainee
-from ..training.loop import linear_schedule, make_engine, run_steps, train_batches
+from ..training.loop import LoopStats, make_engine, peak_memory_bytes, run_steps, train_batches
+from ..training.reporters import open_reporter
+from ..training.schedules import make_schedule, steps_for
+from .train_eval import PeriodicEval
 from ..models.loading import load_config, load_model, load_tokenizer
 from ..data.packing import packed_batches
-from ..rundir import ADAPTER, RunDir, TRAIN_RECORD
+from ..rundir import RunDir
 from ..runtime import Runtime, current
 from ..training.zero import full_state, prepare_ds_config, zero3_loading
 
@@ -66,6 +73,7 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
     batches = train_batches(recipe.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.seed, rt)
     if cfg.packing:  # batch_size then counts packed rows of seq_len tokens
         batches = packed_batches(batches, cfg.seq_len, tokenizer.pad_token_id)
+    steps = steps_for(cfg.steps, cfg.epochs, len(batches.dataset), cfg.batch_size)
 
     def build(meta: dict | None = None) -> Trainee:
         if meta and meta.get("structure"):
@@ -75,64 +83,78 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
             model = load_trainable(run_dir, recipe)
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
-            scheduler = linear_schedule(optimizer, cfg.steps, warmup=int(cfg.warmup_ratio * cfg.steps))
+            scheduler = make_schedule(optimizer, cfg.lr_scheduler, steps, warmup=int(cfg.warmup_ratio * steps))
             engine = make_engine(model, optimizer, scheduler, cfg.grad_accum, cfg.max_grad_norm, ds_cfg, rt)
         return Trainee(model, engine, named)
 
     trainee = build()
     params = count_parameters(trainee.model)
-    log.info("train: %d steps on the pruned model (%s params, %s trainable)", cfg.steps, f"{params['total']:,}",
-             f"{params['trainable']:,}")
-    periodic_eval = PeriodicEval(trainee, tokenizer, recipe)
+    key, d = train_key(recipe, run_dir), RunDir(run_dir)
+    periodic_eval = PeriodicEval(trainee, tokenizer, recipe, steps)
     distiller = make_distiller(recipe, rt.device, tokenizer.pad_token_id)
+    all_hooks, stats = HookList([distiller, periodic_eval, hooks]), LoopStats()
+    start = resume(d.checkpoint("train"), trainee, all_hooks, rt, "training", accept=_same_key(key), rebuild=build,
+                   loop=stats)
+    log.info("train: steps %d..%d on the pruned model (%s params, %s trainable)", start, steps,
+             f"{params['total']:,}", f"{params['trainable']:,}")
+    reporter = open_reporter(recipe.logging.report_to, d.stage_logs("train"), "train", rt, start,
+                             config=recipe_to_dict(recipe))
+    periodic_eval.reporter = reporter
+    all_hooks.hooks.append(reporter)
     t0 = time.time()
-    stats = run_steps(trainee, batches, cfg.steps, cfg.grad_accum, rt, "train", seed=cfg.seed, rebuild=build,
-                      hooks=HookList([distiller, periodic_eval, hooks]))
-    evals = periodic_eval.evals
+    try:
+        stats = run_steps(trainee, batches, steps, cfg.grad_accum, rt, "train", seed=cfg.seed, rebuild=build,
+                          hooks=all_hooks, start_step=start, stats=stats,
+                          checkpoint=Checkpointing(d.checkpoint("train"), cfg.checkpoint_every, {"key": key},
+                                                   keep=cfg.keep_checkpoints))
+    finally:
+        reporter.close()
     if on_trained is not None:
         on_trained(trainee.engine.module)
     model, named = trainee.model, trainee.named
     adapter_state = full_state(named)  # collective under ZeRO-3: the saved adapter is complete, never shape [0]
     check_tensors("the trained adapter's weights", adapter_state, DIVERGED.format(stage="train"))  # on every rank
-    record = {"key": key, "steps": cfg.steps, "losses": stats.losses, "plan_hash": plan_hash,
-              "tokens": stats.tokens * rt.world_size, "train_seconds": stats.seconds,
-              "tokens_per_s": stats.tokens * rt.world_size / max(stats.seconds, 1e-9),
-              "wall_seconds": time.time() - t0, "params": params, "evals": evals, "world_size": rt.world_size,
+    record = {"key": key, "steps": steps, "epochs": cfg.epochs, "lr_scheduler": cfg.lr_scheduler,
+              "resumed_from_step": start, "losses": stats.losses, "plan_hash": plan_hash,
+              "tokens": stats.job_tokens, "train_seconds": stats.seconds,
+              "tokens_per_s": stats.job_tokens / max(stats.seconds, 1e-9),
+              "wall_seconds": time.time() - t0, "params": params, "evals": periodic_eval.evals,
+              "best": periodic_eval.best, "world_size": rt.world_size,
               "peak_memory_bytes": peak_memory_bytes(), "deepspeed": ds_cfg,
+              "estimate_budget": estimate_budget(d, steps, stats.job_tokens),
               "distill": None if distiller is None else {"weight": cfg.distill_weight,
                                                          "temperature": cfg.distill_temperature,
                                                          "teacher": recipe.model.path, "last_kl": distiller.last_kl}}
     if rt.is_main:
-        with atomic_dir(RunDir(run_dir).train) as tmp:
-            kinds = [kind for kind, _ in saved_kinds(RunDir(run_dir).pruned_adapter)]
-            save_adapters(tmp / ADAPTER, model, adapter_state, kinds)  # the layout it was loaded from
-            write_json(tmp / TRAIN_RECORD, record)
-        log.info("train finished: loss %.4f -> %.4f, %.0f tokens/s", stats.losses[0], stats.losses[-1],
-                 record["tokens_per_s"])
+        kinds = [kind for kind, _ in saved_kinds(d.pruned_adapter)]  # saved in the layout they were loaded from
+        with atomic_dir(d.train) as tmp:
+            save_adapters(tmp / d.train_adapter.name, model, adapter_state, kinds)
+            if periodic_eval.best is not None:
+                save_adapters(tmp / d.train_best_adapter.name, model, periodic_eval.best_state, kinds)
+            write_json(tmp / d.train_record.name, record)
+        remove_checkpoints(d.checkpoint("train"))
+        log.info("train finished: loss %.4f -> %.4f, %.0f tokens/s%s", stats.losses[0], stats.losses[-1],
+                 record["tokens_per_s"], "" if periodic_eval.best is None else
+                 f"; best adapter at step {periodic_eval.best['step']} ({periodic_eval.best['metric']} "
+                 f"{periodic_eval.best['value']:.4f})")
     rt.barrier()
     return record
 
 
-class PeriodicEval(StepHooks):
-    """Task metrics on the eval split every `train.eval_every` optimizer steps (not after the last: the evaluate
-    stage does that), on whatever model the trainee holds then."""
-
-    def __init__(self, trainee: Trainee, tokenizer, recipe: Recipe):
-        self.trainee, self.tokenizer, self.recipe = trainee, tokenizer, recipe
-        self.evals: list[dict] = []
-
-    def after_optimizer_step(self, step: int, loss: float) -> None:
-        every, steps = self.recipe.train.eval_every, self.recipe.train.steps
-        if every and (step + 1) % every == 0 and step + 1 < steps and self.recipe.data.eval_file:
-            model = self.trainee.model
-            self.evals.append({"step": step + 1, **task_metrics(model, self.tokenizer, self.recipe, "eval")})
-            model.train()
-            log.info("step %d eval: %s", step + 1, self.evals[-1])
+def _same_key(key: str) -> Callable[[dict, dict[str, torch.Tensor]], str | None]:
+    """Why a checkpoint is not this training's to resume from (another plan, train or data section), or None."""
+    return lambda meta, tensors: None if meta.get("key") == key else \
+        f"it was written for another train key ({meta.get('key')}, now {key})"
 
 
-def peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+def estimate_budget(d: RunDir, steps: int, tokens: int) -> dict | None:
+    """The estimate's cost as a share of this training (steps and tokens), logged and recorded; None without one."""
+    est = read_json_if_present(d.estimate_record, "estimate record")
+    if not est or not est.get("steps"):
+        return None
+    out = {"steps": est["steps"], "tokens": est.get("tokens", 0), "steps_fraction": est["steps"] / max(steps, 1),
+           "tokens_fraction": est.get("tokens", 0) / max(tokens, 1)}
+    log.info("estimation budget: %d steps (%.1f%% of training's %d), %s tokens (%.1f%% of training's %s)",
+             out["steps"], 100 * out["steps_fraction"], steps, f"{out['tokens']:,}", 100 * out["tokens_fraction"],
+             f"{tokens:,}")
+    return out

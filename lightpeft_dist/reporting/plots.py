@@ -24,6 +24,8 @@ from matplotlib.ticker import PercentFormatter
 
 from ..pruning.module_keys import DEFAULT_KIND, split_key
 from .artefacts import RunData, load
+from ..rundir import RunDir
+from ..training.reporters import read_scalars
 
 log = logging.getLogger(__name__)
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -201,13 +203,24 @@ def kept_ranks(run: str | Path | RunData, out: str | Path) -> Path | None:
     return _save(fig, out)
 
 
+def logged_losses(run_dir: Path, stage: str, record: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, losses) of a stage: from its metric logs (D/logs/<stage>, `logging.report_to`) when they hold the
+    loss, else from its JSON record; steps are optimizer steps taken (1-based)."""
+    logged = read_scalars(RunDir(run_dir).stage_logs(stage)).get(f"{stage}/loss")
+    if logged:
+        return np.asarray([s for s, _ in logged], dtype=float), np.asarray([v for _, v in logged], dtype=float)
+    y = np.asarray([math.nan if v is None else v for v in (record or {}).get("losses") or []], dtype=float)
+    return np.arange(1, y.size + 1, dtype=float), y
+
+
 def loss_curves(run: str | Path | RunData, out: str | Path) -> Path | None:
     """Estimation loss (task + mask L1, as optimised) and post-pruning training loss per optimizer step."""
     r, curves = _run(run), []
-    for lbl, rec in (("estimation (masked, incl. L1)", r.estimate), ("training (pruned + LoRA)", r.train)):
-        y = np.asarray([math.nan if v is None else v for v in (rec or {}).get("losses") or []], dtype=float)
+    for lbl, stage, rec in (("estimation (masked, incl. L1)", "estimate", r.estimate),
+                            ("training (pruned + LoRA)", "train", r.train)):
+        x, y = logged_losses(r.run_dir, stage, rec)
         if np.isfinite(y).any():  # the loop records a diverged step as NaN: drop those steps
-            curves.append((lbl, np.arange(1, y.size + 1)[np.isfinite(y)], y[np.isfinite(y)]))
+            curves.append((lbl, x[np.isfinite(y)], y[np.isfinite(y)]))
     if not curves:
         return None
     fig = Figure(figsize=(8, 4), layout="constrained")

@@ -17,8 +17,9 @@ import torch
 
 from ..pruning.activation import ActivationTracker
 from ..pruning.taylor import FirstOrderTracker
-from ..training.checkpoint import Checkpointing, resume
-from ..training.hooks import StepHooks, Trainee
+from ..training.checkpoint import Checkpointing, remove_checkpoints, resume
+from ..training.hooks import HookList, StepHooks, Trainee
+from ..training.reporters import open_reporter
 from ..config import Recipe, recipe_to_dict
 from ..models.families import config_layer_shapes, head_dim_of
 from ..adapters.registry import AdapterKind, attach_adapters, is_adapter_param, kinds_of, save_adapters
@@ -91,10 +92,16 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     log.info("estimate: steps %d..%d, batch %d, %d PEFT modules, %d head masks, %d FFN masks", start, cfg.steps,
              cfg.batch_size, len(tracker.modules), sum(s["num_attention_heads"] for s in shapes),
              sum(s["intermediate_size"] for s in shapes))
+    reporter = open_reporter(recipe.logging.report_to, RunDir(run_dir).stage_logs("estimate"), "estimate", rt,
+                             start, config=recipe_to_dict(recipe), extras=lambda: mask_statistics(head_masks + ffn_masks))
     t0 = time.time()
-    stats = run_steps(trainee, batches, cfg.steps, cfg.grad_accum, rt, "estimate", hooks=hooks, start_step=start,
-                      seed=cfg.seed, checkpoint=Checkpointing(RunDir(run_dir).checkpoint("estimate"),
-                                                              cfg.checkpoint_every, {"key": key}))
+    try:
+        stats = run_steps(trainee, batches, cfg.steps, cfg.grad_accum, rt, "estimate", hooks=HookList([hooks, reporter]),
+                          start_step=start, seed=cfg.seed,
+                          checkpoint=Checkpointing(RunDir(run_dir).checkpoint("estimate"), cfg.checkpoint_every,
+                                                   {"key": key}))
+    finally:
+        reporter.close()
     module_scores, rank_scores = tracker.results()
     tracker.remove()
     activations.remove()
@@ -124,7 +131,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     }
     if rt.is_main:
         write_estimate(RunDir(run_dir).estimate, all_scores, model, adapter_state, kinds, record)
-        remove_owned(RunDir(run_dir).checkpoint("estimate"))
+        remove_checkpoints(RunDir(run_dir).checkpoint("estimate"))  # and any kept older ones
     rt.barrier()
     return record
 
@@ -167,6 +174,16 @@ class EstimateHooks(StepHooks):
         self.activations.load_state_dict({k.removeprefix("act."): v for k, v in state.items() if k.startswith("act.")})
         self.first_order.load_state_dict({k.removeprefix("taylor."): v for k, v in state.items()
                                           if k.startswith("taylor.")})
+
+
+MASK_FLOOR = 1e-2  # |m| at or below this: the L1 term has driven the unit's mask to (about) zero
+
+
+def mask_statistics(masks: list[torch.Tensor]) -> dict[str, float]:
+    """Mean mask value and the share of mask values at the L1 floor, for the metric logs. Collective under ZeRO-3
+    (the reporter calls it on every rank)."""
+    values = torch.cat([full_value(m).reshape(-1) for m in masks]) if masks else torch.zeros(1)
+    return {"mask_mean": float(values.mean()), "mask_at_floor_share": float((values.abs() <= MASK_FLOOR).float().mean())}
 
 
 def _same_recipe(key: str) -> Callable[[dict, dict[str, torch.Tensor]], str | None]:

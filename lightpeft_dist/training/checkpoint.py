@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -34,6 +37,14 @@ Rebuild = Callable[[dict[str, Any]], Trainee]  # meta -> a fresh model, optimize
 # Called as fn(path, step) on every rank after each checkpoint is complete: a launcher that keeps its own copies
 # (Ray: ray.train.report) listens here instead of knowing which stage checkpoints.
 LISTENERS: list[Callable[[Path, int], None]] = []
+
+
+class LoopState(Protocol):
+    """What the loop keeps across a resume besides model and hooks (its loss history and token count)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
 def _torch_optimizer(engine) -> torch.optim.Optimizer:
@@ -133,23 +144,83 @@ def checkpoint_tensors(engine, named_params: list[tuple[str, torch.Tensor]],
 
 
 def save_checkpoint(path: Path, engine, named_params: list[tuple[str, torch.Tensor]], step: int,
-                    extra: dict[str, torch.Tensor], meta: dict, runtime: Runtime) -> None:
-    """Collective: every rank gathers; rank 0 writes `path` atomically (the previous checkpoint stays until then)."""
+                    extra: dict[str, torch.Tensor], meta: dict, runtime: Runtime, keep: int = 1,
+                    loop: dict[str, torch.Tensor] | None = None) -> None:
+    """Collective: every rank gathers; rank 0 writes `path` atomically, keeping `keep` checkpoints in all.
+
+    The previous latest checkpoint is renamed to `<path>.step-NNNNNNN` before the new one takes its place, and only
+    then are the ones beyond `keep` deleted, so at every instant some complete checkpoint exists (docs/hooks.md).
+    `loop` is the loop's own state (loss history, token count), stored as "loop/<key>".
+    """
     tensors = checkpoint_tensors(engine, named_params, extra)
+    tensors.update({f"loop/{k}": v.detach().cpu().contiguous() for k, v in (loop or {}).items()})
     if runtime.is_main:
-        with atomic_dir(path) as tmp:
+        staging = path.with_name(f".{path.name}.staging")
+        with atomic_dir(staging) as tmp:
             save_tensors(tmp / "state.safetensors", tensors)
             write_json(tmp / CHECKPOINT_RECORD, {**meta, "step": step, "world_size": runtime.world_size})
+        _publish(staging, path, keep)
         log.info("checkpoint at step %d written to %s", step, path)
     runtime.barrier()
     for listener in LISTENERS:
         listener(path, step)
 
 
+_OLDER = re.compile(r"\.step-(\d+)$")
+
+
+def older_checkpoints(path: Path) -> list[tuple[int, Path]]:
+    """The kept older checkpoints beside `path` (`<path>.step-N`), newest first."""
+    if not path.parent.is_dir():
+        return []
+    found = []
+    for p in path.parent.glob(f"{path.name}.step-*"):
+        m = _OLDER.search(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def _publish(staging: Path, path: Path, keep: int) -> None:
+    if path.is_dir():
+        try:
+            old_step = int(read_json(path / "state.json", "checkpoint record")["step"])
+        except (LightPeftError, KeyError, TypeError, ValueError):
+            old_step = -1  # unreadable: rotated out under a name that sorts last, then deleted
+        older = path.with_name(f"{path.name}.step-{max(old_step, 0):07d}")
+        if older.exists():
+            shutil.rmtree(older)
+        os.replace(path, older)
+    os.replace(staging, path)
+    for _, old in older_checkpoints(path)[max(keep - 1, 0):]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(path: Path) -> Path | None:
+    """The newest complete checkpoint: `path`, else the newest kept older one (a crash between the two renames of
+    `_publish` leaves only those). Folders being written are hidden temporaries and never count."""
+    for candidate in [path, *(p for _, p in older_checkpoints(path))]:
+        if (candidate / "state.json").is_file():
+            return candidate
+    return None
+
+
+def remove_checkpoints(path: Path) -> None:
+    """Delete `path` and the older checkpoints kept beside it (once the stage's output is written)."""
+    for p in [path, *(p for _, p in older_checkpoints(path))]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    if not (path / CHECKPOINT_RECORD).is_file():
+    """(meta, tensors) of the newest complete checkpoint at `path` (or kept beside it), None when there is none;
+    an unreadable one is an error naming the folder, never silently skipped."""
+    found = latest_checkpoint(path)
+    if found is None:
         return None
-    return read_json(path / CHECKPOINT_RECORD, "checkpoint record"), load_tensors(path / "state.safetensors")
+    meta = read_json(found / CHECKPOINT_RECORD, f"checkpoint record (delete {found} to start over)")
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise LightPeftError(f"checkpoint record at {found / CHECKPOINT_RECORD} has no step; delete {found} to start over")
+    return meta, load_tensors(found / "state.safetensors", f"checkpoint state (delete {found} to start over)")
 
 
 def restore_checkpoint(engine, named_params: list[tuple[str, torch.Tensor]], meta: dict,
@@ -205,22 +276,26 @@ class Checkpointing:
     path: Path
     every: int
     meta: dict[str, Any] = field(default_factory=dict)
+    keep: int = 1
 
     def due(self, step: int, steps: int) -> bool:
         return bool(self.every) and (step + 1) % self.every == 0 and step + 1 < steps
 
-    def save(self, trainee: Trainee, hooks: StepHooks, step: int, runtime: Runtime) -> None:
+    def save(self, trainee: Trainee, hooks: StepHooks, step: int, runtime: Runtime,
+             loop: LoopState | None = None) -> None:
         meta = {**self.meta, **({"structure": trainee.structure} if trainee.structure else {})}
-        save_checkpoint(self.path, trainee.engine, trainee.named, step, hooks.state_dict(), meta, runtime)
+        save_checkpoint(self.path, trainee.engine, trainee.named, step, hooks.state_dict(), meta, runtime,
+                        keep=self.keep, loop=None if loop is None else loop.state_dict())
 
 
 def resume(path: Path, trainee: Trainee, hooks: StepHooks, runtime: Runtime, what: str,
            accept: Callable[[dict, dict[str, torch.Tensor]], str | None] | None = None,
-           rebuild: Rebuild | None = None) -> int:
+           rebuild: Rebuild | None = None, loop: LoopState | None = None) -> int:
     """The first step to run: 0, or the step after the checkpoint at `path` (restored into `trainee` and `hooks`).
 
     `accept(meta, tensors)` returns why a checkpoint does not belong to this run (it is then ignored), or None.
     A checkpoint written after a restructure records the structure; the model is then rebuilt for it first.
+    `loop` receives the loop's saved state (loss history, tokens), when the checkpoint has one.
     """
     found = read_checkpoint(path)
     if found is None:
@@ -233,6 +308,8 @@ def resume(path: Path, trainee: Trainee, hooks: StepHooks, runtime: Runtime, wha
     if meta.get("structure"):
         _rebuild(trainee, meta, hooks, rebuild, f"the checkpoint {path} was written after a restructure")
     hooks.load_state_dict(restore_checkpoint(trainee.engine, trainee.named, meta, tensors, source=path))
+    if loop is not None:
+        loop.load_state_dict({k.removeprefix("loop/"): v for k, v in tensors.items() if k.startswith("loop/")})
     log.info("resumed %s from %s after step %d (written by %d ranks, now %d)", what, path, meta["step"],
              meta["world_size"], runtime.world_size)
     return int(meta["step"]) + 1

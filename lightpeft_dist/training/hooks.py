@@ -78,7 +78,7 @@ class StepHooks:
     """No-op defaults; the loop calls, per optimizer step `step` and micro-batch:
 
     before_forward(batch) -> forward -> loss(batch, output, output.loss) -> after_forward() -> backward ->
-    after_backward(step, micro); then before_optimizer_step(step) -> optimizer step ->
+    after_backward(step, micro); then before_optimizer_step(step) -> optimizer step -> on_metrics(step, metrics) ->
     after_optimizer_step(step, loss) (may return a StepAction) -> periodic checkpoint (with state_dict()).
     """
 
@@ -107,6 +107,10 @@ class StepHooks:
 
     def after_optimizer_step(self, step: int, loss: float) -> StepAction | None:
         return None
+
+    def on_metrics(self, step: int, metrics: dict[str, float | None]) -> None:
+        """After each optimizer step, before `after_optimizer_step`: the loop's numbers for that step (loss, lr,
+        grad_norm, tokens_per_s, tokens, peak_memory_bytes), the same on every rank; metric sinks listen here."""
 
     def after_rebuild(self, trainee: Trainee) -> None:
         """After a restructure, before the state is restored: re-attach to the new model (module hooks etc.)."""
@@ -151,6 +155,10 @@ class HookList(StepHooks):
 
     def after_optimizer_step(self, step: int, loss: float) -> StepAction | None:
         return compose([h.after_optimizer_step(step, loss) for h in self.hooks])
+
+    def on_metrics(self, step: int, metrics: dict[str, float | None]) -> None:
+        for h in self.hooks:
+            h.on_metrics(step, metrics)
 
     def after_rebuild(self, trainee: Trainee) -> None:
         for h in self.hooks:

@@ -26,17 +26,12 @@ from .finite import check_loss
 from ..runtime import Runtime
 from .checkpoint import Checkpointing, Rebuild, apply_restructure
 from .hooks import Restructure, StepAction, StepHooks, Trainee
+from .schedules import make_schedule
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 0) -> LambdaLR:
     """Linear warm-up, then linear decay to 0 at `steps` (the reference's schedule; docs/method.md)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (steps - step) / max(1, steps - warmup))
-
-    return LambdaLR(optimizer, factor)
+    return make_schedule(optimizer, "linear", steps, warmup)
 
 
 def train_batches(data: DataConfig, tokenizer, seq_len: int, batch_size: int, grad_accum: int, seed: int,
@@ -62,6 +57,7 @@ class PlainEngine:
         self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.grad_accum, self.max_grad_norm = grad_accum, max_grad_norm
         self.runtime = runtime
+        self.last_grad_norm: float | None = None  # before clipping, over all trainable parameters
 
     def forward(self, batch: dict):
         return self.module(**batch)
@@ -73,8 +69,8 @@ class PlainEngine:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.runtime is not None and self.runtime.distributed:
             self._average_gradients(params)
-        if self.max_grad_norm and self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        clip = self.max_grad_norm if self.max_grad_norm and self.max_grad_norm > 0 else float("inf")
+        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else None
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -97,31 +93,70 @@ class PlainEngine:
 
 @dataclass
 class LoopStats:
+    """The loop's record: the loss of every step (a resumed run's includes the steps before the checkpoint, which
+    the checkpoint carries), this rank's tokens and the seconds spent stepping."""
+
     losses: list[float] = field(default_factory=list)
     tokens: int = 0
     seconds: float = 0.0
+    job_tokens: int = 0  # all ranks' tokens (exact, summed with the loss each step)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"losses": torch.tensor(self.losses, dtype=torch.float64), "tokens": torch.tensor(self.tokens),
+                "seconds": torch.tensor(self.seconds, dtype=torch.float64),
+                "job_tokens": torch.tensor(self.job_tokens)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "losses" in state:  # checkpoints written before the loop kept its history have none
+            self.losses = [float(v) for v in state["losses"].tolist()]
+            self.tokens, self.seconds = int(state["tokens"]), float(state["seconds"])
+            self.job_tokens = int(state["job_tokens"])
+
+
+def peak_memory_bytes() -> int:
+    """Peak CUDA memory allocated by this process, or its peak resident set size on CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _current_lr(engine) -> float:
+    scheduler = getattr(engine, "scheduler", None)
+    if scheduler is not None and hasattr(scheduler, "get_last_lr"):
+        return float(scheduler.get_last_lr()[0])
+    return float(engine.optimizer.param_groups[0]["lr"])
+
+
+def _grad_norm(engine) -> float | None:
+    norm = getattr(engine, "last_grad_norm", None)
+    return None if norm is None or not math.isfinite(float(norm)) else float(norm)
+
 
 def run_steps(trainee: Trainee, batches, steps: int, grad_accum: int, runtime: Runtime, desc: str,
               hooks: StepHooks | None = None, start_step: int = 0, seed: int = 0,
-              checkpoint: Checkpointing | None = None, rebuild: Rebuild | None = None) -> LoopStats:
+              checkpoint: Checkpointing | None = None, rebuild: Rebuild | None = None,
+              stats: LoopStats | None = None) -> LoopStats:
     """Steps `start_step..steps-1`; torch is reseeded per step (dropout), so a resumed run replays the same steps.
 
     `hooks` add to the loop (the order of calls is in hooks.py); the loss minimised is `hooks.loss(batch, output,
     output.loss)`. A `Restructure` a hook returns is applied through `rebuild(meta)` (docs/hooks.md), and
-    `trainee` is updated in place, so after the loop it holds the model that was trained last.
+    `trainee` is updated in place, so after the loop it holds the model that was trained last. `stats` continues a
+    resumed run's record (checkpoint.resume fills it); checkpoints carry it. After every step the hooks get the
+    step's metrics (`on_metrics`: loss, lr, grad_norm, tokens_per_s, tokens, peak_memory_bytes).
     """
     hooks = StepHooks() if hooks is None else hooks
-    stats = LoopStats()
+    stats = LoopStats() if stats is None else stats
     trainee.model.train()
     bar = tqdm(range(start_step, steps), desc=desc, unit="step", disable=not runtime.is_main, dynamic_ncols=True,
                initial=start_step, total=steps)
     for step in bar:
-        t0, step_loss = time.perf_counter(), 0.0
+        t0, step_loss, step_tokens = time.perf_counter(), 0.0, 0
         torch.manual_seed(seed * 1_000_003 + step)
         engine = trainee.engine
         for micro in range(grad_accum):
@@ -134,15 +169,24 @@ def run_steps(trainee: Trainee, batches, steps: int, grad_accum: int, runtime: R
             engine.backward(loss)
             hooks.after_backward(step, micro)
             step_loss += float(loss.detach()) / grad_accum
-            stats.tokens += n_tokens
+            step_tokens += n_tokens
+        stats.tokens += step_tokens
         hooks.before_optimizer_step(step)
+        lr = _current_lr(engine)  # the LR this step uses; the schedule moves on inside engine.step()
         engine.step()
-        stats.seconds += time.perf_counter() - t0
-        if runtime.distributed:  # the job's loss, not rank 0's shard of it
-            step_loss = float(runtime.all_reduce_sum(torch.tensor([step_loss], dtype=torch.float64))) / runtime.world_size
+        seconds = time.perf_counter() - t0
+        stats.seconds += seconds
+        job_tokens = step_tokens
+        if runtime.distributed:  # the job's loss and tokens, not rank 0's shard of them
+            summed = runtime.all_reduce_sum(torch.tensor([step_loss, float(step_tokens)], dtype=torch.float64))
+            step_loss, job_tokens = float(summed[0]) / runtime.world_size, int(summed[1])
+        stats.job_tokens += job_tokens
         check_loss(desc, step, step_loss)  # every rank holds the same loss here, so all stop together
         stats.losses.append(step_loss if math.isfinite(step_loss) else float("nan"))
-        bar.set_postfix(loss=f"{step_loss:.4f}")
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{job_tokens / max(seconds, 1e-9):,.0f}")
+        hooks.on_metrics(step, {"loss": step_loss, "lr": lr, "grad_norm": _grad_norm(engine),
+                                "tokens_per_s": job_tokens / max(seconds, 1e-9), "tokens": job_tokens,
+                                "peak_memory_bytes": peak_memory_bytes()})
         action = hooks.after_optimizer_step(step, step_loss)
         _agree_on_action(action, step, runtime)
         if isinstance(action, Restructure):
@@ -151,7 +195,7 @@ def run_steps(trainee: Trainee, batches, steps: int, grad_accum: int, runtime: R
         elif action is not None:
             raise LightPeftError(f"the loop does not know the step action {type(action).__name__}")
         if checkpoint is not None and checkpoint.due(step, steps):
-            checkpoint.save(trainee, hooks, step, runtime)
+            checkpoint.save(trainee, hooks, step, runtime, loop=stats)
         _maybe_fault(step, runtime)
     return stats
 

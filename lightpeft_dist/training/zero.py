@@ -196,6 +196,12 @@ class DeepSpeedEngine:
     def step(self) -> None:
         self.engine.step()
 
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The global gradient norm DeepSpeed computed for the last optimizer step (None before the first)."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
     def close(self) -> None:
         """Detach DeepSpeed from the model (its ZeRO-3 hooks and buffers) before the model is rebuilt."""
         self.engine.destroy()
