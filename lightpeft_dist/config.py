@@ -8,7 +8,6 @@ mapping before validation, so they get the same checks as the file.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -307,46 +306,6 @@ class Recipe(_Strict):
     def section(self, name: str) -> BaseModel:
         """A strategy's recipe section (e.g. `recipe.section("apt")`)."""
         return getattr(self, name)
-
-
-@dataclass(frozen=True)
-class Follows:
-    """The old implicit value of an added field was another field's value."""
-
-    field: str
-
-
-# Fields added after run directories already existed, grouped by the field that switches the feature on, with the
-# value that means "off" (what runs made before the feature had implicitly; `Follows(f)`: the value field f has) and
-# the fields that only matter when on. While the switch is off, cache keys and plans leave the whole group out, so
-# adding a feature never invalidates a finished stage, and settings that an off feature does not use never change a
-# key. random_peft: `random` used to randomise the PEFT choices too, so a random plan keeps its old key only with
-# random_peft true (and is then the same plan); a random plan of the new kind gets a new key.
-ADDED_LATER: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {
-    "train": [("distill_weight", 0.0, ("distill_temperature",)), ("epochs", None, ()),
-              ("lr_scheduler", "linear", ())],
-    "prune": [("multiple_of", 1, ()), ("random_peft", Follows("random"), ())],
-    "eval": [("adapter", "last", ())],
-}
-# Fields that never change a stage's output (how often to checkpoint, how many to keep): never part of a key, so
-# switching checkpoints on for a requeue keeps the stage's key, and the checkpoint it resumes from.
-NOT_KEYED: dict[str, tuple[str, ...]] = {"train": ("checkpoint_every", "keep_checkpoints")}
-
-
-def without_later_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
-    """`values` of a recipe section without the later-added features that are switched off (and without the
-    fields that never change an output)."""
-    values = {k: v for k, v in values.items() if k not in NOT_KEYED.get(section, ())}
-    for switch, off, dependents in ADDED_LATER.get(section, []):
-        if values.get(switch) == (values.get(off.field) if isinstance(off, Follows) else off):
-            for k in (switch, *dependents):
-                values.pop(k, None)
-    return values
-
-
-def keyed_section(recipe: Recipe, section: str) -> dict[str, Any]:
-    """A recipe section as cache keys (and plans) hash it."""
-    return without_later_defaults(section, recipe_to_dict(recipe)[section])
 
 
 def _coerce(text: str) -> Any:

@@ -266,7 +266,7 @@ def test_single_form_recipes_keep_their_keys(tmp_path):
     """Values computed with the code before adapter kinds existed (commit 601ee58): estimate keys hash
     recipe_to_dict, so a change here would silently invalidate every finished estimate. The second value hashes every
     section as stage keys see it (`keyed_section`: features added since, and off, are left out)."""
-    from lightpeft_dist.config import keyed_section
+    from lightpeft_dist.keys import keyed_section
     from lightpeft_dist.strategies.lightpeft import estimate_key
 
     raw = tiny_recipe_dict(tmp_path)

@@ -221,7 +221,7 @@ def test_random_control_keeps_the_scored_peft_choices_unless_random_peft():
 def test_random_peft_keeps_the_old_random_plan_and_its_key():
     """Before random_peft existed, prune.random randomised the PEFT choices too: random + random_peft is that plan,
     byte for byte (hash pinned before the change) with the same cache key; random alone is a new plan and key."""
-    from lightpeft_dist.config import without_later_defaults
+    from lightpeft_dist.keys import without_later_defaults
 
     sh = shapes(n_layers=3, heads=6, kv=2, ffn=40)
     sc = Scores(head=[spread(6, 5), spread(6, 1), spread(6, 5).flip(0)], ffn=[spread(40), spread(40, 3), spread(40, 9)],

@@ -31,7 +31,7 @@ from lightpeft_dist.strategies.base import Strategy
 PKG = Path(lightpeft_dist.__file__).parent
 # Lowest first; a module may import from its own layer or any layer below it (docs/architecture.md).
 LAYERS = [
-    {"errors", "io_utils", "runtime", "config", "assets", "rundir", "ownership"},
+    {"errors", "io_utils", "runtime", "config", "keys", "assets", "rundir", "ownership"},
     {"models"}, {"data"}, {"training"}, {"pruning"}, {"adapters"}, {"strategies"}, {"reporting"}, {"pipeline"},
     {"cli", "__main__", "__init__"},
 ]

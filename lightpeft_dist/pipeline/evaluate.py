@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from ..adapters.registry import count_parameters, load_adapters
-from ..config import Recipe, keyed_section, recipe_to_dict
+from ..config import Recipe, recipe_to_dict
+from ..keys import keyed_section
 from ..errors import LightPeftError
 from ..data.batches import Collator, encode_split, load_rows
 from ..errors import LightPeftError

@@ -18,8 +18,8 @@ from typing import Callable, Iterator
 import yaml
 
 from ..adapters.registry import bare_kind, kinds_of, saved_kinds
-from ..config import (Recipe, apply_overrides, keyed_section, load_recipe, read_recipe_file, recipe_from_dict,
-                      recipe_to_dict)
+from ..config import Recipe, apply_overrides, load_recipe, read_recipe_file, recipe_from_dict, recipe_to_dict
+from ..keys import keyed_section
 from ..pruning.module_keys import upgrade_keys
 from ..errors import LightPeftError
 from ..io_utils import read_json, read_json_if_present, sha256_file, sha256_json, write_json, write_text

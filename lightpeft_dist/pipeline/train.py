@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from ..adapters.registry import count_parameters, load_adapters, save_adapters, saved_kinds
-from ..config import Recipe, keyed_section, recipe_to_dict
+from ..config import Recipe, recipe_to_dict
+from ..keys import keyed_section
 from ..errors import LightPeftError
 from ..training.checkpoint import Checkpointing, remove_checkpoints, resume
 from ..training.distill import make_distiller

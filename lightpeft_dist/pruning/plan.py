@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import PruneConfig, without_later_defaults
+from ..config import PruneConfig
+from ..keys import without_later_defaults
 from ..errors import LightPeftError
 from ..io_utils import read_json, sha256_json
 from .scores import Scores, check_shapes
