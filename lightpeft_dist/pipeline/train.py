@@ -90,7 +90,7 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
 
     trainee = build()
     params = count_parameters(trainee.model)
-    key, d = train_key(recipe, run_dir), RunDir(run_dir)
+    d = RunDir(run_dir)
     periodic_eval = PeriodicEval(trainee, tokenizer, recipe, steps)
     distiller = make_distiller(recipe, rt.device, tokenizer.pad_token_id)
     all_hooks, stats = HookList([distiller, periodic_eval, hooks]), LoopStats()
