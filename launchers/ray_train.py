@@ -13,7 +13,10 @@ Ray keeps a copy under `run_dir/ray/`. Plan, prune, evaluate and report run on r
 the same workers (the others wait), or, asked for alone with --stage, as one Ray task.
 
 The run directory must be on storage that every node and the driver can reach (as Ray's own storage_path must be):
-stages talk only through it. Wrong settings fail here, before anything is scheduled, with one `error:` line.
+stages talk only through it. Wrong settings fail here, before anything is scheduled, with one `error:` line: the
+driver runs the same input checks as `lightpeft run` (model files, data splits; pipeline/preflight.py). Where the
+model and data are visible only to the workers, `--no-driver-preflight` skips that; rank 0 then runs the checks
+before any stage, and the error still ends the job after one restart instead of `max_failures`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import atomic_dir, write_json
 from lightpeft_dist.ownership import open_run_dir, require_run, run_dir_arg
 from lightpeft_dist.pipeline import stages as pipeline
+from lightpeft_dist.pipeline.preflight import check_inputs
 from lightpeft_dist.rundir import CHECKPOINT_RECORD, RunDir
 from lightpeft_dist.training import checkpoint
 from lightpeft_dist.training.zero import load_ds_config
@@ -63,6 +67,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--placement", choices=["PACK", "SPREAD"], default="PACK",
                    help="PACK fills nodes in turn; SPREAD puts ranks on different nodes")
+    p.add_argument("--no-driver-preflight", dest="driver_preflight", action="store_false",
+                   help="skip the driver's input checks (model and data visible only to the workers); rank 0 "
+                   "runs them before the first stage")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "=" in a and "." in a.split("=")[0])]
     if bad:
@@ -185,6 +192,7 @@ def worker_loop(config: dict) -> None:
         checkpoint.LISTENERS.append(_report_checkpoint)
     try:
         if rt.is_main:
+            check_inputs(recipe, "all" if len(stages) > 1 else stages[0].name)
             _restore_from_ray(run_dir)
         rt.barrier()
         for stage in pipeline.pending(recipe, run_dir, stages, runtime=rt):
@@ -265,6 +273,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
         args.deepspeed = str(Path(args.deepspeed).resolve())  # ray.init may change the working directory
     stages = pipeline.stages_for(recipe) if args.stage == "all" else [pipeline.stage_named(args.stage, recipe)]
     check_batches(recipe, args.num_workers, stages)
+    if args.driver_preflight:
+        check_inputs(recipe, "all" if args.stage == "all" else args.stage)  # before the cluster is even reached
     connect(args.address, args.connect_timeout)
     import ray
 

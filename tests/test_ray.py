@@ -155,10 +155,11 @@ def test_worker_killed_mid_estimation_is_replaced_and_resumes(cluster, recipe, u
 
 
 def test_error_only_the_workers_see_ends_the_job_without_max_failures_retries(cluster, recipe, tmp_path):
-    """A bad model path passes the driver's checks; the workers' one-line error must end the job after one restart."""
+    """With the driver's checks off (inputs only the workers see), a bad model path is found by rank 0's preflight;
+    its one-line error must end the job after one restart."""
     job = cluster.submit(["python", "launchers/ray_train.py", "--config", str(recipe), "--run-dir",
                           str(tmp_path / "run"), "--num-workers", "1", "--stage", "estimate", "--max-failures", "3",
-                          "--model.path=/nonexistent/model"], timeout=JOB_TIMEOUT)
+                          "--no-driver-preflight", "--model.path=/nonexistent/model"], timeout=JOB_TIMEOUT)
     out = job.stdout + job.stderr
     assert job.returncode != 0, out[-4000:]
     errors = {line for line in out.splitlines() if line.startswith("error: ")}  # `ray job submit` echoes the log
@@ -183,6 +184,12 @@ def test_missing_recipe_and_unreachable_head_fail_fast(recipe, tmp_path):
 
 
 def test_driver_errors_against_a_live_cluster_are_one_line(cluster, recipe, tmp_path):
+    bad_model = _driver(["--config", str(recipe), "--run-dir", str(tmp_path / "m"), "--address", cluster.gcs_address,
+                         "--model.path=/nonexistent/model"], env=cluster.env)
+    assert bad_model.returncode == 2, bad_model.stderr[-2000:]
+    last = bad_model.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "/nonexistent/model" in last
+    assert not (tmp_path / "m").exists()  # refused by the driver's preflight, before anything was written
     too_many = _driver(["--config", str(recipe), "--run-dir", str(tmp_path / "d"), "--address", cluster.gcs_address,
                         "--num-workers", "4"], env=cluster.env)
     assert too_many.returncode == 2, too_many.stderr[-2000:]

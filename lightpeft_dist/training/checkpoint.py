@@ -17,7 +17,6 @@ import gc
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -25,7 +24,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ..errors import LightPeftError
-from ..io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from ..io_utils import atomic_dir, load_tensors, read_json, remove_owned, save_tensors, write_json
 from ..rundir import CHECKPOINT_RECORD
 from ..runtime import Runtime
 from .hooks import Restructure, StepHooks, Trainee
@@ -188,12 +187,11 @@ def _publish(staging: Path, path: Path, keep: int) -> None:
         except (LightPeftError, KeyError, TypeError, ValueError):
             old_step = -1  # unreadable: rotated out under a name that sorts last, then deleted
         older = path.with_name(f"{path.name}.step-{max(old_step, 0):07d}")
-        if older.exists():
-            shutil.rmtree(older)
+        remove_owned(older)
         os.replace(path, older)
     os.replace(staging, path)
     for _, old in older_checkpoints(path)[max(keep - 1, 0):]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_owned(old)  # never deletes what we did not write (docs/architecture.md, "Guarantees")
 
 
 def latest_checkpoint(path: Path) -> Path | None:
@@ -208,7 +206,7 @@ def latest_checkpoint(path: Path) -> Path | None:
 def remove_checkpoints(path: Path) -> None:
     """Delete `path` and the older checkpoints kept beside it (once the stage's output is written)."""
     for p in [path, *(p for _, p in older_checkpoints(path))]:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_owned(p)
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
