@@ -218,3 +218,18 @@ def test_bad_apt_input_is_one_error_line_and_writes_nothing(tmp_path, capsys, ap
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and message in err[0], err
     assert not run.exists()
+
+
+def test_budget_search_with_hidden_dimensions_counts_the_multiplicative_cost():
+    """Hidden dimensions (for the future apt.prune_hidden) compete in the same sorted list; the count of a prefix is
+    d' x A + B, so the kept count is the cost model's count of the kept shapes, within one block of the budget."""
+    shapes = tuple({"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 12} for _ in range(3))
+    cost = CostModel(shapes, 16, 4, frozenset({"qkv"}))
+    g = torch.Generator().manual_seed(3)
+    scores = {"group": [torch.rand(2, generator=g) for _ in shapes], "ffn": [torch.rand(12, generator=g) for _ in shapes],
+              "hidden": torch.rand(16, generator=g) * 50}
+    for density in (0.3, 0.6, 0.9):
+        kept = plan_for_budget(scores, cost, density)
+        assert 1 <= len(kept["hidden"]) < 16
+        assert cost.count([len(x) for x in kept["group"]], [len(x) for x in kept["ffn"]], len(kept["hidden"])) == \
+            kept["kept_params"] <= kept["target_params"] < kept["kept_params"] + kept["next_block_params"]
