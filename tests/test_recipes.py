@@ -19,6 +19,8 @@ FEW_STEPS = ["--estimate.steps=2", "--estimate.batch_size=2", "--estimate.seq_le
              "--train.batch_size=2", "--train.seq_len=32", "--data.max_train_examples=8",
              "--data.max_eval_examples=4", "--eval.batch_size=4", "--eval.speed_batches=1"]
 
+APT_FEW_STEPS = ["--apt.calibration_samples=4", "--apt.batch_size=2", "--apt.seq_len=32"]
+
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_parses(recipe):
@@ -43,7 +45,8 @@ def test_top_level_recipes_is_the_shipped_folder():
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_runs_a_few_steps_on_real_assets(recipe, tmp_path):
     run = tmp_path / "run"
-    assert main(["run", "--config", str(recipe), "--run-dir", str(run), *FEW_STEPS]) == 0
+    few = FEW_STEPS + (APT_FEW_STEPS if load_recipe(recipe).strategy == "apt" else [])
+    assert main(["run", "--config", str(recipe), "--run-dir", str(run), *few]) == 0
     ev = json.loads((run / "eval.json").read_text())
     assert ev["pruned"]["params"]["total"] < ev["base"]["params"]["total"]
     plan = json.loads((run / "plan.json").read_text())

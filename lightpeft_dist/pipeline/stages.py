@@ -184,7 +184,8 @@ SHARED_STAGES: tuple[Stage, ...] = (
 
 
 def all_stages() -> dict[str, Stage]:
-    """Every stage any strategy can run, by name: the CLI offers one subcommand each."""
+    """Every stage any strategy can run, by name: the CLI offers one subcommand each (a strategy's stage that
+    replaces a shared one, such as APT's plan, is found per recipe by `stage_named`)."""
     from ..strategies.registry import STRATEGIES
 
     out: dict[str, Stage] = {}
@@ -194,10 +195,18 @@ def all_stages() -> dict[str, Stage]:
     return out
 
 
+def _shared_for(strategy: Strategy) -> list[Stage]:
+    """The shared stages a strategy runs: all of them, except those it replaces with a stage of the same name (APT
+    writes its own plan in the shared format)."""
+    own = {s.name for s in strategy.stages}
+    return [s for s in SHARED_STAGES if s.name not in own]
+
+
 def stages_for(recipe: Recipe) -> list[Stage]:
     """The stages `run` goes through: the strategy's, then the shared ones; export is left out when an adapter kind
     cannot be merged into the weights (bottleneck)."""
-    stages = [*strategy_for(recipe).stages, *SHARED_STAGES]
+    strategy = strategy_for(recipe)
+    stages = [*strategy.stages, *_shared_for(strategy)]
     stuck = [kind.name for kind in kinds_of(recipe.peft) if not kind.mergeable]
     if stuck:
         log.info("stage export: left out, a %s adapter cannot be merged into the weights", " or ".join(stuck))

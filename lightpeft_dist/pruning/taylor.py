@@ -19,6 +19,9 @@ The same hook also gives APT's salience: per optimizer step, sum_{c in u} (sum_t
 both sums over the step's real tokens on every rank before the product, summed over steps. It is exposed by
 `salience()` (and returned per step by `end_step`, for a running average) for the APT strategy; no file yet.
 
+For APT's kurtosis term the hook also sums the signed input per coordinate and counts the real tokens; `end_step`
+leaves the step's mean input (over every rank's real tokens) in `last_mean`.
+
 The hooks are forward pre-hooks attached *after* the mask hooks (so they see x * m) that put a gradient hook on the
 input tensor; they record only while `recording` is set, so a gradient-checkpointing recompute never counts twice.
 (With a scalar mask both quantities would be the same read before it, since x dL/dx = (x m) dL/d(x m); the position
@@ -66,9 +69,11 @@ class FirstOrderTracker:
         units = {"head": [s["num_attention_heads"] for s in shapes], "ffn": [s["intermediate_size"] for s in shapes]}
         width = {"head": self.head_dim, "ffn": 1}  # input coordinates per unit
         zeros = lambda n, dev: torch.zeros(n, dtype=torch.float64, device=dev)  # noqa: E731
-        # this optimizer step: per unit (taylor), per input coordinate (sum|z|, sum|g|)
+        # this optimizer step: per unit (taylor), per input coordinate (sum|z|, sum|g|, signed sum z), tokens
         self._step = {(q, k): [zeros(n * (width[k] if q != "taylor" else 1), device) for n in units[k]]
-                      for q in ("taylor", "z_abs", "g_abs") for k in KINDS}
+                      for q in ("taylor", "z_abs", "g_abs", "z_sum") for k in KINDS}
+        self._step["tokens", "all"] = [zeros(1, device)]
+        self.last_mean: UnitValues | None = None  # the last step's mean input per coordinate (APT's kurtosis)
         self.taylor_sum = UnitValues(*([zeros(n, "cpu") for n in units[k]] for k in KINDS))
         self.salience_sum = UnitValues(*([zeros(n, "cpu") for n in units[k]] for k in KINDS))
         self.steps = 0
@@ -100,6 +105,9 @@ class FirstOrderTracker:
         w = weights.reshape(-1)
         self._step["z_abs", kind][i] += (w @ z.abs().reshape(-1, z.shape[-1])).double()
         self._step["g_abs", kind][i] += (w @ g.abs().reshape(-1, g.shape[-1])).double()
+        self._step["z_sum", kind][i] += (w @ z.reshape(-1, z.shape[-1])).double()
+        if kind == "head" and i == 0:
+            self._step["tokens", "all"][0] += w.sum().double()
 
     def end_step(self) -> tuple[UnitValues, UnitValues]:
         """Reduce this optimizer step's sums across ranks (one collective), add them to the run totals, and return
@@ -111,8 +119,10 @@ class FirstOrderTracker:
         parts, start = {}, 0
         for key in keys:
             n = len(self._step[key])
-            parts[key] = [t / world if key[0] != "z_abs" else t for t in reduced[start:start + n]]
+            parts[key] = [t / world if key[0] in ("taylor", "g_abs") else t for t in reduced[start:start + n]]
             start += n
+        tokens = max(float(parts["tokens", "all"][0]), 1.0)
+        self.last_mean = UnitValues(*([t / tokens for t in parts["z_sum", k]] for k in KINDS))
         taylor = UnitValues(parts["taylor", "head"], parts["taylor", "ffn"])
         salience = UnitValues(*([(za * ga).reshape(len(total), -1).sum(-1)
                                  for za, ga, total in zip(parts["z_abs", k], parts["g_abs", k],

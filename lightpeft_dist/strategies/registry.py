@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import LightPeftError
 from .base import Strategy
+from .apt import STRATEGY as APT
 from .lightpeft import STRATEGY as LIGHTPEFT
 
 if TYPE_CHECKING:
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 STRATEGIES: dict[str, Strategy] = {
     LIGHTPEFT.name: LIGHTPEFT,
+    APT.name: APT,
 }
 
 

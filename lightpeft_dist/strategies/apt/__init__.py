@@ -1,0 +1,38 @@
+"""APT (Zhao, Hajishirzi, Cao, ICML 2024) as a strategy: `strategy: apt`, recipe section `apt:`.
+
+One-shot mode (the paper's LLaMA recipe): `calibrate` scores KV groups and FFN neurons with APT's kurtosis-aware
+salience over `apt.calibration_samples` examples, then APT's own `plan` stage keeps the most salient blocks per
+parameter within `apt.target_density` of the decoder's parameters. From there the shared stages (prune, train,
+evaluate, export, report) run unchanged. Modules: section.py (schema), salience.py + kurtosis.py (scores),
+budget.py (cost model and search; `plan_for_budget` is what a gradual schedule calls), calibrate.py, plan.py.
+docs/method.md, "APT", lists what we implement and every deviation from the reference.
+"""
+
+from __future__ import annotations
+
+from ..base import Stage, Strategy
+from .calibrate import calibrate_key, recorded_key, run_calibrate
+from .plan import apt_plan_key, run_apt_plan
+from .section import AptConfig
+
+
+def _recorded_plan(run_dir):
+    from ...io_utils import read_json_if_present
+    from ...errors import LightPeftError
+    from ...rundir import RunDir
+
+    try:
+        return (read_json_if_present(RunDir(run_dir).plan) or {}).get("key")
+    except LightPeftError:
+        return None
+
+
+STRATEGY = Strategy(
+    name="apt", label="APT", color="#c53030", section="apt", section_model=AptConfig,
+    stages=(Stage("calibrate", calibrate_key, recorded_key,
+                  lambda recipe, run_dir, rt, deepspeed: run_calibrate(recipe, run_dir, rt, deepspeed) and None,
+                  collective=True, help="APT: score KV groups and FFN neurons on calibration examples (salience + "
+                                        "kurtosis)"),
+            Stage("plan", apt_plan_key, _recorded_plan,
+                  lambda recipe, run_dir, rt, deepspeed: run_apt_plan(recipe, run_dir, rt) and None,
+                  help="APT: keep the most salient blocks per parameter within apt.target_density")))

@@ -1,0 +1,72 @@
+"""APT's plan stage: the budgeted search over the calibration scores, written as the shared plan.json.
+
+Why its own plan stage: the shared planner prunes fixed ratios per kind, while APT keeps the most salient blocks per
+parameter under one parameter budget (budget.py). The result is an ordinary plan (pruning/plan.py's format, hash and
+summary; checked by `read_plan`), so the shared prune, train, evaluate, export and report stages run unchanged. A
+kept KV group keeps all its query heads; every LoRA module keeps all its ranks (APT does not prune PEFT modules).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ...config import Recipe
+from ...io_utils import read_json, sha256_file, sha256_json, write_json
+from ...pruning.plan import PLAN_VERSION, plan_hash, summarize
+from ...rundir import RunDir
+from ...runtime import Runtime, current
+from .budget import CostModel, plan_for_budget
+from .calibrate import load_apt_scores, scores_path
+
+log = logging.getLogger(__name__)
+PLAN_KEYS = ("target_density", "prune_hidden")
+
+
+def apt_plan_key(recipe: Recipe, run_dir: Path) -> str:
+    apt = recipe.section("apt").model_dump(mode="json")
+    return sha256_json({"scores": sha256_file(scores_path(run_dir)),
+                        "apt": {k: apt[k] for k in PLAN_KEYS}})[:16]
+
+
+def cost_model(record: dict) -> CostModel:
+    return CostModel(tuple(record["layer_shapes"]), record["hidden_size"], record["head_dim"],
+                     frozenset(record.get("biases", [])))
+
+
+def make_apt_plan(scores: dict, record: dict, target_density: float) -> dict:
+    """The plan that keeps exactly the blocks `plan_for_budget` chooses."""
+    cost = cost_model(record)
+    kept = plan_for_budget(scores, cost, target_density)
+    layers = []
+    for i, (groups, ffn) in enumerate(zip(kept["group"], kept["ffn"], strict=True)):
+        rep = cost.rep(i)
+        layers.append({"q_heads": [g * rep + j for g in groups for j in range(rep)], "kv_heads": groups, "ffn": ffn})
+    plan = {"version": PLAN_VERSION, "model_fingerprint": record["model_fingerprint"],
+            "prune": {"strategy": "apt", "target_density": target_density},
+            "apt": {k: kept[k] for k in ("target_params", "kept_params", "dense_params", "density",
+                                         "next_block_params")},
+            "layers": layers,
+            "peft_modules": {name: list(range(r)) for name, r in record["lora_modules"].items()}}
+    plan["summary"] = summarize(plan, record["layer_shapes"], record["hidden_size"], record["head_dim"])
+    plan["hash"] = plan_hash(plan)
+    return plan
+
+
+def run_apt_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> dict:
+    """Every rank computes the plan; they must agree on its hash before rank 0 writes it."""
+    rt = runtime or current()
+    d = RunDir(run_dir)
+    record = read_json(d.estimate_record, "APT calibration record")
+    plan = make_apt_plan(load_apt_scores(run_dir, record), record, recipe.section("apt").target_density)
+    plan["key"] = apt_plan_key(recipe, run_dir)
+    rt.agree(plan["hash"], "plan hash")
+    if rt.is_main:
+        write_json(d.plan, plan)
+    rt.barrier()
+    s, a = plan["summary"], plan["apt"]
+    log.info("APT plan %s: density %.4f of %d decoder parameters (target %.4f, budget %d, kept %d); KV heads %d -> %d, "
+             "FFN %d -> %d", plan["hash"], a["density"], a["dense_params"], recipe.section("apt").target_density,
+             a["target_params"], a["kept_params"], s["before"]["num_key_value_heads"], s["after"]["num_key_value_heads"],
+             s["before"]["intermediate_size"], s["after"]["intermediate_size"])
+    return plan

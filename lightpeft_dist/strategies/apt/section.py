@@ -1,0 +1,70 @@
+"""The `apt:` recipe section: APT's settings (docs/method.md, "APT").
+
+Why a schema of its own: a strategy's section is validated by the strategy (config.py looks it up through the
+strategy registry), so APT's keys and their checks live next to the code that reads them. Every key is documented
+in README.md.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ...config import _Strict
+
+
+class AptConfig(_Strict):
+    mode: Literal["one_shot", "gradual"] = Field(
+        "one_shot", description="one_shot: calibrate, prune once to target_density, then LoRA on the pruned model "
+                                "(the paper's LLaMA recipe); gradual: prune during tuning (not implemented yet)")
+    target_density: float = Field(0.7, description="share of the prunable parameters kept, in (0, 1]")
+    calibration_samples: int = Field(256, ge=1, description="examples the calibration stage scores on")
+    batch_size: int = Field(8, ge=1, description="calibration examples per step (global, any world size)")
+    grad_accum: int = Field(1, ge=1, description="calibration micro-batches per step")
+    seq_len: int = Field(128, ge=8, description="calibration sequence length")
+    seed: int = 42
+    beta: float = Field(0.85, ge=0.0, lt=1.0, description="EMA factor of the running salience (gradual mode)")
+    use_kurtosis: bool = Field(True, description="add sqrt(max(kurtosis, 0)) of each block's output weights "
+                                                 "scaled by its mean input (the outlier term)")
+    prune_hidden: bool = Field(False, description="also prune hidden dimensions (one global residual mask); not "
+                                                  "implemented yet")
+    rank_growth: float = Field(4.0, ge=1.0, description="gradual: total LoRA budget grows to this x the initial one")
+    max_rank: int = Field(64, ge=1, description="gradual: no LoRA module grows beyond this rank")
+    window: int = Field(400, ge=1, description="gradual: training steps of the pruning window, over which the "
+                        "density follows a cubic schedule from 1 to target_density")
+    ramp: int = Field(100, ge=1, description="gradual: steps before each pruning checkpoint over which the pruned "
+                      "blocks' masks move to 0 (1/ramp per step; the paper's 0.01 per step is 100)")
+    checkpoints: int = Field(4, ge=1, description="gradual: physical pruning checkpoints in the window")
+
+    @field_validator("target_density")
+    @classmethod
+    def _density_in_range(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"target_density {v} is outside (0, 1]; it is the share kept, e.g. 0.7 keeps 70%")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AptConfig":
+        if self.window < self.ramp:
+            raise ValueError(f"window {self.window} is shorter than the ramp ({self.ramp} steps); set window >= ramp")
+        if self.window // self.checkpoints < self.ramp:
+            raise ValueError(f"window {self.window} over {self.checkpoints} checkpoints leaves "
+                             f"{self.window // self.checkpoints} steps between checkpoints, shorter than the ramp "
+                             f"({self.ramp}); set window >= checkpoints x ramp = {self.checkpoints * self.ramp}")
+        if self.mode == "gradual":
+            raise ValueError("mode gradual (pruning during tuning) is not implemented yet; use mode: one_shot")
+        if self.prune_hidden:
+            raise ValueError("prune_hidden (hidden-dimension pruning) is not implemented yet: the shared slicer cannot "
+                             "slice the residual stream; set prune_hidden: false")
+        return self
+
+    def check_recipe(self, recipe) -> None:
+        """Checks that need the rest of the recipe (config.py calls this after validating the section)."""
+        for spec in recipe.adapters:
+            if spec.type != "lora":
+                raise ValueError(f"strategy apt tunes LoRA adapters; peft type {spec.type} is not supported, use "
+                                 "type: lora")
+            if self.max_rank < spec.r:
+                raise ValueError(f"apt.max_rank {self.max_rank} is below peft.r {spec.r}: rank growth cannot cap "
+                                 f"below the starting rank; set apt.max_rank >= {spec.r}")
