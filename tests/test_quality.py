@@ -52,14 +52,15 @@ def test_quick_study_rows_table_docs_and_compare(study, capsys):
     # one group per method/level, with the expected number of seeds
     groups = [(g["method"], g["level"], g["value"]["n"]) for g in res["groups"]]
     assert groups == [("zero-shot", None, 1), ("lora", None, 2), ("lightpeft", 0.35, 2), ("activation", 0.35, 2),
-                      ("random", 0.35, 2)]
+                      ("taylor", 0.35, 2), ("random", 0.35, 2)]
     table = (out / "quality.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| method"))
     assert header == "| " + " | ".join(c.format(metric="accuracy") for c in COLUMNS) + " |"
     body = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [line.split(" | ")[0] for line in body] == ["| zero-shot (unpruned, no training)",
                                                         "| LoRA, full model (all ratios 0)", "| Light-PEFT",
-                                                        "| Light-PEFT, activation unit scores", "| random pruning"]
+                                                        "| Light-PEFT, activation unit scores",
+                                                        "| Light-PEFT, Taylor unit scores", "| random pruning"]
     assert all(len(line.split(" | ")) == len(COLUMNS) for line in body)
 
     zero = read_json(out / "zero-shot" / "eval.json")["base"]
@@ -70,7 +71,7 @@ def test_quick_study_rows_table_docs_and_compare(study, capsys):
     for seed in (0, 1):
         sd = out / f"seed{seed}"
         shared = sd / "estimate-run" / "estimate" / "estimate.json"
-        for row in ("lora", "lightpeft-35", "activation-35", "random-35"):
+        for row in ("lora", "lightpeft-35", "activation-35", "taylor-35", "random-35"):
             assert (sd / row / "estimate" / "estimate.json").samefile(shared)  # estimated once per seed
             assert read_json(sd / row / "eval.json")["base"] == zero
             assert len(read_json(sd / row / "quality.json")["infer_rounds"]) == 1
@@ -78,6 +79,8 @@ def test_quick_study_rows_table_docs_and_compare(study, capsys):
         assert kept(lp) != kept(rnd)
         act = read_json(sd / "activation-35" / "plan.json")  # same ratios, same estimate, other unit scores
         assert act["prune"] == {**lp["prune"], "unit_scores": "activation"} and lp["prune"]["unit_scores"] == "masks"
+        tay = read_json(sd / "taylor-35" / "plan.json")
+        assert tay["prune"] == {**lp["prune"], "unit_scores": "taylor"} and tay["peft_modules"] == lp["peft_modules"]
         assert [lay["q_heads"] for lay in act["layers"]] != [lay["q_heads"] for lay in lp["layers"]] or \
             [lay["ffn"] for lay in act["layers"]] != [lay["ffn"] for lay in lp["layers"]]
         assert lp["prune"]["attn_ratio"] == rnd["prune"]["attn_ratio"] == 0.35

@@ -10,7 +10,8 @@ Rows: `lora` (all ratios 0: the plan keeps every head, neuron, module and rank, 
 model; LoRA freshly initialised, i.e. the reference's vanilla baseline), `lightpeft` (scored plan at a level) and
 `random` (the same ratios with prune.random, seeded per seed), `activation` (the same ratios and the same estimation
 run, heads and FFN neurons ranked by prune.unit_scores=activation instead of the masks; PEFT modules and ranks as
-Light-PEFT).
+Light-PEFT), `taylor` (the same, ranked by prune.unit_scores=taylor: first-order Taylor importance of each unit's
+output from the same estimation run, lightpeft_dist/pruning/taylor.py).
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def row_specs(level_ratios: dict[float, dict], peft_ratios: dict) -> list[tuple[
         rows.append(("lightpeft", level, {**ratios, **peft_ratios, "random": False}, {}))
         rows.append(("activation", level, {**ratios, **peft_ratios, "random": False, "unit_scores": "activation"},
                      {}))
+        rows.append(("taylor", level, {**ratios, **peft_ratios, "random": False, "unit_scores": "taylor"}, {}))
         rows.append(("random", level, {**ratios, **peft_ratios, "random": True}, {}))
     return rows
 
