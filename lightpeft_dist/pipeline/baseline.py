@@ -147,6 +147,7 @@ def run_baseline(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
                 "lora_eval_key": read_json(RunDir(d.baseline_lora).eval_record, "eval record")["key"],
                 "split": eval_split(recipe), "speed_rounds": times,
                 "infer_tokens_per_s": {name: statistics.median(ts) for name, ts in times.items()},
-                "speed_measure": f"forward tokens/s on {recipe.eval.speed_batches} eval batches, the three models "
-                                 f"timed in turn in one process, median of {len(times['pruned'])} rounds"})
+                "speed_measure": f"forward tokens/s on eval.speed_batches={recipe.eval.speed_batches} batches of "
+                                 f"the {eval_split(recipe)} split, the three models timed in turn in one process, "
+                                 f"median of {len(times['pruned'])} rounds"})
         rt.barrier()
