@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                             "deepspeed/torchrun for several ranks")
         return sp
 
-    stage("run", "all stages into one run directory, skipping finished ones", collective=True)
+    run = stage("run", "all stages into one run directory, skipping finished ones", collective=True)
+    run.add_argument("--baseline-lora", action="store_true", default=None,
+                     help="also LoRA on the unpruned model, reported beside the pruned one (report.baseline_lora)")
     for st in all_stages().values():  # one subcommand per registered stage
         sp = stage(st.name, st.help or f"the {st.name} stage", config=st.name != "report", collective=st.collective)
         if st.name == "plan":
@@ -58,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR",
                             help="also compare with these runs: report/compare.md and accuracy_vs_ratio.png in "
                             "--run-dir")
-    stage("demo", "the whole pipeline on the embedded SmolLM2-135M + movie-review sentiment (offline)")
+    stage("demo", "the whole pipeline on the embedded SmolLM2-135M + movie-review sentiment (offline), next to "
+          "LoRA on the unpruned model")
     return p
 
 
@@ -68,6 +71,12 @@ def _plan_overrides(args: argparse.Namespace) -> list[str]:
     out += [f"prune.{k}={getattr(args, k)}" for k in ("ffn_scope", "rank_scope") if getattr(args, k, None)]
     out += [f"prune.{k}=true" for k in ("uniform", "random", "random_peft") if getattr(args, k, None)]
     return out
+
+
+def _baseline_overrides(args: argparse.Namespace) -> list[str]:
+    """The demo always shows LoRA on the unpruned model beside the pruned one (`--report.baseline_lora=false`
+    after it turns that off); `run --baseline-lora` asks for it."""
+    return ["report.baseline_lora=true"] if args.stage == "demo" or getattr(args, "baseline_lora", None) else []
 
 
 def starts_a_run(stage: str) -> bool:
@@ -105,7 +114,7 @@ def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
         _report(run_dir, args.compare)
         return
     deepspeed = getattr(args, "deepspeed", None)
-    overrides = overrides + _plan_overrides(args)
+    overrides = _baseline_overrides(args) + overrides + _plan_overrides(args)
     if args.stage == "demo" and not args.config:
         with resources.as_file(DEMO_RECIPE) as demo:  # read here in full; the run keeps its own recipe.yaml
             recipe = pipeline.resolve_recipe(run_dir, str(demo), overrides)

@@ -228,6 +228,12 @@ class LoggingConfig(_Strict):
         ["tensorboard"], description="metric sinks on rank 0 (training/reporters.py); none = no metric files")
 
 
+class ReportConfig(_Strict):
+    baseline_lora: bool = Field(False, description="also train LoRA on the unpruned model in D/baseline_lora and "
+                                "report it beside the pruned model (pipeline/baseline.py); the demo turns it on")
+    speed_rounds: int = Field(3, ge=1, description="rounds of the side-by-side inference timing (median kept)")
+
+
 def _strategies() -> dict:
     return _registry(STRATEGY_REGISTRY).STRATEGIES
 
@@ -245,6 +251,7 @@ class Recipe(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
+    report: ReportConfig = ReportConfig()
 
     @field_validator("peft")
     @classmethod

@@ -82,6 +82,9 @@ def _check_entry(d: RunDir, name: str) -> None:
     elif name in (d.report.name, d.ray.name):
         if path.is_symlink():
             check_replaceable(path)
+    elif name == d.baseline_lora.name:  # a run directory of its own: checked as one when the baseline stage opens it
+        if path.is_symlink() or not path.is_dir():
+            check_replaceable(path)
     elif name != d.logs.name and path.is_dir() and not path.is_symlink():
         raise LightPeftError(f"{path} is a folder where lightpeft writes a file; move it away and rerun")
 

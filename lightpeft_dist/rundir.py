@@ -129,6 +129,16 @@ class RunDir:
     def report(self) -> Path:
         return self.root / "report"
 
+    # `report.baseline_lora`: LoRA on the unpruned model, a run directory of its own inside this one
+    # (pipeline/baseline.py), and the record that puts it beside this run (side-by-side inference speed)
+    @property
+    def baseline_lora(self) -> Path:
+        return self.root / "baseline_lora"
+
+    @property
+    def baseline_record(self) -> Path:
+        return self.root / "baseline_lora.json"
+
     @property
     def ray(self) -> Path:
         """Ray Train's own records and checkpoint copies (launchers/ray_train.py)."""

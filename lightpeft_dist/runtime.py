@@ -138,3 +138,56 @@ def shutdown() -> None:
     if _owned_group and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _owned_group = False
+
+
+# --- peak memory of one stage ------------------------------------------------------------------------------------
+# A stage's records say how much memory it took (docs/architecture.md, "Stages"). On CUDA that is the allocator's
+# peak, exact per stage. On CPU it is the process's peak resident set: Linux lets a process reset its high-water
+# mark (writing 5 to /proc/self/clear_refs resets VmHWM and with it getrusage's ru_maxrss), so several stages in one
+# process each get their own peak; it still counts what the process held when the stage began (libraries, tokenizer).
+CPU_STAGE_PEAK = "peak resident set of the process during the stage (VmHWM, reset at its start)"
+CPU_PROCESS_PEAK = "peak resident set of the process since it started (ru_maxrss; this system cannot reset it)"
+CUDA_PEAK = "CUDA max_memory_allocated during the stage"
+_cpu_measure = CPU_PROCESS_PEAK
+
+
+def reset_peak_memory() -> str:
+    """Start measuring a stage's peak memory; returns what `peak_memory` will measure. Memory freed by earlier
+    stages is handed back to the system first (garbage collection, malloc_trim), so it is not counted again."""
+    global _cpu_measure
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return CUDA_PEAK
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _cpu_measure = CPU_STAGE_PEAK
+    except OSError:
+        _cpu_measure = CPU_PROCESS_PEAK
+    return _cpu_measure
+
+
+def peak_memory() -> dict:
+    """{"bytes": the peak since `reset_peak_memory` (see the measure), "measure": what was measured}."""
+    if torch.cuda.is_available():
+        return {"bytes": int(torch.cuda.max_memory_allocated()), "measure": CUDA_PEAK}
+    import resource
+
+    return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "measure": _cpu_measure}
+
+
+def job_peak_memory(rt: Runtime) -> dict:
+    """`peak_memory` of the rank that used the most (collective: call it on every rank)."""
+    peaks = rt.all_gather_object(peak_memory())
+    top = max(peaks, key=lambda p: p["bytes"])
+    return {**top, "ranks": len(peaks)}

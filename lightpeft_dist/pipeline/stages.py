@@ -161,6 +161,24 @@ def _export(recipe: Recipe, run_dir: Path) -> None:
     run_export(recipe, run_dir)
 
 
+def _baseline_key(recipe: Recipe, run_dir: Path) -> str:
+    from .baseline import baseline_key
+
+    return baseline_key(recipe, run_dir)
+
+
+def _baseline_recorded(run_dir: Path) -> str | None:
+    from .baseline import recorded_baseline
+
+    return recorded_baseline(run_dir)
+
+
+def _baseline(recipe: Recipe, run_dir: Path, rt: Runtime, deepspeed: str | None) -> None:
+    from .baseline import run_baseline
+
+    run_baseline(recipe, run_dir, rt, deepspeed=deepspeed)
+
+
 def _report(recipe: Recipe | None, run_dir: Path) -> None:
     from ..reporting.report import write_report
 
@@ -178,6 +196,9 @@ SHARED_STAGES: tuple[Stage, ...] = (
           help="accuracy / perplexity, parameters and tokens/s, base vs pruned"),
     Stage("export", _export_key, recorded(lambda d: d.export_record), _on_main(_export),
           help="merge the trained LoRA adapter into the pruned model: one HF checkpoint in RUN_DIR/export"),
+    Stage("baseline", _baseline_key, _baseline_recorded, _baseline, collective=True,
+          help="LoRA on the unpruned model in RUN_DIR/baseline_lora, timed beside the pruned model "
+               "(report.baseline_lora)"),
     Stage("report", lambda r, d: None, lambda d: None, _on_main(_report),
           help="write report/summary.md and print the table"),
 )
@@ -204,9 +225,11 @@ def _shared_for(strategy: Strategy) -> list[Stage]:
 
 def stages_for(recipe: Recipe) -> list[Stage]:
     """The stages `run` goes through: the strategy's, then the shared ones; export is left out when an adapter kind
-    cannot be merged into the weights (bottleneck)."""
+    cannot be merged into the weights (bottleneck), the LoRA baseline unless `report.baseline_lora` is on."""
     strategy = strategy_for(recipe)
     stages = [*strategy.stages, *_shared_for(strategy)]
+    if not recipe.report.baseline_lora:
+        stages = [s for s in stages if s.name != "baseline"]
     stuck = [kind.name for kind in kinds_of(recipe.peft) if not kind.mergeable]
     if stuck:
         log.info("stage export: left out, a %s adapter cannot be merged into the weights", " or ".join(stuck))

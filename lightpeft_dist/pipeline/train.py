@@ -35,7 +35,7 @@ from .train_eval import PeriodicEval
 from ..models.loading import load_config, load_model, load_tokenizer
 from ..data.packing import packed_batches
 from ..rundir import RunDir
-from ..runtime import Runtime, current
+from ..runtime import Runtime, current, job_peak_memory, reset_peak_memory
 from ..training.zero import full_state, prepare_ds_config, zero3_loading
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
     after the stage's own (distillation, periodic eval); a restructure they ask for rebuilds the same pruned model.
     """
     rt = runtime or current()
+    t_stage = time.time()
+    reset_peak_memory()
     cfg = recipe.train
     # read before training: the record must name the plan of the model actually trained, even if re-pruned meanwhile
     key, plan_hash = train_key(recipe, run_dir), read_json(RunDir(run_dir).prune_record, "prune record")["plan_hash"]
@@ -122,6 +124,7 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
               "wall_seconds": time.time() - t0, "params": params, "evals": periodic_eval.evals,
               "best": periodic_eval.best, "world_size": rt.world_size,
               "peak_memory_bytes": peak_memory_bytes(), "deepspeed": ds_cfg,
+              "stage_seconds": time.time() - t_stage, "peak_memory": job_peak_memory(rt),
               "estimate_budget": estimate_budget(d, steps, stats.job_tokens),
               "distill": None if distiller is None else {"weight": cfg.distill_weight,
                                                          "temperature": cfg.distill_temperature,

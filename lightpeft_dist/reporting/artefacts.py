@@ -37,6 +37,8 @@ class RunData:
     train: dict | None = None
     eval: dict | None = None
     notes: list[str] = field(default_factory=list)
+    baseline: dict | None = None  # D/baseline_lora.json, when it belongs to this run's eval record
+    lora: "RunData | None" = None  # the LoRA baseline's own run directory, D/baseline_lora
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "RunData":
@@ -59,7 +61,24 @@ class RunData:
             scores.module, scores.rank = upgrade_keys(scores.module, bare), upgrade_keys(scores.rank, bare)
         if plan is not None and "peft_modules" in plan:
             plan = {**plan, "peft_modules": upgrade_keys(plan["peft_modules"], bare)}
-        return cls(d.root, scores, estimate, plan, train, ev, notes)
+        baseline, lora = _baseline(d, ev, notes)
+        return cls(d.root, scores, estimate, plan, train, ev, notes, baseline=baseline, lora=lora)
+
+
+def _baseline(d: RunDir, ev: dict | None, notes: list[str]) -> tuple[dict | None, "RunData | None"]:
+    """The LoRA baseline (report.baseline_lora) and its run, if both still belong to this run's eval record and
+    the baseline's own eval record."""
+    record = read_json_if_present(d.baseline_record, "baseline record")
+    if record is None:
+        return None, None
+    lora = RunData.load(d.baseline_lora)
+    if ev is None or record.get("pruned_eval_key") != ev.get("key") or lora.eval is None or \
+            record.get("lora_eval_key") != lora.eval.get("key"):
+        notes.append(f"{d.baseline_record.name} was made for an earlier evaluation of this run or of its LoRA "
+                     "baseline: the LoRA column is left out; rerun `lightpeft run` to bring it up to date")
+        return None, None
+    notes.extend(f"baseline: {note}" for note in lora.notes)
+    return record, lora
 
 
 def load(run: str | Path | RunData) -> RunData:

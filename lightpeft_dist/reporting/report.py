@@ -46,12 +46,83 @@ def summary_rows(run: str | Path | RunData) -> list[tuple[str, str, str]]:
     return rows
 
 
-def summary_table(run: str | Path | RunData) -> str:
-    rows = [("", "before (base, zero-shot)", "after (pruned + LoRA)"), *summary_rows(run)]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+def _markdown(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(rows[0]), sep, *(line(r) for r in rows[1:])])
+
+
+def summary_table(run: str | Path | RunData) -> str:
+    """The run's table: base vs pruned + LoRA, or, with the LoRA baseline (report.baseline_lora), three columns and
+    the note that says how each row was measured."""
+    r = load(run)
+    if r.lora is not None:
+        return comparison_table(r)
+    return _markdown([("", "before (base, zero-shot)", "after (pruned + LoRA)"), *summary_rows(r)])
+
+
+COMPARISON_HEAD = ("", "unpruned, zero-shot", "LoRA on the unpruned model", "pruned + LoRA")
+
+
+def _mib(record: dict | None) -> str:
+    peak = (record or {}).get("peak_memory")
+    return "-" if not peak else f"{peak['bytes'] / 2 ** 20:,.0f} MiB"
+
+
+def _seconds(record: dict | None) -> float | None:
+    record = record or {}
+    return record.get("stage_seconds", record.get("wall_seconds"))
+
+
+def comparison_rows(run: str | Path | RunData) -> list[tuple[str, str, str, str]]:
+    """Three columns, every number from a record: the run's eval.json (base and pruned), the baseline's eval.json
+    (LoRA), the train and estimate records, and D/baseline_lora.json (inference tokens/s, timed side by side)."""
+    r = load(run)
+    assert r.lora is not None and r.baseline is not None, "comparison_rows needs the LoRA baseline"
+    ev, lora_ev = r.eval or {}, r.lora.eval or {}
+    base, lora, pruned = ev.get("base", {}), lora_ev.get("pruned", {}), ev.get("pruned", {})
+    metric = "accuracy" if "accuracy" in pruned or "accuracy" in base else "perplexity"
+    spec = ".2%" if metric == "accuracy" else ".2f"
+    speed = r.baseline.get("infer_tokens_per_s", {})
+    est, train, lora_train = r.estimate or {}, r.train or {}, r.lora.train or {}
+    lora_s, est_s, train_s = _seconds(lora_train), _seconds(est), _seconds(train)
+    plan, lora_plan = (r.plan or {}).get("summary", {}), (r.lora.plan or {}).get("summary", {})
+    pruned_wall = "-" if est_s is None or train_s is None else \
+        f"{est_s + train_s:,.0f} s (estimate {est_s:,.0f} + train {train_s:,.0f})"
+    return [
+        (f"{metric} ({ev.get('split', '-')})", _fmt(base.get(metric), spec), _fmt(lora.get(metric), spec),
+         _fmt(pruned.get(metric), spec)),
+        ("parameters (total)", _fmt(base.get("params", {}).get("total")), _fmt(lora.get("params", {}).get("total")),
+         _fmt(pruned.get("params", {}).get("total"))),
+        ("trainable parameters", "-", _fmt(lora_train.get("params", {}).get("trainable")),
+         _fmt(train.get("params", {}).get("trainable"))),
+        ("prunable parameters", _fmt(plan.get("prunable_params_before")), _fmt(lora_plan.get("prunable_params_after")),
+         _fmt(plan.get("prunable_params_after"))),
+        ("training tokens/s", "-", _fmt(lora_train.get("tokens_per_s"), ",.0f"), _fmt(train.get("tokens_per_s"), ",.0f")),
+        ("inference tokens/s", *(_fmt(speed.get(c), ",.0f") for c in ("zero-shot", "lora", "pruned"))),
+        ("peak memory, training", "-", _mib(lora_train), _mib(train)),
+        ("peak memory, estimate", "-", "-", _mib(est)),
+        ("wall time (estimate + train)", "-", "-" if lora_s is None else f"{lora_s:,.0f} s (train)", pruned_wall),
+    ]
+
+
+def comparison_notes(r: RunData) -> list[str]:
+    measure = next((rec["peak_memory"]["measure"] for rec in (r.train, r.lora.train if r.lora else None, r.estimate)
+                    if rec and rec.get("peak_memory")), "not recorded")
+    steps = (r.train or {}).get("steps")
+    return [f"LoRA on the unpruned model: same data, {steps} training steps like the pruned model, fresh LoRA "
+            f"(run directory {r.run_dir.name}/{(r.baseline or {}).get('baseline_run_dir', '-')}).",
+            f"inference tokens/s: {(r.baseline or {}).get('speed_measure', '-')}.",
+            f"peak memory: {measure}; the maximum over ranks.",
+            "wall time: each stage from its start to its record, model loading included (prune and evaluate not "
+            "counted)."]
+
+
+def comparison_table(run: str | Path | RunData) -> str:
+    r = load(run)
+    return _markdown([COMPARISON_HEAD, *comparison_rows(r)]) + "\n\n" + \
+        "\n".join(f"- {note}" for note in comparison_notes(r))
 
 
 def layer_rows(run: str | Path | RunData) -> list[tuple[str, str, str, str]]:
@@ -103,5 +174,6 @@ def write_report(run_dir: Path) -> Path:
                                                    for name in plots))
     write_text(out / "summary.md", "\n".join(parts))
     write_json(out / "summary.json", {"rows": summary_rows(r), "layers": layer_rows(r), "plots": list(plots),
-                                      "notes": r.notes})
+                                      "notes": r.notes,
+                                      "comparison": comparison_rows(r) if r.lora is not None else None})
     return out

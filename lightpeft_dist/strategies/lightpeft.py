@@ -32,7 +32,7 @@ from ..pruning.masks import L1Sink, attach_masks, mask_parameters
 from ..models.loading import fingerprint, load_config, load_model, load_tokenizer
 from ..pruning.plan import make_plan
 from ..rundir import ADAPTER, ESTIMATE_RECORD, RunDir, SCORE_FILES
-from ..runtime import Runtime, current
+from ..runtime import Runtime, current, job_peak_memory, reset_peak_memory
 from ..pruning.scores import Scores, save_scores
 from .base import Stage, Strategy
 from ..training.zero import full_state, full_value, is_partitioned, prepare_ds_config, zero3_loading
@@ -55,6 +55,8 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     run checkpoints to `run_dir/estimate.ckpt/` and a rerun with the same recipe resumes from it.
     """
     rt = runtime or current()
+    t_stage = time.time()
+    reset_peak_memory()
     cfg = recipe.estimate
     key = estimate_key(recipe)
     torch.manual_seed(cfg.seed)
@@ -128,6 +130,7 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
         "steps": cfg.steps, "resumed_from_step": start, "seed": cfg.seed, "world_size": rt.world_size,
         "deepspeed": ds_cfg, "mask_partitioning": partitioning, "losses": stats.losses, "tokens": stats.tokens * rt.world_size,
         "train_seconds": stats.seconds, "wall_seconds": time.time() - t0, "recipe": recipe_to_dict(recipe),
+        "stage_seconds": time.time() - t_stage, "peak_memory": job_peak_memory(rt),
     }
     if rt.is_main:
         write_estimate(RunDir(run_dir).estimate, all_scores, model, adapter_state, kinds, record)

@@ -23,7 +23,7 @@ from ..data.batches import Collator, StepBatches, encode_split, load_rows
 from ..errors import LightPeftError
 from ..data.packing import pop_token_count
 from .finite import check_loss
-from ..runtime import Runtime
+from ..runtime import Runtime, peak_memory
 from .checkpoint import Checkpointing, Rebuild, apply_restructure
 from .hooks import Restructure, StepAction, StepHooks, Trainee
 from .schedules import make_schedule
@@ -118,12 +118,8 @@ class LoopStats:
 
 
 def peak_memory_bytes() -> int:
-    """Peak CUDA memory allocated by this process, or its peak resident set size on CPU."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """Peak memory of this process since its stage began (runtime.peak_memory says what is measured)."""
+    return peak_memory()["bytes"]
 
 
 def _current_lr(engine) -> float:
