@@ -235,7 +235,8 @@ def _strategies() -> dict:
 class Recipe(_Strict):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # strategy sections (apt:, ...), checked below
 
-    strategy: str = Field("lightpeft", description="what decides the pruning: lightpeft (masked estimate)")
+    strategy: str = Field("lightpeft", description="what decides the pruning: lightpeft (masked estimate), prunepeft "
+                          "(PEFT module search)")
     model: ModelConfig
     data: DataConfig
     peft: PeftSection = Field(PeftConfig(), description="one adapter spec, or a list of them, one per kind")
@@ -301,6 +302,9 @@ class Recipe(_Strict):
             if strategy.name == self.strategy and strategy.section_model is not None and \
                     strategy.section not in (self.model_extra or {}):
                 self.model_extra[strategy.section] = strategy.section_model()
+        check = strategies[self.strategy].check
+        if check is not None:
+            check(self)
         return self
 
     def section(self, name: str) -> BaseModel:

@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING
 from ..errors import LightPeftError
 from .base import Strategy
 from .lightpeft import STRATEGY as LIGHTPEFT
+from .prunepeft import STRATEGY as PRUNEPEFT
 
 if TYPE_CHECKING:
     from ..config import Recipe
 
 STRATEGIES: dict[str, Strategy] = {
     LIGHTPEFT.name: LIGHTPEFT,
+    PRUNEPEFT.name: PRUNEPEFT,
 }
 
 
