@@ -246,3 +246,50 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, capsys, change
     assert main(["run", "--config", str(tmp_path / "r.yaml"), "--run-dir", str(run)]) != 0
     assert message in one_error_line(capsys)
     assert not (run / "estimate").exists() and not (run / "plan.json").exists()
+
+
+def test_combined_with_base_pruning_from_unit_scores(tmp_path):
+    """Heads and FFN neurons planned from a unit-scores file, the PEFT modules searched on the pruned base; the shared
+    planner reproduces both, and the estimation LoRA (full shapes) slices back to the rounds' trained weights."""
+    from lightpeft_dist.pruning.scores import Scores, save_scores
+
+    raw = prunepeft_dict(tmp_path, rounds=1, per_round=2)
+    config = load_config(raw["model"]["path"])
+    shapes = config_layer_shapes(config)
+    g = torch.Generator().manual_seed(5)
+    base = Scores(head=[torch.rand(s["num_attention_heads"], generator=g) for s in shapes],
+                  ffn=[torch.rand(s["intermediate_size"], generator=g) for s in shapes])
+    save_scores(tmp_path / "unit_scores.safetensors", base)
+    raw["prunepeft"]["base_scores"] = str(tmp_path / "unit_scores.safetensors")
+    raw["prune"] = {"attn_ratio": 0.34, "ffn_ratio": 0.3}
+    raw["train"]["warm_start"] = True  # start from the search's last round: the slicing round trip is used
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    assert main(["run", "--config", str(tmp_path / "r.yaml"), "--run-dir", str(run)]) == 0
+    plan = json.loads((run / "plan.json").read_text())
+    recipe = recipe_from_dict(raw)
+    alone = make_plan(base, shapes, search_prune(recipe, 0.0), fingerprint(config), config.hidden_size,
+                      head_dim_of(config))
+    assert plan["layers"] == alone["layers"] and plan["summary"]["prunable_fraction_pruned"] > 0.2
+    record = json.loads((run / "estimate" / "estimate.json").read_text())["prunepeft"]
+    assert sorted(plan["peft_modules"]) == sorted(k for name in record["kept"] for k in
+                                                  next(gr.keys for gr in enumerate_groups(recipe, config, 4)
+                                                       if gr.name == name))
+    assert not (run / "search.ckpt").exists()
+    from safetensors.torch import load_file
+
+    full = load_file(run / "estimate" / "adapter" / "lora" / "adapter_model.safetensors")
+    sliced = load_file(run / "pruned_adapter" / "lora" / "adapter_model.safetensors")
+    checked = 0
+    for name, b in sliced.items():
+        if ".lora_B." in name and ".q_proj." in name:
+            layer = int(name.split("layers.")[1].split(".")[0])
+            rows = torch.tensor([h * 8 + i for h in plan["layers"][layer]["q_heads"] for i in range(8)])
+            torch.testing.assert_close(full[name][rows], b, rtol=0, atol=0)
+            others = torch.ones(full[name].shape[0], dtype=torch.bool)
+            others[rows] = False
+            assert float(full[name][others].abs().sum()) == 0 and float(b.abs().sum()) > 0
+            checked += 1
+    assert checked >= 2
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["pruned"]["params"]["total"] - ev["pruned"]["params"]["adapter"] < ev["base"]["params"]["total"]

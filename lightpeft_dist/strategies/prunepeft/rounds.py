@@ -90,11 +90,12 @@ def _load_values(model: torch.nn.Module, named: list[tuple[str, torch.Tensor]], 
 
 
 def train_round(recipe: Recipe, cfg: PrunePeftConfig, alive: list[Group], batches: StepBatches, steps: int,
-                ds_cfg: dict | None, rt: Runtime, desc: str, state: dict[str, torch.Tensor] | None = None) -> RoundResult:
+                ds_cfg: dict | None, rt: Runtime, desc: str, state: dict[str, torch.Tensor] | None = None,
+                model_path: str | None = None) -> RoundResult:
     """Train the supernet of `alive` for `steps` and return its per-group statistics (collective)."""
     torch.manual_seed(cfg.seed)  # every round starts from the same initialisation stream, as the references do
     with zero3_loading(ds_cfg):
-        model = build_supernet(recipe, alive)
+        model = build_supernet(recipe, alive, model_path)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if state:
             _load_values(model, named, state)

@@ -12,6 +12,7 @@ supernet, which the prune stage slices to the survivors (used only with `train.w
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -20,15 +21,18 @@ import torch
 from ...adapters.registry import KINDS, ordered, save_adapters
 from ...config import PruneConfig, Recipe, recipe_to_dict
 from ...errors import LightPeftError
-from ...io_utils import atomic_dir, read_json, sha256_json, write_json
+from ...io_utils import atomic_dir, read_json, sha256_file, sha256_json, write_json
+from ...keys import keyed_section
 from ...models.families import config_layer_shapes, head_dim_of
 from ...models.loading import fingerprint, load_config, load_tokenizer
 from ...pruning.plan import make_plan
 from ...pruning.scores import Scores, save_scores
+from ...pruning.slicing import prune_checkpoint
 from ...rundir import ADAPTER, ESTIMATE_RECORD, SCORE_FILES, RunDir
 from ...runtime import Runtime, current
 from ...training.zero import prepare_ds_config
 from .assignment import choice_counts, table_assignment, warmup_assignment
+from .composition import base_plan, base_scores_path, load_base_scores, unslice_lora
 from .criteria import prunability, values
 from .mixing import band_of, hybrid_scores, partition_name, removal
 from .rounds import balanced_rows, round_rows, step_batches, train_round
@@ -39,8 +43,14 @@ log = logging.getLogger(__name__)
 
 
 def search_key(recipe: Recipe, run_dir: Path | None = None) -> str:
+    """Model, data, adapters, the section; with base pruning also the base scores' contents and `prune:`."""
     d = recipe_to_dict(recipe)
-    return sha256_json({k: d[k] for k in ("model", "data", "peft", "prunepeft")})[:16]
+    inputs = {k: d[k] for k in ("model", "data", "peft", "prunepeft")}
+    path = base_scores_path(recipe.section("prunepeft"))
+    if path is not None:
+        inputs["base"] = {"scores": sha256_file(path) if path.is_file() else None,
+                          "prune": keyed_section(recipe, "prune")}
+    return sha256_json(inputs)[:16]
 
 
 def check_budget(cfg: PrunePeftConfig, groups: list[Group]) -> None:
@@ -63,19 +73,25 @@ def module_ratio(groups: list[Group], order: list[int]) -> float:
     return sum(len(groups[g].paths) for g in order) / n_modules
 
 
-def outcome_scores(recipe: Recipe, groups: list[Group], order: list[int], shapes: list[dict]) -> Scores:
-    """Unit scores of an unpruned base (all ones) plus the search's module and rank scores."""
+def outcome_scores(recipe: Recipe, groups: list[Group], order: list[int], shapes: list[dict],
+                   base: Scores | None = None) -> Scores:
+    """The base's unit scores (all ones when the base is not pruned) plus the search's module and rank scores."""
     specs = {s.type: s for s in recipe.adapters}
     module = removal_scores(groups, order)
     rank = {key: torch.ones(specs[g.kind].r) for g in groups for key in g.keys}
+    if base is not None:
+        return Scores(head=base.head, ffn=base.ffn, module=module, rank=rank)
     return Scores(head=[torch.ones(s["num_attention_heads"]) for s in shapes],
                   ffn=[torch.ones(s["intermediate_size"]) for s in shapes], module=module, rank=rank)
 
 
 def search_prune(recipe: Recipe, ratio: float) -> PruneConfig:
-    """The planner's settings for a search outcome: the removed share of modules, every rank, no base pruning."""
-    return recipe.prune.model_copy(update={"module_ratio": ratio, "rank_ratio": 0.0, "attn_ratio": 0.0,
-                                           "ffn_ratio": 0.0, "random": False, "random_peft": False})
+    """The planner's settings for a search outcome: the removed share of modules and every rank; the base pruned at
+    the recipe's ratios with `prunepeft.base_scores`, not at all without."""
+    update = {"module_ratio": ratio, "rank_ratio": 0.0, "random": False, "random_peft": False}
+    if base_scores_path(recipe.section("prunepeft")) is None:
+        update.update(attn_ratio=0.0, ffn_ratio=0.0)
+    return recipe.prune.model_copy(update=update)
 
 
 def plan_prune(recipe: Recipe, run_dir: Path) -> PruneConfig:
@@ -98,13 +114,24 @@ def run_search(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, de
     check_budget(cfg, groups)
     partitions = [partition_name(g.kind, band_of(g.layer, len(shapes))) for g in groups]
     tokenizer = load_tokenizer(recipe.model)
+    base, bplan, model_path, work = None, None, None, RunDir(run_dir).checkpoint("search")
+    if base_scores_path(cfg) is not None:
+        base = load_base_scores(base_scores_path(cfg), shapes)
+        bplan = base_plan(base, shapes, search_prune(recipe, 0.0), base_config)
+        model_path = str(work / "base_model")
+        if rt.is_main:
+            prune_checkpoint(recipe.model.path, bplan, Path(model_path))
+        rt.barrier()
+        log.info("prunepeft: searching on the base pruned by %s (plan %s)", cfg.base_scores, bplan["hash"])
     ds_cfg = prepare_ds_config(deepspeed, cfg, recipe.model.dtype, base_config.hidden_size, None, rt.world_size)
     t0, steps, tokens, seconds = time.time(), 0, 0, 0.0
-    record: dict = {"groups": [g.name for g in groups], "partitions": partitions, "rounds": []}
+    record: dict = {"groups": [g.name for g in groups], "partitions": partitions, "rounds": [],
+                    "base_scores": cfg.base_scores, "base_plan_hash": None if bplan is None else bplan["hash"]}
 
     if cfg.assignment == "warmup":
         batches = step_batches(balanced_rows(recipe, cfg.warmup_examples), recipe, cfg, tokenizer, rt)
-        res = train_round(recipe, cfg, groups, batches, cfg.warmup_steps, ds_cfg, rt, "prunepeft warm-up")
+        res = train_round(recipe, cfg, groups, batches, cfg.warmup_steps, ds_cfg, rt, "prunepeft warm-up",
+                          model_path=model_path)
         steps, tokens, seconds = steps + cfg.warmup_steps, tokens + res.tokens, seconds + res.seconds
         counts = choice_counts(prunability(res.stats), partitions, cfg.warmup_top or max(1, len(groups) // 2))
         assigned = warmup_assignment(counts)
@@ -121,7 +148,7 @@ def run_search(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, de
     for r in range(cfg.rounds):
         last = train_round(recipe, cfg, [groups[g] for g in alive], batches, cfg.steps, ds_cfg, rt,
                            f"prunepeft round {r + 1}/{cfg.rounds}",
-                           state if cfg.between_rounds == "warm_start" else None)
+                           state if cfg.between_rounds == "warm_start" else None, model_path)
         steps, tokens, seconds = steps + cfg.steps, tokens + last.tokens, seconds + last.seconds
         prunable = prunability(last.stats)
         mixed = hybrid_scores(prunable, [partitions[g] for g in alive], assigned)
@@ -140,11 +167,12 @@ def run_search(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, de
     record.update({"removal_order": names, "order_hash": _hash(names), "kept": [groups[g].name for g in alive],
                    "module_ratio": module_ratio(groups, order)})
     rt.agree(record["order_hash"], "prunepeft removal order")
-    scores = outcome_scores(recipe, groups, order, shapes)
+    scores = outcome_scores(recipe, groups, order, shapes, base)
     plan = make_plan(scores, shapes, search_prune(recipe, record["module_ratio"]), fingerprint(base_config),
                      base_config.hidden_size, head_dim_of(base_config))
     expect = sorted(k for g in alive for k in groups[g].keys)
-    if sorted(plan["peft_modules"]) != expect:  # the planner must reproduce the search exactly
+    if sorted(plan["peft_modules"]) != expect or (bplan is not None and plan["layers"] != bplan["layers"]):
+        # the planner must reproduce the search exactly
         raise LightPeftError("the planner does not reproduce the PrunePEFT search's survivors; this is a bug, "
                              "please report it with the run's estimate/estimate.json")
     out = {"key": key, "strategy": "prunepeft", "model_path": recipe.model.path,
@@ -156,8 +184,11 @@ def run_search(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, de
         kinds = ordered({groups[g].kind: KINDS[groups[g].kind] for g in alive + order[-cfg.per_round:]})
         with atomic_dir(RunDir(run_dir).estimate) as tmp:
             save_scores(tmp / SCORE_FILES["masks"], scores, metadata={"strategy": "prunepeft", "units": "search"})
-            save_adapters(tmp / ADAPTER, last.model, last.saved, kinds)
+            saved = last.saved if bplan is None else unslice_lora(last.saved, bplan, shapes, base_config)
+            save_adapters(tmp / ADAPTER, last.model, saved, kinds)
             write_json(tmp / ESTIMATE_RECORD, out)
+        if work.exists():
+            shutil.rmtree(work)  # the pruned base was the rounds' working copy
     rt.barrier()
     log.info("prunepeft: kept %d of %d groups (%s); search %d steps, %.0f s", len(alive), len(groups),
              record["kept"], steps, out["wall_seconds"])

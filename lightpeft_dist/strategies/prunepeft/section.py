@@ -55,6 +55,9 @@ class PrunePeftConfig(BaseModel):
                                                           "of the official one (kind -> band -> criteria)")
     warmup_examples: int = Field(100, ge=1, description="label-balanced warm-up subset size")
     warmup_steps: int = Field(8, ge=1)
+    base_scores: str = Field("none", description="none, or a unit-scores file (another run's estimate/"
+                             "*_scores.safetensors): prune heads and FFN neurons at prune.attn_ratio / ffn_ratio "
+                             "first, then search the PEFT modules on the pruned base")
     warmup_top: int | None = Field(None, ge=1, description="prune choices counted per criterion (unset: half the "
                                    "groups, like the port's 30 of 64)")
 
@@ -99,10 +102,13 @@ def check_recipe(recipe: "Recipe") -> None:
     if "warm_start" not in recipe.train.model_fields_set:
         object.__setattr__(recipe.train, "warm_start", False)
     defaults = type(recipe.prune)()
-    for key in ("module_ratio", "rank_ratio", "attn_ratio", "ffn_ratio"):  # a saved recipe writes the defaults
+    for key in ("module_ratio", "rank_ratio"):  # a saved recipe writes the defaults, so only other values count
         if getattr(recipe.prune, key) != getattr(defaults, key):
             raise ValueError(f"prune.{key} is decided by the PrunePEFT search (prunepeft.rounds x per_round "
-                             f"groups removed; base not pruned); remove it from the recipe")
+                             f"groups removed, every rank kept); remove it from the recipe")
+    from .composition import check_base_recipe
+
+    check_base_recipe(recipe)
     specs = {s.type: s for s in recipe.adapters}
     for kind, groups in cfg.groups.items():
         if kind not in specs:

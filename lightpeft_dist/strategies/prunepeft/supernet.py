@@ -76,8 +76,9 @@ def attach_groups(model: nn.Module, recipe: Recipe, alive: list[Group]) -> nn.Mo
     return model
 
 
-def build_supernet(recipe: Recipe, alive: list[Group]) -> nn.Module:
-    model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation)
+def build_supernet(recipe: Recipe, alive: list[Group], model_path: str | None = None) -> nn.Module:
+    """The base (`model_path`: a pruned base; default the recipe's model) with the alive groups' adapters."""
+    model = load_model(model_path or recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation)
     return attach_groups(model, recipe, alive)
 
 
