@@ -25,8 +25,26 @@ from ...models.loading import fingerprint
 from .section import PrunePeftConfig
 
 
+UNIT_SCORES = ("masks", "activation", "taylor")  # Light-PEFT's estimate writes all three (strategies/lightpeft.py)
+
+
 def base_scores_path(cfg: PrunePeftConfig) -> Path | None:
-    return None if cfg.base_scores == "none" else Path(cfg.base_scores).resolve()
+    """The unit-scores file named by `base_scores` (None: no base pruning, or Light-PEFT's estimate run inline)."""
+    return None if cfg.base_scores == "none" or cfg.base_scores in UNIT_SCORES else Path(cfg.base_scores).resolve()
+
+
+def prunes_base(cfg: PrunePeftConfig) -> bool:
+    return cfg.base_scores != "none"
+
+
+def estimate_base(recipe: Recipe, work: Path, rt, deepspeed: str | None) -> Path:
+    """Light-PEFT's masked estimate (the recipe's `estimate:` and `peft:`) in the search's working folder; the
+    unit-scores file that `base_scores` names."""
+    from ..lightpeft import run_estimate
+    from ...rundir import RunDir
+
+    run_estimate(recipe, work / "base", rt, deepspeed)
+    return RunDir(work / "base").scores(recipe.section("prunepeft").base_scores)
 
 
 def load_base_scores(path: Path, shapes: list[dict]) -> Scores:

@@ -32,7 +32,7 @@ from ...rundir import ADAPTER, ESTIMATE_RECORD, SCORE_FILES, RunDir
 from ...runtime import Runtime, current
 from ...training.zero import prepare_ds_config
 from .assignment import choice_counts, table_assignment, warmup_assignment
-from .composition import base_plan, base_scores_path, load_base_scores, unslice_lora
+from .composition import base_plan, base_scores_path, estimate_base, load_base_scores, prunes_base, unslice_lora
 from .criteria import prunability, values
 from .mixing import band_of, hybrid_scores, partition_name, removal
 from .rounds import balanced_rows, round_rows, step_batches, train_round
@@ -40,15 +40,17 @@ from .section import PrunePeftConfig
 from .supernet import Group, enumerate_groups
 
 log = logging.getLogger(__name__)
+BASE_SCORES = "base_unit_scores.safetensors"
 
 
 def search_key(recipe: Recipe, run_dir: Path | None = None) -> str:
     """Model, data, adapters, the section; with base pruning also the base scores' contents and `prune:`."""
     d = recipe_to_dict(recipe)
     inputs = {k: d[k] for k in ("model", "data", "peft", "prunepeft")}
-    path = base_scores_path(recipe.section("prunepeft"))
-    if path is not None:
-        inputs["base"] = {"scores": sha256_file(path) if path.is_file() else None,
+    cfg = recipe.section("prunepeft")
+    path = base_scores_path(cfg)
+    if prunes_base(cfg):
+        inputs["base"] = {"scores": sha256_file(path) if path is not None and path.is_file() else d["estimate"],
                           "prune": keyed_section(recipe, "prune")}
     return sha256_json(inputs)[:16]
 
@@ -89,7 +91,7 @@ def search_prune(recipe: Recipe, ratio: float) -> PruneConfig:
     """The planner's settings for a search outcome: the removed share of modules and every rank; the base pruned at
     the recipe's ratios with `prunepeft.base_scores`, not at all without."""
     update = {"module_ratio": ratio, "rank_ratio": 0.0, "random": False, "random_peft": False}
-    if base_scores_path(recipe.section("prunepeft")) is None:
+    if not prunes_base(recipe.section("prunepeft")):
         update.update(attn_ratio=0.0, ffn_ratio=0.0)
     return recipe.prune.model_copy(update=update)
 
@@ -114,9 +116,10 @@ def run_search(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, de
     check_budget(cfg, groups)
     partitions = [partition_name(g.kind, band_of(g.layer, len(shapes))) for g in groups]
     tokenizer = load_tokenizer(recipe.model)
-    base, bplan, model_path, work = None, None, None, RunDir(run_dir).checkpoint("search")
-    if base_scores_path(cfg) is not None:
-        base = load_base_scores(base_scores_path(cfg), shapes)
+    base, bplan, model_path, path, work = None, None, None, None, RunDir(run_dir).checkpoint("search")
+    if prunes_base(cfg):
+        path = base_scores_path(cfg) or estimate_base(recipe, work, rt, deepspeed)
+        base = load_base_scores(path, shapes)
         bplan = base_plan(base, shapes, search_prune(recipe, 0.0), base_config)
         model_path = str(work / "base_model")
         if rt.is_main:
@@ -187,6 +190,8 @@ def run_search(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, de
             saved = last.saved if bplan is None else unslice_lora(last.saved, bplan, shapes, base_config)
             save_adapters(tmp / ADAPTER, last.model, saved, kinds)
             write_json(tmp / ESTIMATE_RECORD, out)
+            if path is not None:  # the base's unit scores, kept with the search's outcome
+                shutil.copyfile(path, tmp / BASE_SCORES)
         if work.exists():
             shutil.rmtree(work)  # the pruned base was the rounds' working copy
     rt.barrier()

@@ -55,9 +55,10 @@ class PrunePeftConfig(BaseModel):
                                                           "of the official one (kind -> band -> criteria)")
     warmup_examples: int = Field(100, ge=1, description="label-balanced warm-up subset size")
     warmup_steps: int = Field(8, ge=1)
-    base_scores: str = Field("none", description="none, or a unit-scores file (another run's estimate/"
-                             "*_scores.safetensors): prune heads and FFN neurons at prune.attn_ratio / ffn_ratio "
-                             "first, then search the PEFT modules on the pruned base")
+    base_scores: str = Field("none", description="none; masks, activation or taylor (Light-PEFT's estimate, run "
+                             "first with the recipe's estimate: section); or a unit-scores file (e.g. another run's "
+                             "estimate/taylor_scores.safetensors): prune heads and FFN neurons at prune.attn_ratio / "
+                             "ffn_ratio first, then search the PEFT modules on the pruned base")
     warmup_top: int | None = Field(None, ge=1, description="prune choices counted per criterion (unset: half the "
                                    "groups, like the port's 30 of 64)")
 
