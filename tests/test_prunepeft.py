@@ -237,6 +237,8 @@ def one_error_line(capsys) -> str:
                                             for k in ("lora", "bottleneck")}), "empty partition"),
     (lambda r: r.update(strategy="lightpeft"), "belongs to strategy prunepeft"),
     (lambda r: r.update(prune={"module_ratio": 0.5}), "prune.module_ratio is decided by the PrunePEFT search"),
+    (lambda r: r.update(prune={"attn_ratio": 0.3}), "prunes the base model, which needs unit scores"),
+    (lambda r: r["prunepeft"].update(base_scores="missing_scores.safetensors"), "no scores file at"),
 ])
 def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, capsys, change, message):
     raw = prunepeft_dict(tmp_path)
