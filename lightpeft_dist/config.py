@@ -241,8 +241,9 @@ def _strategies() -> dict:
 class Recipe(_Strict):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # strategy sections (apt:, ...), checked below
 
-    strategy: str = Field("lightpeft", description="what decides the pruning: lightpeft (masked estimate) or apt "
-                          "(salience-scored, budgeted; section apt:)")
+    strategy: str = Field("lightpeft", description="what decides the pruning: lightpeft (masked estimate), apt "
+                          "(salience-scored, budgeted; section apt:) or prunepeft (PEFT module search; section "
+                          "prunepeft:)")
     model: ModelConfig
     data: DataConfig
     peft: PeftSection = Field(PeftConfig(), description="one adapter spec, or a list of them, one per kind")
@@ -309,10 +310,9 @@ class Recipe(_Strict):
             if strategy.name == self.strategy and strategy.section_model is not None and \
                     strategy.section not in (self.model_extra or {}):
                 self.model_extra[strategy.section] = strategy.section_model()
-        for strategy in strategies.values():  # checks of a section that need the rest of the recipe
-            check = getattr((self.model_extra or {}).get(strategy.section), "check_recipe", None)
-            if strategy.name == self.strategy and check is not None:
-                check(self)
+        check = strategies[self.strategy].check
+        if check is not None:
+            check(self)
         return self
 
     def section(self, name: str) -> BaseModel:

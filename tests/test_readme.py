@@ -218,7 +218,7 @@ def split_values(cell: str) -> list[str]:
 
 
 def strategy_section_keys() -> set[str]:
-    """Keys of the strategies' own sections (`apt.target_density`, ...), validated by each strategy's schema."""
+    """Keys of every registered strategy's own section (`prunepeft.rounds`, ...): recipe keys too."""
     from lightpeft_dist.strategies.registry import STRATEGIES
 
     return {k for s in STRATEGIES.values() if s.section_model is not None

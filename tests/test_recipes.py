@@ -41,15 +41,30 @@ def test_top_level_recipes_is_the_shipped_folder():
     assert (REPO / "recipes").resolve() == (REPO / "lightpeft_dist" / "recipes").resolve()
 
 
+# a PrunePEFT recipe's search: one round of one step (warm-up too), still removing its groups
+FEW_SEARCH_STEPS = ["--prunepeft.steps=1", "--prunepeft.batch_size=2", "--prunepeft.seq_len=32",
+                    "--prunepeft.warmup_steps=1", "--prunepeft.warmup_examples=8", "--prunepeft.rounds=1"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_runs_a_few_steps_on_real_assets(recipe, tmp_path):
     run = tmp_path / "run"
-    few = FEW_STEPS + (APT_FEW_STEPS if load_recipe(recipe).strategy == "apt" else [])
+    loaded = load_recipe(recipe)
+    few = FEW_STEPS + (APT_FEW_STEPS if loaded.strategy == "apt" else []) + \
+        (FEW_SEARCH_STEPS if loaded.strategy == "prunepeft" else [])
     assert main(["run", "--config", str(recipe), "--run-dir", str(run), *few]) == 0
     ev = json.loads((run / "eval.json").read_text())
-    assert ev["pruned"]["params"]["total"] < ev["base"]["params"]["total"]
     plan = json.loads((run / "plan.json").read_text())
+    if loaded.strategy == "prunepeft":
+        record = json.loads((run / "estimate" / "estimate.json").read_text())["prunepeft"]
+        removed = loaded.section("prunepeft").per_round
+        assert len(record["kept"]) == len(record["groups"]) - removed
+        assert plan["summary"]["peft_modules_kept"] == 2 * len(record["kept"])  # two projections per group
+        if loaded.section("prunepeft").base_scores == "none":
+            assert plan["summary"]["prunable_fraction_pruned"] == 0
+            return
+    assert ev["pruned"]["params"]["total"] < ev["base"]["params"]["total"]
     assert plan["summary"]["prunable_fraction_pruned"] > 0.1
     assert (run / "report" / "kept_structure.png").is_file()
 

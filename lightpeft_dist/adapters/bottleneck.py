@@ -39,7 +39,7 @@ PEFT_TYPE = "lightpeft_bottleneck"
 SUFFIX = RESIDUAL_ADAPTER_SUFFIX
 DEFAULT_TARGETS = ["o_proj", "down_proj"]
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "none": nn.Identity}  # none: PrunePEFT's port
 _HOOKS = "_lightpeft_adapter_hooks"
 
 

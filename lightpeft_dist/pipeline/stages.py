@@ -19,7 +19,7 @@ import yaml
 
 from ..adapters.registry import bare_kind, kinds_of, saved_kinds
 from ..config import Recipe, apply_overrides, load_recipe, read_recipe_file, recipe_from_dict, recipe_to_dict
-from ..keys import keyed_section
+from ..keys import keyed_section, without_later_defaults
 from ..pruning.module_keys import upgrade_keys
 from ..errors import LightPeftError
 from ..io_utils import read_json, read_json_if_present, sha256_file, sha256_json, write_json, write_text
@@ -54,9 +54,18 @@ def _scoring(recipe: Recipe) -> Strategy:
     return strategy
 
 
+def plan_settings(recipe: Recipe, run_dir: Path):
+    """The planner's settings: the recipe's `prune:`, or the strategy's own where it decides them (PrunePEFT)."""
+    decide = _scoring(recipe).plan_prune
+    return recipe.prune if decide is None else decide(recipe, run_dir)
+
+
 def plan_key(recipe: Recipe, run_dir: Path) -> str:
     scores, _ = _scoring(recipe).scores(recipe, run_dir)
-    return sha256_json({"scores": sha256_file(scores), "prune": keyed_section(recipe, "prune")})[:16]
+    prune = keyed_section(recipe, "prune")
+    if _scoring(recipe).plan_prune is not None:
+        prune = without_later_defaults("prune", plan_settings(recipe, run_dir).model_dump(mode="json"))
+    return sha256_json({"scores": sha256_file(scores), "prune": prune})[:16]
 
 
 def run_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> dict:
@@ -69,7 +78,7 @@ def run_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) -> d
     scores = load_scores(scores_file, est)
     bare = bare_kind(est)  # an older bottleneck run's bare keys are qualified (adapters/registry.py)
     scores.module, scores.rank = upgrade_keys(scores.module, bare), upgrade_keys(scores.rank, bare)
-    plan = make_plan(scores, est["layer_shapes"], recipe.prune, est["model_fingerprint"], est["hidden_size"],
+    plan = make_plan(scores, est["layer_shapes"], plan_settings(recipe, run_dir), est["model_fingerprint"], est["hidden_size"],
                      est["head_dim"])
     plan["key"] = plan_key(recipe, run_dir)
     rt.agree(plan["hash"], "plan hash")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from ..config import Recipe
+    from ..config import PruneConfig, Recipe
     from ..runtime import Runtime
 
 KeyFn = Callable[["Recipe", Path], "str | None"]
@@ -57,6 +57,8 @@ class Strategy:
     section and `section_model` its schema (None: the section is a core one, such as Light-PEFT's `estimate`).
     `stages` run before the shared ones. `scores(recipe, run_dir)` gives the unit-scores file and the record with
     the model's layer shapes that the shared planner reads (None: the strategy writes its plan itself).
+    `check(recipe)` enforces rules across sections (raise ValueError; it may fill defaults the strategy owns);
+    `plan_prune(recipe, run_dir)` gives the planner's settings when the strategy decides them (None: `prune:`).
     """
 
     name: str
@@ -66,3 +68,5 @@ class Strategy:
     stages: tuple[Stage, ...]
     section_model: "type[BaseModel] | None" = None
     scores: "Callable[[Recipe, Path], tuple[Path, Path]] | None" = None
+    check: "Callable[[Recipe], None] | None" = None
+    plan_prune: "Callable[[Recipe, Path], PruneConfig] | None" = None

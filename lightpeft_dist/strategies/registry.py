@@ -13,6 +13,7 @@ from ..errors import LightPeftError
 from .base import Strategy
 from .apt import STRATEGY as APT
 from .lightpeft import STRATEGY as LIGHTPEFT
+from .prunepeft import STRATEGY as PRUNEPEFT
 
 if TYPE_CHECKING:
     from ..config import Recipe
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 STRATEGIES: dict[str, Strategy] = {
     LIGHTPEFT.name: LIGHTPEFT,
     APT.name: APT,
+    PRUNEPEFT.name: PRUNEPEFT,
 }
 
 

@@ -27,8 +27,12 @@ def _recorded_plan(run_dir):
         return None
 
 
+def _check(recipe) -> None:
+    recipe.section("apt").check_recipe(recipe)
+
+
 STRATEGY = Strategy(
-    name="apt", label="APT", color="#c53030", section="apt", section_model=AptConfig,
+    name="apt", label="APT", color="#c53030", section="apt", section_model=AptConfig, check=_check,
     stages=(Stage("calibrate", calibrate_key, recorded_key,
                   lambda recipe, run_dir, rt, deepspeed: run_calibrate(recipe, run_dir, rt, deepspeed) and None,
                   collective=True, help="APT: score KV groups and FFN neurons on calibration examples (salience + "

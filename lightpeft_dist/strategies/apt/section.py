@@ -60,7 +60,7 @@ class AptConfig(_Strict):
         return self
 
     def check_recipe(self, recipe) -> None:
-        """Checks that need the rest of the recipe (config.py calls this after validating the section)."""
+        """Checks that need the rest of the recipe (the strategy descriptor's `check`, called by config.py)."""
         for spec in recipe.adapters:
             if spec.type != "lora":
                 raise ValueError(f"strategy apt tunes LoRA adapters; peft type {spec.type} is not supported, use "
