@@ -129,3 +129,28 @@ def test_one_step_estimate_loss_warmup_and_movement(tmp_path, variant):
     if not on:
         assert main(["plan", "--run-dir", str(run), "--prune.unit_scores=movement"]) == 0
         assert json.loads((run / "plan.json").read_text())["prune"]["unit_scores"] == "movement"
+
+
+def test_quality_study_variant_rows_change_only_what_they_name(tmp_path):
+    """The study's variant rows (benchmarks/quality/rows.py): `taylor` and `movement` plan from the seed's shared
+    estimate (same estimate key) with their unit scores; the mask variants get an estimate of their own."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.quality.rows import ESTIMATE_VARIANTS, Study, row_specs
+
+    study = Study(tmp_path, tiny_recipe_dict(tmp_path))
+    shared = estimate_key(study.recipe(0))
+    specs = {m: (prune, train) for m, _, prune, train in
+             row_specs({0.35: {"attn_ratio": 0.3, "ffn_ratio": 0.4}}, {"module_ratio": 0.5, "rank_ratio": 0.5})}
+    for method in ("taylor", "movement"):
+        recipe = study.recipe(0, prune=specs[method][0], train=specs[method][1])
+        assert recipe.prune.unit_scores == method and estimate_key(recipe) == shared
+    keys = {shared}
+    for method, est in ESTIMATE_VARIANTS.items():
+        recipe = study.recipe(0, prune=specs[method][0], train=specs[method][1], estimate=est)
+        assert recipe.prune.unit_scores == "masks" and recipe.prune.random is False
+        keys.add(estimate_key(recipe))
+    assert len(keys) == 1 + len(ESTIMATE_VARIANTS)
+    assert study.recipe(0, estimate=ESTIMATE_VARIANTS["masks_alltok"]).estimate.loss_on == "all_tokens"

@@ -106,7 +106,8 @@ def load_score_files(run_dir: Path, record: dict | None, notes: list[str]) -> di
         try:
             out[kind] = load_scores(path, record)
         except LightPeftError as exc:
-            notes.append(f"{exc} (left out of the diagnostics)")
+            if not any(str(exc) in note for note in notes):  # the report's own check may have named it already
+                notes.append(f"{exc} (left out of the diagnostics)")
     return out
 
 
