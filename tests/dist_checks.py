@@ -34,7 +34,7 @@ def run_stages(run_dir: Path, *stages: str, config: Path | None = None) -> None:
 
 
 def assert_same_scores(a: Path, b: Path, tol: float = 1e-5) -> None:
-    """Mask scores, activation and Taylor unit scores, module and rank scores of two estimates agree."""
+    """Mask scores, activation, Taylor and movement unit scores, module and rank scores of two estimates agree."""
     sa, sb = load_scores(a / "estimate" / "scores.safetensors"), load_scores(b / "estimate" / "scores.safetensors")
     for x, y in zip(sa.head + sa.ffn, sb.head + sb.ffn, strict=True):
         torch.testing.assert_close(x, y, atol=tol, rtol=0)
@@ -45,6 +45,9 @@ def assert_same_scores(a: Path, b: Path, tol: float = 1e-5) -> None:
     for x, y in zip(taylor_a.head + taylor_a.ffn, taylor_b.head + taylor_b.ffn, strict=True):
         assert float(x.max()) > 0  # a file of zeros would agree with anything
         torch.testing.assert_close(x, y, atol=1e-6 * float(x.max()), rtol=1e-4)
+    move_a, move_b = (load_scores(d / "estimate" / "movement_scores.safetensors") for d in (a, b))
+    for x, y in zip(move_a.head + move_a.ffn, move_b.head + move_b.ffn, strict=True):
+        torch.testing.assert_close(x, y, atol=tol, rtol=0)
     assert sa.module.keys() == sb.module.keys()
     for name in sa.module:
         assert sa.module[name] == pytest.approx(sb.module[name], rel=1e-4)

@@ -168,6 +168,7 @@ def test_an_interrupted_estimate_resumes_to_the_same_taylor_scores(tmp_path, tin
     assert main(["estimate", "--config", str(tmp_path / "r.yaml"), "--run-dir", str(run)]) == 0
     assert kept.is_dir() and not (run / "estimate.ckpt").exists()
     whole = load_scores(run / "estimate" / "taylor_scores.safetensors")
+    whole_movement = load_scores(run / "estimate" / "movement_scores.safetensors")
     assert all(float(t.min()) >= 0 for t in whole.head + whole.ffn) and float(whole.ffn[0].max()) > 0
     monkeypatch.setattr(checkpoint, "LISTENERS", [])
     for strip, resumed_from in ((False, 4), (True, 0)):
@@ -182,6 +183,9 @@ def test_an_interrupted_estimate_resumes_to_the_same_taylor_scores(tmp_path, tin
         assert record["resumed_from_step"] == resumed_from
         again = load_scores(run / "estimate" / "taylor_scores.safetensors")
         for x, y in zip(whole.head + whole.ffn, again.head + again.ffn, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-9)
+        moved = load_scores(run / "estimate" / "movement_scores.safetensors")  # the mask path lengths resume too
+        for x, y in zip(whole_movement.head + whole_movement.ffn, moved.head + moved.ffn, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-9)
 
 

@@ -10,8 +10,9 @@ Rows: `lora` (all ratios 0: the plan keeps every head, neuron, module and rank, 
 model; LoRA freshly initialised, i.e. the reference's vanilla baseline), `lightpeft` (scored plan at a level) and
 `random` (the same ratios with prune.random, seeded per seed), `activation` (the same ratios and the same estimation
 run, heads and FFN neurons ranked by prune.unit_scores=activation instead of the masks; PEFT modules and ranks as
-Light-PEFT), `taylor` (the same, ranked by prune.unit_scores=taylor: first-order Taylor importance of each unit's
-output from the same estimation run, lightpeft_dist/pruning/taylor.py).
+Light-PEFT), `taylor` and `movement` (likewise, prune.unit_scores=taylor / movement), and the mask variants
+`masks_warmup` and `masks_alltok` (the masks of an estimate with estimate.mask_warmup_steps / loss_on: all_tokens,
+run once per seed in its own folder; ESTIMATE_VARIANTS).
 """
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ def run_zero_shot(study: Study) -> dict:
     return ev
 
 
-def run_estimate(study: Study, seed: int) -> Path:
-    """The seed's shared estimation run (skipped when its recorded key still matches)."""
-    recipe = study.recipe(seed)
-    d = study.out_dir / f"seed{seed}" / "estimate-run"
+def run_estimate(study: Study, seed: int, estimate: dict | None = None, name: str = "estimate-run") -> Path:
+    """The seed's shared estimation run, or with `estimate` a variant's in folder `name` (skipped when its recorded
+    key still matches)."""
+    recipe = study.recipe(seed, **({"estimate": estimate} if estimate else {}))
+    d = study.out_dir / f"seed{seed}" / name
     if pipeline.stage_done("estimate", recipe, d):
         log.info("seed %d: estimate up to date, reused", seed)
     else:
@@ -129,9 +131,18 @@ def row_specs(level_ratios: dict[float, dict], peft_ratios: dict) -> list[tuple[
         rows.append(("lightpeft", level, {**ratios, **peft_ratios, "random": False}, {}))
         rows.append(("activation", level, {**ratios, **peft_ratios, "random": False, "unit_scores": "activation"},
                      {}))
-        rows.append(("taylor", level, {**ratios, **peft_ratios, "random": False, "unit_scores": "taylor"}, {}))
         rows.append(("random", level, {**ratios, **peft_ratios, "random": True}, {}))
+        for method, scores in (("taylor", "taylor"), ("movement", "movement")):  # same estimate, other unit scores
+            rows.append((method, level, {**ratios, **peft_ratios, "random": False, "unit_scores": scores}, {}))
+        for method in ESTIMATE_VARIANTS:  # mask-ranked plans from an estimate of their own (run_seed)
+            rows.append((method, level, {**ratios, **peft_ratios, "random": False}, {}))
     return rows
+
+
+# Rows whose estimate differs from the seed's shared one (docs/method.md, "Mask variants"): the estimate section
+# they add. Each gets its own estimation run per seed, shared by its levels.
+ESTIMATE_VARIANTS: dict[str, dict] = {"masks_warmup": {"mask_warmup_steps": 10},
+                                      "masks_alltok": {"loss_on": "all_tokens"}}
 
 
 def row_name(method: str, level: float | None) -> str:
@@ -139,8 +150,8 @@ def row_name(method: str, level: float | None) -> str:
 
 
 def run_row(study: Study, seed: int, shared: Path, method: str, level: float | None, prune: dict,
-            train: dict) -> Path:
-    recipe = study.recipe(seed, prune=prune, train=train)
+            train: dict, estimate: dict | None = None) -> Path:
+    recipe = study.recipe(seed, prune=prune, train=train, **({"estimate": estimate} if estimate else {}))
     d = study.out_dir / f"seed{seed}" / row_name(method, level)
     _link_estimate(shared, d, recipe)
     pipeline.save_recipe(d, recipe)
@@ -181,5 +192,7 @@ def run_seed(study: Study, seed: int, levels: list[float], methods: list[str]) -
     specs = [s for s in row_specs(level_ratios, peft) if s[0] in methods]
     for i, (method, level, prune, train) in enumerate(specs):
         log.info("seed %d: row %d/%d %s", seed, i + 1, len(specs), row_name(method, level))
-        dirs.append(run_row(study, seed, shared, method, level, prune, train))
+        est = ESTIMATE_VARIANTS.get(method)
+        own = run_estimate(study, seed, est, f"estimate-run-{method}") if est else shared
+        dirs.append(run_row(study, seed, own, method, level, prune, train, est))
     return dirs

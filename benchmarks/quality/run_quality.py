@@ -37,6 +37,7 @@ from lightpeft_dist.models.loading import load_tokenizer  # noqa: E402
 log = logging.getLogger("quality")
 DEFAULT_RECIPE = HERE / "smollm2_quality.yaml"
 METHODS = ("lora", "lightpeft", "random", "activation", "taylor")
+VARIANTS = ("movement", "masks_warmup", "masks_alltok")  # opt-in rows (rows.py): --methods ... movement
 QUICK = ["--estimate.steps=3", "--train.steps=3", "--data.max_train_examples=200", "--data.max_eval_examples=100",
          "--eval.speed_batches=1"]
 
@@ -48,7 +49,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--levels", type=float, nargs="+", default=[0.2, 0.35, 0.5],
                    help="fractions of the prunable parameters to prune")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+    p.add_argument("--methods", nargs="+", choices=METHODS + VARIANTS, default=list(METHODS),
                    help="rows per seed and level (activation, taylor: the Light-PEFT plan on those unit scores)")
     p.add_argument("--train-steps", type=int, help="override train.steps")
     p.add_argument("--estimate-steps", type=int, help="override estimate.steps")

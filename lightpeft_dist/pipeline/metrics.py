@@ -1,61 +1,22 @@
 """Evaluation: verbalizer accuracy for classification, token-level loss/perplexity for sft and text.
 
 Candidates are encoded with `data.encode_example`, so evaluation scores exactly the tokens training put loss on
-(same template, same leading space, same left truncation).
+(same template, same leading space, same left truncation). The LM loss itself lives in training/lm_eval.py, where
+reports can reach it too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import datasets
 import torch
-import torch.nn.functional as F
 
 from ..config import DataConfig
-from ..data.batches import IGNORE_INDEX, Collator, encode_example
+from ..data.batches import Collator, encode_example
 from ..errors import LightPeftError
-from ..training.finite import NON_FINITE_OUTPUTS, check_metrics, check_tensors
-
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    """Evaluation is called mid-training; leaving dropout off afterwards would silently change the run."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _label_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence (sum of log p(label token), number of label tokens), using HF's one-position shift.
-
-    Only the positions that carry a label go through log_softmax (in float32), which keeps memory at
-    O(label tokens x vocab) instead of O(batch x length x vocab) and avoids bf16 rounding in the scores.
-    """
-    device = _device(model)
-    input_ids = batch["input_ids"].to(device)
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
-    targets = batch["labels"].to(logits.device)[:, 1:]
-    mask = targets != IGNORE_INDEX
-    picked = logits[:, :-1][mask].float()
-    logp = F.log_softmax(picked, dim=-1).gather(1, targets[mask].unsqueeze(1)).squeeze(1)
-    rows = mask.nonzero()[:, 0]
-    n = input_ids.shape[0]
-    sums = torch.zeros(n, dtype=torch.float32, device=logp.device).index_add_(0, rows, logp)
-    counts = mask.sum(dim=1)
-    return sums.cpu(), counts.cpu()
+from ..training.finite import NON_FINITE_OUTPUTS, check_tensors
+from ..training.lm_eval import _eval_mode, _label_logprobs, lm_loss  # noqa: F401 (lm_loss: evaluate's import)
 
 
 def _chunks(items: Any, size: int) -> Iterator[list[Any]]:
@@ -122,27 +83,3 @@ def classification_accuracy(model: Any, tokenizer: Any, rows: datasets.Dataset |
         if mine:
             per_label[name] = sum(mine) / len(mine)
     return {"accuracy": sum(hits) / len(hits), "n": len(hits), "per_label_accuracy": per_label}
-
-
-@torch.no_grad()
-def lm_loss(model: Any, dataset_encoded: datasets.Dataset | Sequence[dict[str, Any]],
-            collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]], batch_size: int) -> dict[str, Any]:
-    """Token-weighted mean cross-entropy over label tokens, so a batch of short examples does not count as much as
-    a batch of long ones (the mean of batch means would depend on how examples happen to be grouped)."""
-    total, tokens = 0.0, 0
-    with _eval_mode(model):
-        for start in range(0, len(dataset_encoded), batch_size):
-            stop = min(start + batch_size, len(dataset_encoded))
-            sums, counts = _label_logprobs(model, collator([dataset_encoded[i] for i in range(start, stop)]))
-            total -= float(sums.double().sum())
-            tokens += int(counts.sum())
-    if tokens == 0:
-        raise LightPeftError("the evaluation split has no tokens to score (empty split, or every example shorter "
-                             "than two tokens); check the eval data and seq_len")
-    loss = total / tokens
-    check_metrics("evaluation", {"loss": loss})
-    try:
-        ppl = math.exp(loss)
-    except OverflowError:
-        ppl = float("inf")
-    return {"loss": loss, "perplexity": ppl, "tokens": tokens}

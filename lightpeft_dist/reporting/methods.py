@@ -14,9 +14,13 @@ BASELINES: dict[str, tuple[str, str]] = {  # name: (label, colour)
     "lora": ("LoRA, full model (all ratios 0)", "#2f855a"),
     "activation": ("Light-PEFT, activation unit scores", "#805ad5"),
     "taylor": ("Light-PEFT, Taylor unit scores", "#d53f8c"),
+    "movement": ("Light-PEFT, mask movement scores", "#b7791f"),
+    "masks_warmup": ("Light-PEFT masks, mask LR warm-up", "#3182ce"),
+    "masks_alltok": ("Light-PEFT masks, loss on all tokens", "#2c7a7b"),
     "random": ("random pruning", "#e07b39"),
 }
-ORDER = ("zero-shot", "lora", *STRATEGIES, "activation", "taylor", "random")  # table order
+ORDER = ("zero-shot", "lora", *STRATEGIES, "masks_warmup", "masks_alltok", "movement", "activation", "taylor",
+         "random")  # table order
 UNKNOWN_COLOR = "#4a5568"
 
 

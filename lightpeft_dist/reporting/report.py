@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..errors import LightPeftError
 from ..io_utils import write_json, write_text
 from ..rundir import RunDir
 from .artefacts import RunData, load
@@ -150,11 +151,27 @@ def layer_table(run: str | Path | RunData) -> str:
     return "\n".join([head, "|---:|---:|---:|---:|", *("| " + " | ".join(r) + " |" for r in rows)])
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write report/summary.md (table, per-layer table, figures) and summary.json; works after any finished stage.
+def run_recipe(run_dir: Path, record: dict | None):
+    """The recipe the run directory was started with (recipe.yaml), else the one its estimate record holds."""
+    from ..config import read_recipe_file, recipe_from_dict
 
-    Figures come from `plots.plot_run`; one that cannot be drawn is left out (and its link with it).
+    saved = RunDir(run_dir).recipe
+    if saved.is_file():
+        return recipe_from_dict(read_recipe_file(saved, "saved recipe"), source=str(saved))
+    if record and record.get("recipe"):
+        return recipe_from_dict(record["recipe"], source="the estimate record's recipe")
+    raise LightPeftError(f"no recipe in {run_dir} to prune with for --damage; run estimate there first")
+
+
+def write_report(run_dir: Path, damage: str | None = None) -> Path:
+    """Write report/summary.md (table, per-layer table, score diagnostics, figures) and summary.json; works after
+    any finished stage.
+
+    Figures come from `plots.plot_run`; one that cannot be drawn is left out (and its link with it). With `damage`
+    (held-out text: 'validation', 'brown' or a text file) the diagnostics also measure the pruned base's perplexity
+    per score kind (damage.py), which costs a pruned checkpoint and a pass over the text per kind.
     """
+    from .diagnostics import diagnostics, diagnostics_markdown
     from .plots import plot_run
 
     run_dir = Path(run_dir)
@@ -164,16 +181,27 @@ def write_report(run_dir: Path) -> Path:
     out = RunDir(run_dir).report
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_run(r, out)
+    diag = diagnostics(run_dir, r.estimate, r.notes)
+    if damage is not None:
+        if diag is None:
+            raise LightPeftError(f"--damage needs an estimate's score files in {run_dir}; run `lightpeft estimate`")
+        from .damage import damage as measure_damage
+        from .diagnostics import load_score_files
+
+        diag["damage"] = measure_damage(run_recipe(run_dir, r.estimate), r.estimate,
+                                        load_score_files(run_dir, r.estimate, []), damage)
     parts = [f"# Light-PEFT run: {run_dir.name}\n\n{summary_table(r)}\n"]
     if r.notes:
         parts.append("\n".join(f"> note: {note}" for note in r.notes) + "\n")
     if table := layer_table(r):
         parts.append(f"## Kept structure per layer\n\n{table}\n")
+    if diag is not None:
+        parts.append(diagnostics_markdown(diag))
     if plots:
         parts.append("## Figures\n\n" + "\n".join(f"![{name[:-4].replace('_', ' ')}]({name})\n"
                                                    for name in plots))
     write_text(out / "summary.md", "\n".join(parts))
     write_json(out / "summary.json", {"rows": summary_rows(r), "layers": layer_rows(r), "plots": list(plots),
-                                      "notes": r.notes,
+                                      "notes": r.notes, "diagnostics": diag,
                                       "comparison": comparison_rows(r) if r.lora is not None else None})
     return out

@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from ..pruning.activation import ActivationTracker
+from ..pruning.movement import MovementTracker
 from ..pruning.taylor import FirstOrderTracker
 from ..training.checkpoint import Checkpointing, remove_checkpoints, resume
 from ..training.hooks import HookList, StepHooks, Trainee
@@ -27,7 +29,11 @@ from ..pruning.importance import TrackerSet
 from ..errors import LightPeftError
 from ..io_utils import atomic_dir, read_json_if_present, remove_owned, sha256_json, write_json
 from ..training.finite import DIVERGED, check_tensors
-from ..training.loop import linear_schedule, make_engine, run_steps, train_batches
+from ..training.loop import make_engine, run_steps, train_batches
+from ..training.schedules import lr_factor
+from ..config import EstimateConfig
+from ..data.batches import IGNORE_INDEX
+from ..keys import keyed_section
 from ..pruning.masks import L1Sink, attach_masks, mask_parameters
 from ..models.loading import fingerprint, load_config, load_model, load_tokenizer
 from ..pruning.plan import make_plan
@@ -41,10 +47,12 @@ log = logging.getLogger(__name__)
 
 
 def estimate_key(recipe: Recipe, run_dir: Path | None = None) -> str:
-    """Hash of everything estimation depends on; a finished estimate with the same key is reused. (`run_dir` is
-    unused: every stage key takes (recipe, run_dir).)"""
+    """Hash of everything estimation depends on; a finished estimate with the same key is reused. The mask variants
+    added later stay out while off (keys.py), so earlier estimates keep their keys. (`run_dir` is unused: every stage
+    key takes (recipe, run_dir).)"""
     d = recipe_to_dict(recipe)
-    return sha256_json({k: d[k] for k in ("model", "data", "peft", "estimate")})[:16]
+    return sha256_json({**{k: d[k] for k in ("model", "data", "peft")}, "estimate": keyed_section(recipe, "estimate")}
+                       )[:16]
 
 
 def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, deepspeed: str | None = None) -> dict:
@@ -85,11 +93,13 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
             {"params": head_masks, "lr": mask_lr, "name": "head_masks"},
             {"params": ffn_masks, "lr": mask_lr, "name": "ffn_masks"},
         ], weight_decay=0.0)
-        engine = make_engine(model, optimizer, linear_schedule(optimizer, cfg.steps), cfg.grad_accum,
+        engine = make_engine(model, optimizer, estimate_schedule(optimizer, cfg), cfg.grad_accum,
                              cfg.max_grad_norm, ds_cfg, rt)
     partitioning = mask_partitioning(head_masks + ffn_masks, rt)
     trainee = Trainee(model, engine, trainable)
-    hooks = EstimateHooks(tracker, activations, first_order, sink, cfg.l1)
+    n_masks = sum(int(getattr(m, "ds_numel", m.numel())) for m in head_masks + ffn_masks)
+    hooks = EstimateHooks(tracker, activations, first_order, sink, cfg.l1 / n_masks if cfg.l1_per_mask else cfg.l1,
+                          MovementTracker(head_masks, ffn_masks), cfg.loss_on)
     start = resume(RunDir(run_dir).checkpoint("estimate"), trainee, hooks, rt, "estimation", accept=_same_recipe(key))
     log.info("estimate: steps %d..%d, batch %d, %d PEFT modules, %d head masks, %d FFN masks", start, cfg.steps,
              cfg.batch_size, len(tracker.modules), sum(s["num_attention_heads"] for s in shapes),
@@ -108,13 +118,15 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     tracker.remove()
     activations.remove()
     first_order.remove()
+    move_head, move_ffn = hooks.movement.results()
     scores = Scores(head=[full_value(m) for m in head_masks], ffn=[full_value(m) for m in ffn_masks],
                     module=module_scores, rank=rank_scores)
     act_head, act_ffn = activations.results()
     taylor_head, taylor_ffn = first_order.taylor()
     all_scores = {"masks": scores,
                   "activation": Scores(head=act_head, ffn=act_ffn, module=module_scores, rank=rank_scores),
-                  "taylor": Scores(head=taylor_head, ffn=taylor_ffn, module=module_scores, rank=rank_scores)}
+                  "taylor": Scores(head=taylor_head, ffn=taylor_ffn, module=module_scores, rank=rank_scores),
+                  "movement": Scores(head=move_head, ffn=move_ffn, module=module_scores, rank=rank_scores)}
     adapter_state = full_state([(n, p) for n, p in trainable if is_adapter_param(n)])
     # every rank holds these gathered values, so a diverged last step stops all ranks here, before any plan or write
     for kind, kind_scores in all_scores.items():
@@ -131,6 +143,8 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
         "deepspeed": ds_cfg, "mask_partitioning": partitioning, "losses": stats.losses, "tokens": stats.tokens * rt.world_size,
         "train_seconds": stats.seconds, "wall_seconds": time.time() - t0, "recipe": recipe_to_dict(recipe),
         "stage_seconds": time.time() - t_stage, "peak_memory": job_peak_memory(rt),
+        # what the report's mask diagnostics need: the LR every step gave the mask groups, the masks' start value
+        "mask_lrs": mask_lrs(cfg), "mask_init": 1.0, "n_masks": n_masks,
     }
     if rt.is_main:
         write_estimate(RunDir(run_dir).estimate, all_scores, model, adapter_state, kinds, record)
@@ -139,19 +153,46 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
     return record
 
 
+def mask_lr_factor(cfg: EstimateConfig, step: int) -> float:
+    """The mask groups' LR multiplier at optimizer step `step`: linear warm-up over `mask_warmup_steps`, then linear
+    decay to 0 at `steps` (with no warm-up: the PEFT group's, the reference's schedule)."""
+    return lr_factor("linear", step, cfg.steps, cfg.mask_warmup_steps)
+
+
+def estimate_schedule(optimizer: torch.optim.Optimizer, cfg: EstimateConfig) -> LambdaLR:
+    """One LR multiplier per optimizer group (peft, head_masks, ffn_masks): linear decay without warm-up for the PEFT
+    group, `mask_lr_factor` for the masks. Pure functions of the step, so a resumed run lands on the same LRs."""
+    peft = lambda step: lr_factor("linear", step, cfg.steps)  # noqa: E731
+    mask = lambda step: mask_lr_factor(cfg, step)  # noqa: E731
+    return LambdaLR(optimizer, [peft if g.get("name") == "peft" else mask for g in optimizer.param_groups])
+
+
+def mask_lrs(cfg: EstimateConfig) -> list[float]:
+    """The LR of the mask groups at every step of the estimate, as the record keeps it."""
+    return [cfg.lr * cfg.mask_lr_coef * mask_lr_factor(cfg, s) for s in range(cfg.steps)]
+
+
+def all_token_labels(batch: dict) -> torch.Tensor:
+    """`estimate.loss_on: all_tokens`: every real token of the example is a target (padding stays ignored)."""
+    return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+
+
 class EstimateHooks(StepHooks):
     """The estimate's additions to the loop: recording switches, the masks' L1 term, per-step statistics.
 
     Recording is on only from before the forward to after the loss, so gradient-checkpointing recomputes and evals
-    are not counted; the trackers' totals are the checkpointed state.
+    are not counted; the trackers' totals are the checkpointed state. `l1` is the weight of sum|m| (already divided
+    by the number of masks under `estimate.l1_per_mask`); `loss_on` is `estimate.loss_on`.
     """
 
     def __init__(self, tracker: TrackerSet, activations: ActivationTracker, first_order: FirstOrderTracker,
-                 sink: L1Sink, l1: float):
+                 sink: L1Sink, l1: float, movement: MovementTracker, loss_on: str = "label"):
         self.tracker, self.activations, self.first_order = tracker, activations, first_order
-        self.sink, self.l1 = sink, l1
+        self.sink, self.l1, self.movement, self.loss_on = sink, l1, movement, loss_on
 
     def before_forward(self, batch: dict) -> None:
+        if self.loss_on == "all_tokens":
+            batch["labels"] = all_token_labels(batch)
         self.tracker.recording, self.tracker.token_mask, self.sink.active = True, batch["attention_mask"], True
         self.activations.recording, self.activations.token_mask = True, batch["attention_mask"]
         self.first_order.recording, self.first_order.token_mask = True, batch["attention_mask"]
@@ -163,20 +204,26 @@ class EstimateHooks(StepHooks):
     def after_forward(self) -> None:
         self.tracker.recording = self.sink.active = self.activations.recording = self.first_order.recording = False
 
+    def before_optimizer_step(self, step: int) -> None:
+        self.movement.before_step()
+
     def after_optimizer_step(self, step: int, loss: float) -> None:
+        self.movement.after_step()
         self.tracker.end_step(step)
         self.activations.end_step()
         self.first_order.end_step()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return (self.tracker.state_dict() | {f"act.{k}": v for k, v in self.activations.state_dict().items()}
-                | {f"taylor.{k}": v for k, v in self.first_order.state_dict().items()})
+                | {f"taylor.{k}": v for k, v in self.first_order.state_dict().items()}
+                | {f"move.{k}": v for k, v in self.movement.state_dict().items()})
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.tracker.load_state_dict(state)
         self.activations.load_state_dict({k.removeprefix("act."): v for k, v in state.items() if k.startswith("act.")})
         self.first_order.load_state_dict({k.removeprefix("taylor."): v for k, v in state.items()
                                           if k.startswith("taylor.")})
+        self.movement.load_state_dict({k.removeprefix("move."): v for k, v in state.items() if k.startswith("move.")})
 
 
 MASK_FLOOR = 1e-2  # |m| at or below this: the L1 term has driven the unit's mask to (about) zero
@@ -195,8 +242,8 @@ def _same_recipe(key: str) -> Callable[[dict, dict[str, torch.Tensor]], str | No
     def accept(meta: dict, tensors: dict[str, torch.Tensor]) -> str | None:
         if meta.get("key") != key:
             return f"it was written for another recipe (key {meta.get('key')}, now {key})"
-        if "extra/act.tokens" not in tensors or "extra/taylor.steps" not in tensors:
-            return "it predates activation or Taylor statistics; estimating from step 0"
+        if not {"extra/act.tokens", "extra/taylor.steps", "extra/move.head.0"} <= set(tensors):
+            return "it predates activation, Taylor or movement statistics; estimating from step 0"
         return None
 
     return accept
