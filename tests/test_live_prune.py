@@ -190,3 +190,48 @@ def test_successive_prunes_compose_and_bad_plans_are_refused(source, tmp_path):
     other = save_source(tmp_path / "other", "mistral-gqa")
     with pytest.raises(LightPeftError, match="was made for model"):
         live_prune(second, load_config(str(other)))
+
+
+@pytest.mark.timeout(1200)
+def test_two_zero3_ranks_equal_one_process_and_resume_on_one(source, tmp_path):
+    """Growth (chosen by salience summed across ranks) and a live prune on 2 ZeRO-3 ranks: the same losses, choices
+    and adapter as one process; the step after growth has the loss of the run without it; the 2-rank checkpoint
+    written after the prune resumes on one process and ends where one process's uninterrupted run does."""
+    from safetensors.torch import load_file
+
+    from dist_checks import BIN, REPO, ZERO3, launch
+
+    worker = str(REPO / "tests" / "restructure_worker.py")
+    launch([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", worker, str(source), str(tmp_path / "z3"),
+            ZERO3, str(tmp_path / "out")])
+    z3 = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert z3["world_size"] == 2 and z3["zero_stage"] == 3
+    rt = Runtime()
+    build = builder(source, tmp_path / "one" / "plain", rt)
+    plain = run_steps(build(), Batches(), 3, 2, rt, "plain", seed=7, rebuild=build).losses  # to the step after growth
+    build = builder(source, tmp_path / "one" / "apt", rt)
+    ref = build()
+    tracker, script = apt_like_hooks(ref, rt, source)
+    apt = run_steps(ref, Batches(), STEPS, 2, rt, "apt", hooks=HookList([tracker, script]), seed=7,
+                    rebuild=build).losses
+
+    torch.testing.assert_close(torch.tensor(z3["plain"]), torch.tensor(plain), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(z3["apt"]), torch.tensor(apt), rtol=0, atol=1e-5)
+    assert z3["apt"][2] == pytest.approx(z3["plain"][2], rel=1e-6)  # the step after growth, on ZeRO-3
+    assert z3["structure"] == ref.structure and sum(ref.structure["lora"]["ranks"].values()) > 14 * 4
+    for m, s in tracker.module_scores().items():
+        assert z3["salience"][m] == pytest.approx(s, rel=1e-4, abs=1e-12)
+    adapter = load_file(tmp_path / "out" / "adapter.safetensors")
+    for name, p in ref.named:
+        torch.testing.assert_close(adapter[name], p.detach(), rtol=0, atol=1e-5)
+
+    build = builder(source, tmp_path / "resumed", rt)
+    trainee = build()
+    hooks = HookList(list(apt_like_hooks(trainee, rt, source)))
+    start = resume(tmp_path / "z3" / "ckpt", trainee, hooks, rt, "test", rebuild=build)
+    assert start == 4 and trainee.structure == ref.structure
+    losses = run_steps(trainee, Batches(), STEPS, 2, rt, "test", hooks=hooks, seed=7, start_step=start,
+                       rebuild=build).losses
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(apt[4:]), rtol=0, atol=1e-5)
+    for (n, p), (_, q) in zip(trainee.named, ref.named, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-5, msg=n)

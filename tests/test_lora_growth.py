@@ -91,9 +91,10 @@ def test_growth_keeps_logits_moments_and_schedule(source, tmp_path):
         for k in ("exp_avg", "exp_avg_sq"):
             was, now = old[name][k], state[k]
             if module in NEW:
-                keep = (slice(None, was.shape[0]), slice(None)) if part == "A" else (slice(None), slice(None, was.shape[1]))
-                new = (slice(was.shape[0], None), slice(None)) if part == "A" else (slice(None), slice(was.shape[1], None))
-                assert torch.equal(now[keep], was) and now[new].numel() > 0 and not now[new].any()
+                dim = 0 if part == "A" else 1
+                n_old = was.shape[dim]
+                keep, new = now.narrow(dim, 0, n_old), now.narrow(dim, n_old, now.shape[dim] - n_old)
+                assert torch.equal(keep, was) and new.numel() > 0 and not new.any()
                 grown += 1
             else:
                 assert torch.equal(now, was)

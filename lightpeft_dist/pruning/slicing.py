@@ -159,7 +159,8 @@ def prune_adapter(adapter_dir: Path, plan: dict, config, model_dir: Path, out_di
             raise LightPeftError(f"estimation adapter has no LoRA weights for {module}; re-run estimate")
         r_module = int(ranks_of.get(module, r_init))
         if module not in table or any(not 0 <= r < r_module for r in ranks):
-            raise LightPeftError(f"the plan keeps ranks {ranks} of {module}, which the estimation adapter (r={r_module}) "
+            raise LightPeftError(f"the plan keeps ranks {ranks} of {module}, which the estimation adapter "
+                                 f"(r={r_module}) "
                                  "does not have as a sliced projection; rerun `lightpeft plan`")
         ranks_t = torch.as_tensor(ranks, dtype=torch.long)
         a, b = weights[a_key].index_select(0, ranks_t), weights[b_key].index_select(1, ranks_t)
