@@ -235,3 +235,21 @@ def test_two_zero3_ranks_equal_one_process_and_resume_on_one(source, tmp_path):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(apt[4:]), rtol=0, atol=1e-5)
     for (n, p), (_, q) in zip(trainee.named, ref.named, strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-5, msg=n)
+
+
+def test_growth_and_prune_at_one_step_compose_in_either_order(source, tmp_path):
+    rt, config, plan = Runtime(), load_config(str(source)), make_test_plan(source)
+    grown = {"model.layers.0.self_attn.q_proj": 6, "model.layers.1.mlp.up_proj": 7}
+    results = []
+    for order in ("grow first", "prune first"):
+        build = builder(source, tmp_path / order, rt)
+        trainee = build()
+        growth = Scripted(trainee, {1: lambda t: grow(t.model, grown, seed=3)})
+        prune = Scripted(trainee, {1: lambda t: live_prune(plan, config, lora_layout(t.model))})
+        hooks = HookList([growth, prune] if order == "grow first" else [prune, growth])
+        losses = run_steps(trainee, Batches(), 4, 2, rt, "test", hooks=hooks, seed=7, rebuild=build).losses
+        results.append((losses, trainee.structure, full_state(trainee.named)))
+    (l1, s1, a1), (l2, s2, a2) = results
+    assert s1 == s2 and s1["lora"]["ranks"]["model.layers.1.mlp.up_proj"] == 7 and s1["plan"] == plan
+    assert l1 == l2 and a1.keys() == a2.keys()
+    assert all(torch.equal(a1[k], a2[k]) for k in a1)
