@@ -7,7 +7,8 @@ partitions, and the engine zeroes). The loss the engine backpropagates is alread
 so the micro-batch sums add up to the step's gradient. Each rank's sum is linear in its gradient, so the sum across
 ranks divided by the world size is the sum of the job's (averaged) gradient: every rank gets the same number, equal
 to one process's. The abs is taken after that reduction, once per optimizer step, then the EMA (beta 0.85) per rank;
-an adapter's score is the mean of its ranks' EMA (docs/method.md, APT).
+an adapter's score is the mean of its ranks' EMA (docs/method.md, APT). Under DeepSpeed fp16 the gradients carry the
+dynamic loss scale, so the scores do too; fp32 and bf16 (no loss scaling) give the plain values.
 """
 
 from __future__ import annotations
