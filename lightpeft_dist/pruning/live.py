@@ -93,7 +93,8 @@ def _drop(tensors: dict[str, torch.Tensor], name: str) -> None:
         tensors.pop(f"{kind}/{name}", None)
 
 
-def live_prune_transform(plan: dict, config, lora: dict | None = None, drop_adapters: bool = False) -> Transform:
+def live_prune_transform(plan: dict, config, lora: dict | None = None, drop_adapters: bool = False,
+                         base_plan: dict | None = None) -> Transform:
     """A transform slicing LoRA tensors and their AdamW moments from the current structure to `plan`.
 
     `config` is the source model's config (the plan indexes it). `lora` is the current LoRA layout
@@ -101,6 +102,8 @@ def live_prune_transform(plan: dict, config, lora: dict | None = None, drop_adap
     With `drop_adapters` the plan's `peft_modules` decide which LoRA modules and ranks stay (current rank indices,
     as the offline slicer reads them); by default every module and rank is kept (APT never drops adapters).
     Trainable tensors other than LoRA weights must not sit on a sliced projection: they are refused, not guessed at.
+    `base_plan` is the plan the model had before any live prune (the train stage starts from the prune stage's
+    pruned model); the first live prune maps `plan` onto it instead of onto the unpruned source.
     """
     check_live_plan(plan, config)
     spec, head_dim = family_for(config), head_dim_of(config)
@@ -111,7 +114,8 @@ def live_prune_transform(plan: dict, config, lora: dict | None = None, drop_adap
         if layout is None:
             raise LightPeftError("live pruning needs the LoRA layout (lora_layout(model)) to rebuild the model")
         layout = {k: dict(v) if isinstance(v, dict) else v for k, v in layout.items()}
-        table = slicing_table(spec, {"layers": relative_layers(structure.get(PLAN_KEY), plan)}, head_dim)
+        current = structure.get(PLAN_KEY) or base_plan
+        table = slicing_table(spec, {"layers": relative_layers(current, plan)}, head_dim)
         tensors = dict(tensors)
         names = lora_tensor_names(tensors)
         lora_params = {n for parts in names.values() for n in parts.values()}
@@ -146,12 +150,12 @@ def live_prune_transform(plan: dict, config, lora: dict | None = None, drop_adap
 
 
 def live_prune(plan: dict, config, lora: dict | None = None, drop_adapters: bool = False,
-               reason: str = "") -> Restructure:
+               reason: str = "", base_plan: dict | None = None) -> Restructure:
     """What a step hook returns to prune physically after this step (see `live_prune_transform`)."""
     kept = plan["summary"]["after"]
     why = reason or (f"live prune to plan {plan['hash']} ({kept['num_attention_heads']} heads, "
                      f"{kept['intermediate_size']} FFN neurons)")
-    return Restructure(live_prune_transform(plan, config, lora, drop_adapters), why)
+    return Restructure(live_prune_transform(plan, config, lora, drop_adapters, base_plan), why)
 
 
 def live_model_dir(source: str, plan: dict | None, workdir: Path, runtime: Runtime) -> str:

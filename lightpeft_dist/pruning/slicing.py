@@ -112,7 +112,9 @@ def check_plan(plan: dict, config) -> None:
     check_plan_structure(plan, model_reference(config))
 
 
-def prune_checkpoint(model_path: str, plan: dict, out_dir: Path) -> dict:
+def prune_checkpoint(model_path: str, plan: dict, out_dir: Path, record_extra: dict | None = None) -> dict:
+    """Slice the model at `model_path` to `plan` into `out_dir` (atomically), with its prune record; `record_extra`
+    adds fields to the record (the train stage notes the plan a run started from, docs/architecture.md)."""
     src = resolve_model_dir(model_path)
     config = load_config(model_path)
     check_plan(plan, config)
@@ -136,7 +138,8 @@ def prune_checkpoint(model_path: str, plan: dict, out_dir: Path) -> dict:
             if extra.is_file() and extra.name not in (*WEIGHT_FILES, "config.json") and extra.suffix != ".safetensors":
                 shutil.copy2(extra, tmp / extra.name)
         record = {"plan_hash": plan["hash"], "source": str(src), "params": n_params,
-                  "architecture": new_config.architectures[0], "fingerprint": fingerprint(new_config)}
+                  "architecture": new_config.architectures[0], "fingerprint": fingerprint(new_config),
+                  **(record_extra or {})}
         write_json(tmp / PRUNE_RECORD, record)
     log.info("pruned model -> %s (%s, %s params)", out_dir, record["architecture"], f"{n_params:,}")
     return record
