@@ -239,7 +239,7 @@ def test_apt_run_end_to_end_gives_a_valid_plan_at_the_target_density(tmp_path):
     ({"target_density": 1.5}, {}, "outside (0, 1]"),
     ({"window": 50, "ramp": 100}, {}, "window 50 is shorter than the ramp"),
     ({"max_rank": 2}, {}, "apt.max_rank 2 is below peft.r 4"),
-    ({"mode": "gradual"}, {}, "not implemented yet"),
+    ({"mode": "gradual", "window": 300, "checkpoints": 4}, {}, "window 300 over 4 checkpoints leaves 75 steps"),
     ({"target_density": 0.5}, {"strategy": "lightpeft"}, "section 'apt:' belongs to strategy apt"),
 ])
 def test_bad_apt_input_is_one_error_line_and_writes_nothing(tmp_path, capsys, apt, top, message):

@@ -21,7 +21,7 @@ from ..base import TrainContext
 from .section import AptConfig
 
 log = logging.getLogger(__name__)
-TRAIN_KEYS = ("mode", "rank_growth", "max_rank", "window", "checkpoints", "beta")
+TRAIN_KEYS = ("mode", "rank_growth", "max_rank", "window", "checkpoints", "beta", "target_density", "use_kurtosis")
 
 
 def event_steps(window: int, events: int, steps: int) -> dict[int, int]:
@@ -38,10 +38,9 @@ def event_steps(window: int, events: int, steps: int) -> dict[int, int]:
 class RankGrowth(StepHooks):
     """Grows LoRA ranks at the scheduled steps (see the module docstring); reads `tracker`'s module scores."""
 
-    def __init__(self, ctx: TrainContext, apt: AptConfig, tracker: LoraRankSalience):
-        self.ctx, self.apt, self.tracker = ctx, apt, tracker
+    def __init__(self, ctx: TrainContext, apt: AptConfig, tracker: LoraRankSalience, events: dict[int, int]):
+        self.ctx, self.apt, self.tracker, self.events = ctx, apt, tracker, events
         self.initial = lora_budget(lora_layout(ctx.trainee.model)["ranks"])  # built before any resume: the start
-        self.events = event_steps(apt.window, apt.checkpoints, ctx.steps)
 
     def after_optimizer_step(self, step: int, loss: float) -> Restructure | None:
         event = self.events.get(step)
@@ -58,9 +57,18 @@ class RankGrowth(StepHooks):
 
 
 def apt_train_hooks(ctx: TrainContext) -> StepHooks | None:
-    """The hooks `strategy: apt` adds to the train stage (none when rank growth is off)."""
+    """The hooks `strategy: apt` adds to the train stage: gradual pruning (gradual mode) and rank growth (at the
+    pruning checkpoints in gradual mode, at `event_steps` in one-shot mode)."""
+    from .gradual import GradualPrune, checkpoint_steps
+
     apt: AptConfig = ctx.recipe.section("apt")
-    if apt.rank_growth <= 1.0:
-        return None
-    tracker = LoraRankSalience(ctx.trainee, ctx.runtime, beta=apt.beta)
-    return HookList([tracker, RankGrowth(ctx, apt, tracker)])
+    hooks: list[StepHooks] = []
+    if apt.mode == "gradual":
+        hooks.append(GradualPrune(ctx, apt))
+        events = {s: k for s, k in checkpoint_steps(apt.window, apt.checkpoints).items() if s < ctx.steps - 1}
+    else:
+        events = event_steps(apt.window, apt.checkpoints, ctx.steps)
+    if apt.rank_growth > 1.0:
+        tracker = LoraRankSalience(ctx.trainee, ctx.runtime, beta=apt.beta)
+        hooks += [tracker, RankGrowth(ctx, apt, tracker, events)]
+    return HookList(hooks) if hooks else None
