@@ -20,7 +20,7 @@ import torch
 
 from ..adapters.lora_structure import structured_model
 from ..config import Recipe
-from ..io_utils import read_json, write_json
+from ..io_utils import read_json, read_json_if_present, write_json
 from ..pruning.live import PLAN_KEY
 from ..pruning.plan import read_plan
 from ..pruning.slicing import model_reference, prune_checkpoint
@@ -52,6 +52,9 @@ def restore_start(recipe: Recipe, run_dir: Path, rt: Runtime) -> dict:
             write_json(d.plan, start)
         rt.barrier()
         return start
+    plan = read_json_if_present(d.plan, "plan")
+    if plan is None or plan.get("hash") != record["plan_hash"]:  # plan.json re-planned but not pruned yet
+        return {"hash": record["plan_hash"]}
     return read_plan(d.plan, model_reference(load_config(recipe.model.path)))
 
 

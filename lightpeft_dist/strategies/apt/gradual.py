@@ -24,6 +24,7 @@ import logging
 import torch
 
 from ...adapters.lora_structure import lora_layout
+from ...errors import LightPeftError
 from ...io_utils import read_json
 from ...pruning.live import PLAN_KEY, live_prune
 from ...pruning.plan import PLAN_VERSION, plan_hash, summarize
@@ -70,6 +71,9 @@ class GradualPrune(StepHooks):
 
     def __init__(self, ctx: TrainContext, apt: AptConfig):
         self.ctx, self.apt = ctx, apt
+        if "layers" not in ctx.start_plan:
+            raise LightPeftError("APT gradual training needs the plan it starts from: plan.json is not the pruned "
+                                 "model's; run `lightpeft prune` (or `lightpeft run`) first")
         self.record = read_json(RunDir(ctx.run_dir).estimate_record, "APT calibration record")
         self.dense = cost_model(self.record).dense()
         self.checkpoints = {s: k for s, k in checkpoint_steps(apt.window, apt.checkpoints).items() if s < ctx.steps}
