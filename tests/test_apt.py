@@ -261,6 +261,44 @@ def test_budget_search_with_hidden_dimensions_counts_the_multiplicative_cost():
               "hidden": torch.rand(16, generator=g) * 50}
     for density in (0.3, 0.6, 0.9):
         kept = plan_for_budget(scores, cost, density)
-        assert 1 <= len(kept["hidden"]) < 16
+        assert 1 <= len(kept["hidden"]) <= 16 and (density > 0.5 or len(kept["hidden"]) < 16)
         assert cost.count([len(x) for x in kept["group"]], [len(x) for x in kept["ffn"]], len(kept["hidden"])) == \
             kept["kept_params"] <= kept["target_params"] < kept["kept_params"] + kept["next_block_params"]
+
+
+@pytest.mark.parametrize("layout", ["llama-mha", "qwen2-bias"])
+def test_hidden_salience_equals_its_direct_computation(layout):
+    model = lora_model(layout, seed=2)
+    tracker = AptSalience(model, Runtime(), use_kurtosis=True, hidden=True)
+    base = model.base_model.model.model
+    inputs, outputs = {}, {}
+    for i, layer in enumerate(base.layers):
+        for name, proj in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj)):
+            proj.register_forward_hook(lambda mod, args, out, key=(name, i): (inputs.setdefault(key, args[0]),
+                                                                               outputs.setdefault(key, out),
+                                                                               out.retain_grad()) and None)
+    tracker.recording, tracker.token_mask = True, MASK
+    loss = model(input_ids=IDS, attention_mask=MASK, labels=LABELS).loss
+    tracker.recording = False
+    loss.backward()  # a full backward: the block inputs' gradients (kurtosis means) are recorded too
+    keys = list(outputs)
+    grads = {k: outputs[k].grad for k in keys}
+    step = tracker.end_step()
+    w = MASK.double()[..., None]
+    expect = torch.zeros(model.config.hidden_size, dtype=torch.float64)
+    expect_kurt = torch.zeros_like(expect)
+    for name, i in keys:
+        y, g, x = outputs[name, i].detach().double(), grads[name, i].double(), inputs[name, i].detach().double()
+        expect += (y.abs() * w).sum((0, 1)) * (g.abs() * w).sum((0, 1))
+        layer = base.layers[i]
+        proj = layer.self_attn.o_proj if name == "o" else layer.mlp.down_proj
+        weight = proj.base_layer.weight.double() if hasattr(proj, "base_layer") else proj.weight.double()
+        if hasattr(proj, "lora_A"):
+            weight = weight + 2.0 * (proj.lora_B["default"].weight @ proj.lora_A["default"].weight).double()
+        o = weight * ((x * w).sum((0, 1)) / w.sum())[None, :]
+        kurt = torch.tensor([max(reference_kurtosis(row), 0.0) ** 0.5 for row in o], dtype=torch.float64)
+        expect, expect_kurt = expect + kurt, expect_kurt + kurt
+    torch.testing.assert_close(tracker.parts["hidden", "kurtosis"][0], expect_kurt, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(tracker.parts["hidden", "salience"][0], expect - expect_kurt, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(step["hidden"][0], expect, rtol=1e-4, atol=1e-9)
+    assert float(tracker.parts["hidden", "salience"][0].min()) > 0

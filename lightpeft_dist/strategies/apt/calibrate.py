@@ -100,7 +100,8 @@ def run_calibrate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None,
         model = attach_adapters(load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation),
                                 recipe.peft)
         model.enable_input_require_grads()  # every block's input gets a gradient, whichever projections carry LoRA
-        salience = AptSalience(model, rt, use_kurtosis=cfg.use_kurtosis, beta=None)  # static: summed over steps
+        salience = AptSalience(model, rt, use_kurtosis=cfg.use_kurtosis, beta=None,  # static: summed over steps
+                               hidden=cfg.prune_hidden)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         # lr 0: forward and backward only; the LoRA B = 0 start makes the gradients the pretrained model's
         optimizer = torch.optim.AdamW([p for _, p in trainable], lr=0.0, weight_decay=0.0)
@@ -114,7 +115,7 @@ def run_calibrate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None,
                       seed=cfg.seed)
     salience.remove()
     scores = salience.scores()
-    tensors = {f"{kind}.{i}": t for kind in KINDS for i, t in enumerate(scores[kind])}
+    tensors = {f"{kind}.{i}": t for kind in salience.kinds for i, t in enumerate(scores[kind])}
     tensors.update({f"{part}.{kind}.{i}": t for (kind, part), ts in salience.parts.items() for i, t in enumerate(ts)})
     check_tensors("the APT block scores", tensors, DIVERGED.format(stage="calibrate"))
     adapter_state = full_state([(n, p) for n, p in trainable if is_adapter_param(n)])

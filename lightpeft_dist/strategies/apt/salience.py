@@ -27,7 +27,8 @@ from ...models.families import family_for, head_dim_of, layer_shapes, unwrap
 from ...pruning.taylor import FirstOrderTracker
 from ...runtime import Runtime
 from ...training.zero import gathered
-from .kurtosis import outlier_term
+from .hidden import HiddenSalience
+from .kurtosis import excess_kurtosis, outlier_term
 
 log = logging.getLogger(__name__)
 KINDS = ("group", "ffn")
@@ -52,7 +53,8 @@ def output_weight(module: nn.Module) -> tuple[list[torch.Tensor], callable]:
 class AptSalience:
     """Per-step APT salience of KV groups and FFN neurons, summed (`beta` None) or EMA-smoothed across steps."""
 
-    def __init__(self, model: nn.Module, runtime: Runtime, use_kurtosis: bool = True, beta: float | None = None):
+    def __init__(self, model: nn.Module, runtime: Runtime, use_kurtosis: bool = True, beta: float | None = None,
+                 hidden: bool = False):
         base = unwrap(model)
         spec = family_for(base)
         self.shapes = layer_shapes(base)
@@ -64,9 +66,15 @@ class AptSalience:
                      "ffn": [getattr(spec.ffn(layer), spec.ffn_out_proj) for layer in layers]}
         sizes = {"group": [s["num_key_value_heads"] for s in self.shapes],
                  "ffn": [s["intermediate_size"] for s in self.shapes]}
-        self.total = {k: [torch.zeros(n, dtype=torch.float64) for n in sizes[k]] for k in KINDS}
+        self.kinds = KINDS + ("hidden",) * hidden  # hidden: one tensor of hidden_size scores, for all layers
+        if hidden:
+            sizes["hidden"] = [base.config.hidden_size]
+            self.hidden = HiddenSalience([m for i in range(len(layers)) for m in (self._out["group"][i],
+                                                                                   self._out["ffn"][i])],
+                                         base.config.hidden_size, runtime)
+        self.total = {k: [torch.zeros(n, dtype=torch.float64) for n in sizes[k]] for k in self.kinds}
         self.parts = {(k, p): [torch.zeros(n, dtype=torch.float64) for n in sizes[k]]
-                      for k in KINDS for p in ("salience", "kurtosis")}  # summed, for the record
+                      for k in self.kinds for p in ("salience", "kurtosis")}  # summed, for the record
         self.steps = 0
 
     @property
@@ -76,6 +84,8 @@ class AptSalience:
     @recording.setter
     def recording(self, value: bool) -> None:
         self.first_order.recording = value
+        if "hidden" in self.kinds:
+            self.hidden.recording = value
 
     @property
     def token_mask(self) -> torch.Tensor | None:
@@ -84,6 +94,8 @@ class AptSalience:
     @token_mask.setter
     def token_mask(self, value: torch.Tensor | None) -> None:
         self.first_order.token_mask = value
+        if "hidden" in self.kinds:
+            self.hidden.token_mask = value
 
     def block_width(self, kind: str, i: int) -> int:
         """Input coordinates of one block of `kind` in layer i."""
@@ -97,7 +109,10 @@ class AptSalience:
         totals; returns the step's scores."""
         _, salience = self.first_order.end_step()
         mean = self.first_order.last_mean
-        step: dict[str, list[torch.Tensor]] = {k: [] for k in KINDS}
+        step: dict[str, list[torch.Tensor]] = {k: [] for k in self.kinds}
+        hidden_s = self.hidden.end_step() if "hidden" in self.kinds else None
+        hidden_kurt = torch.zeros(self.total["hidden"][0].numel(), dtype=torch.float64) if hidden_s is not None \
+            else None
         for kind, per_unit, means in (("group", salience.head, mean.head), ("ffn", salience.ffn, mean.ffn)):
             for i, (s, m) in enumerate(zip(per_unit, means, strict=True)):
                 s = s.double().reshape(len(self.total[kind][i]), -1).sum(-1)  # query heads -> their KV group
@@ -105,11 +120,19 @@ class AptSalience:
                 if self.use_kurtosis:
                     params, value = output_weight(self._out[kind][i])
                     with gathered(params):
-                        kurt = outlier_term(value(), m, self.block_width(kind, i))
+                        w = value()
+                        kurt = outlier_term(w, m, self.block_width(kind, i))
+                        if hidden_kurt is not None:  # row i of O: across the projection's input channels
+                            o = w * m.double().to(w.device)[None, :]
+                            hidden_kurt += excess_kurtosis(o, 1).clamp_min(0).sqrt().cpu()
                 self.parts[kind, "salience"][i] += s
                 self.parts[kind, "kurtosis"][i] += kurt
                 step[kind].append(s + kurt)
-        for kind in KINDS:
+        if hidden_s is not None:
+            self.parts["hidden", "salience"][0] += hidden_s
+            self.parts["hidden", "kurtosis"][0] += hidden_kurt
+            step["hidden"].append(hidden_s + hidden_kurt)
+        for kind in self.kinds:
             for i, value in enumerate(step[kind]):
                 if self.beta is None:
                     self.total[kind][i] += value
@@ -123,7 +146,7 @@ class AptSalience:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"steps": torch.tensor(self.steps)}
-        for kind in KINDS:
+        for kind in self.kinds:
             state.update({f"{kind}.{i}": t for i, t in enumerate(self.total[kind])})
             for part in ("salience", "kurtosis"):
                 state.update({f"{part}.{kind}.{i}": t for i, t in enumerate(self.parts[kind, part])})
@@ -131,7 +154,7 @@ class AptSalience:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.steps = int(state["steps"])
-        for kind in KINDS:
+        for kind in self.kinds:
             self.total[kind] = [state[f"{kind}.{i}"].clone().double() for i in range(len(self.total[kind]))]
             for part in ("salience", "kurtosis"):
                 self.parts[kind, part] = [state[f"{part}.{kind}.{i}"].clone().double()
@@ -139,3 +162,5 @@ class AptSalience:
 
     def remove(self) -> None:
         self.first_order.remove()
+        if "hidden" in self.kinds:
+            self.hidden.remove()
