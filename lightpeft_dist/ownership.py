@@ -79,7 +79,7 @@ def _check_entry(d: RunDir, name: str) -> None:
         if not (path / MANIFEST).is_file() and any(path.iterdir()) and not (path / record).is_file():
             raise LightPeftError(f"{path} was not written by lightpeft (it has neither {MANIFEST} nor {record}); "
                                  "move it away, or use another --run-dir")
-    elif name in (d.report.name, d.ray.name):
+    elif name in (d.report.name, d.ray.name, d.live_models.name):  # folders we write into (live-* copies)
         if path.is_symlink():
             check_replaceable(path)
     elif name == d.baseline_lora.name:  # a run directory of its own: checked as one when the baseline stage opens it

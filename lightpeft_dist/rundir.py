@@ -76,6 +76,12 @@ class RunDir:
     def pruned_adapter(self) -> Path:
         return self.root / "pruned_adapter"
 
+    @property
+    def live_models(self) -> Path:
+        """The base model at each live-pruning plan's shape while training prunes physically
+        (`pruning.live.live_model_dir` writes `live-<plan hash>` here); removed when training finishes."""
+        return self.root / "live_models"
+
     # train
     @property
     def train(self) -> Path:

@@ -7,6 +7,8 @@ target within one block), a whole `lightpeft run` gives a valid plan and the sha
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,10 +184,38 @@ def write_recipe(tmp_path: Path, apt: dict, **top) -> Path:
     return path
 
 
+FRESH_EVAL = """
+import json, sys
+from pathlib import Path
+import lightpeft_dist
+from peft import PeftModel
+from lightpeft_dist.config import load_recipe
+from lightpeft_dist.models.loading import load_model, load_tokenizer
+from lightpeft_dist.pipeline.evaluate import task_metrics
+run, recipe = Path(sys.argv[1]), load_recipe(sys.argv[2])
+model = PeftModel.from_pretrained(load_model(str(run / "pruned_model")), str(run / "train" / "adapter"))
+print(json.dumps(task_metrics(model.eval(), load_tokenizer(recipe.model), recipe, "eval")))
+"""
+
+
 def test_apt_run_end_to_end_gives_a_valid_plan_at_the_target_density(tmp_path):
-    recipe = write_recipe(tmp_path, {"target_density": 0.6, "calibration_samples": 8, "batch_size": 4, "seq_len": 24})
+    recipe = write_recipe(tmp_path, {"target_density": 0.6, "calibration_samples": 8, "batch_size": 4, "seq_len": 24,
+                                     "rank_growth": 2.0, "window": 6, "checkpoints": 2, "ramp": 1})
     run = tmp_path / "run"
     assert main(["run", "--config", str(recipe), "--run-dir", str(run)]) == 0
+    # rank growth (2 events after steps 1 and 3, budget x1.5 then x2 of 4 per module): a standard PEFT adapter whose
+    # rank_pattern shows it, which a fresh process loads with plain PEFT and evaluates to eval.json's numbers
+    config = json.loads((run / "train" / "adapter" / "adapter_config.json").read_text())
+    ranks = config["rank_pattern"]
+    n = len(ranks)
+    assert sum(ranks.values()) == pytest.approx(2 * 4 * n, abs=n) and max(ranks.values()) > 4 and min(ranks.values()) == 4
+    assert all(config["alpha_pattern"][m] == 2 * r for m, r in ranks.items())  # alpha / r stays 8 / 4
+    train = json.loads((run / "train" / "train.json").read_text())
+    assert train["structure"]["lora_ranks"] == ranks and train["plan_hash"] == train["start_plan_hash"]
+    fresh = subprocess.run([sys.executable, "-c", FRESH_EVAL, str(run), str(recipe)], capture_output=True, text=True,
+                           check=True)
+    direct = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert direct["accuracy"] == json.loads((run / "eval.json").read_text())["pruned"]["accuracy"]
     ref = model_reference(load_config(str(tmp_path / "model")))
     plan = read_plan(run / "plan.json", ref)
     a = plan["apt"]
@@ -195,7 +225,8 @@ def test_apt_run_end_to_end_gives_a_valid_plan_at_the_target_density(tmp_path):
     assert plan["peft_modules"] == {k: list(range(4)) for k in record["lora_modules"]} and plan["peft_modules"]
     assert (run / "pruned_model" / "config.json").is_file() and (run / "train" / "adapter").is_dir()
     ev = json.loads((run / "eval.json").read_text())
-    assert ev["pruned"]["params"]["total"] < ev["base"]["params"]["total"]
+    pruned = json.loads((run / "pruned_model" / "lightpeft_prune.json").read_text())["params"]
+    assert pruned < sum(p.numel() for p in load_model(str(tmp_path / "model")).parameters())
     # re-planning at another density reuses the calibration
     before = (run / "estimate" / "apt_scores.safetensors").stat().st_mtime_ns
     assert main(["run", "--config", str(recipe), "--run-dir", str(run), "--apt.target_density=0.8"]) == 0
@@ -208,7 +239,7 @@ def test_apt_run_end_to_end_gives_a_valid_plan_at_the_target_density(tmp_path):
     ({"target_density": 1.5}, {}, "outside (0, 1]"),
     ({"window": 50, "ramp": 100}, {}, "window 50 is shorter than the ramp"),
     ({"max_rank": 2}, {}, "apt.max_rank 2 is below peft.r 4"),
-    ({"mode": "gradual"}, {}, "not implemented yet"),
+    ({"mode": "gradual", "window": 300, "checkpoints": 4}, {}, "window 300 over 4 checkpoints leaves 75 steps"),
     ({"target_density": 0.5}, {"strategy": "lightpeft"}, "section 'apt:' belongs to strategy apt"),
 ])
 def test_bad_apt_input_is_one_error_line_and_writes_nothing(tmp_path, capsys, apt, top, message):

@@ -20,6 +20,7 @@ FEW_STEPS = ["--estimate.steps=2", "--estimate.batch_size=2", "--estimate.seq_le
              "--data.max_eval_examples=4", "--eval.batch_size=4", "--eval.speed_batches=1"]
 
 APT_FEW_STEPS = ["--apt.calibration_samples=4", "--apt.batch_size=2", "--apt.seq_len=32"]
+APT_GRADUAL_FEW_STEPS = ["--apt.window=2", "--apt.checkpoints=2", "--apt.ramp=1"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
@@ -53,6 +54,8 @@ def test_recipe_runs_a_few_steps_on_real_assets(recipe, tmp_path):
     loaded = load_recipe(recipe)
     few = FEW_STEPS + (APT_FEW_STEPS if loaded.strategy == "apt" else []) + \
         (FEW_SEARCH_STEPS if loaded.strategy == "prunepeft" else [])
+    if loaded.strategy == "apt" and loaded.section("apt").mode == "gradual":  # prune at both of the two steps
+        few += APT_GRADUAL_FEW_STEPS
     assert main(["run", "--config", str(recipe), "--run-dir", str(run), *few]) == 0
     ev = json.loads((run / "eval.json").read_text())
     plan = json.loads((run / "plan.json").read_text())

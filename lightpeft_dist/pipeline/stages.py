@@ -134,6 +134,12 @@ def _train_key(recipe: Recipe, run_dir: Path) -> str:
     return train_key(recipe, run_dir)
 
 
+def _trained(run_dir: Path) -> str | None:
+    from .train import trained
+
+    return trained(run_dir)
+
+
 def _eval_key(recipe: Recipe, run_dir: Path) -> str:
     from .evaluate import eval_key
 
@@ -199,7 +205,7 @@ SHARED_STAGES: tuple[Stage, ...] = (
           help="plan from the strategy's scores (re-plan at other ratios without re-estimating)"),
     Stage("prune", _plan_hash, _pruned, _on_main(_prune),
           help="slice the base model and the estimation adapter to the plan"),
-    Stage("train", _train_key, recorded(lambda d: d.train_record), _train, collective=True,
+    Stage("train", _train_key, _trained, _train, collective=True,
           help="fine-tune the pruned model"),
     Stage("evaluate", _eval_key, recorded(lambda d: d.eval_record), _on_main(_evaluate),
           help="accuracy / perplexity, parameters and tokens/s, base vs pruned"),

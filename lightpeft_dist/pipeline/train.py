@@ -34,17 +34,45 @@ from ..training.schedules import make_schedule, steps_for
 from .train_eval import PeriodicEval
 from ..models.loading import load_config, load_model, load_tokenizer
 from ..data.packing import packed_batches
+from ..pruning.live import LORA_KEY, PLAN_KEY
 from ..rundir import RunDir
 from ..runtime import Runtime, current, job_peak_memory, reset_peak_memory
+from ..strategies.base import TrainContext
+from ..strategies.registry import strategy_for
+from .train_structure import (final_plan, fits, remove_live_models, restore_start, started_plan_hash,
+                              structured_loader, write_final_model)
 from ..training.zero import full_state, prepare_ds_config, zero3_loading
 
 log = logging.getLogger(__name__)
 
 
 def train_key(recipe: Recipe, run_dir: Path) -> str:
+    """The plan training starts from (the prune stage's, even after a training that pruned replaced pruned_model),
+    the train and data sections, and the strategy section's fields its train hooks read (`Strategy.train_keys`)."""
     prune_record = read_json(RunDir(run_dir).prune_record, "prune record")
-    return sha256_json({"plan": prune_record["plan_hash"], "train": keyed_section(recipe, "train"),
-                        "data": keyed_section(recipe, "data")})[:16]
+    parts = {"plan": started_plan_hash(prune_record), "train": keyed_section(recipe, "train"),
+             "data": keyed_section(recipe, "data")}
+    strategy = strategy_for(recipe)
+    if strategy.train_keys:  # absent for strategies without train hooks, so their keys are unchanged
+        section = recipe.section(strategy.section).model_dump(mode="json")
+        parts[strategy.section] = {k: section[k] for k in strategy.train_keys}
+    return sha256_json(parts)[:16]
+
+
+def trained(run_dir: Path) -> str | None:
+    """The train stage's recorded key, once its whole output is written: the record's plan_hash (the plan of the model
+    its adapter belongs to) is pruned_model/'s, which a training that pruned physically replaces after writing train/
+    (docs/architecture.md, "Pruning inside training")."""
+    d = RunDir(run_dir)
+    try:
+        record = read_json_if_present(d.train_record)
+        prune_record = read_json_if_present(d.prune_record)
+    except LightPeftError:
+        return None
+    if not record or not prune_record:
+        return None
+    trained_on = record.get("plan_hash")  # None: a record from before plans were recorded
+    return record.get("key") if trained_on in (None, prune_record.get("plan_hash")) else None
 
 
 def load_trainable(run_dir: Path, recipe: Recipe) -> torch.nn.Module:
@@ -68,7 +96,8 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
     reset_peak_memory()
     cfg = recipe.train
     # read before training: the record must name the plan of the model actually trained, even if re-pruned meanwhile
-    key, plan_hash = train_key(recipe, run_dir), read_json(RunDir(run_dir).prune_record, "prune record")["plan_hash"]
+    key, start_plan = train_key(recipe, run_dir), restore_start(recipe, run_dir, rt)
+    plan_hash = start_plan["hash"]
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model)
     pruned_config = load_config(str(RunDir(run_dir).pruned_model))
@@ -78,24 +107,33 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
         batches = packed_batches(batches, cfg.seq_len, tokenizer.pad_token_id)
     steps = steps_for(cfg.steps, cfg.epochs, len(batches.dataset), cfg.batch_size)
 
+    def load(model_dir: str) -> torch.nn.Module:
+        model = load_model(model_dir, recipe.model.dtype, recipe.model.attn_implementation,
+                           load_in_4bit=cfg.load_in_4bit)
+        return prepare_for_training(model, cfg)
+
+    structured = structured_loader(recipe, run_dir, start_plan, rt, load)
+
     def build(meta: dict | None = None) -> Trainee:
-        if meta and meta.get("structure"):
-            raise LightPeftError(f"the train stage rebuilds only the pruned model it was given, not the structure "
-                                 f"{sorted(meta['structure'])} a hook asked for")
+        """The pruned model with its adapters, or, after a restructure (meta["structure"]), the model it made."""
+        structure = (meta or {}).get("structure") or {}
         with zero3_loading(ds_cfg):
-            model = load_trainable(run_dir, recipe)
+            model = structured(structure) if structure else load_trainable(run_dir, recipe)
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
             scheduler = make_schedule(optimizer, cfg.lr_scheduler, steps, warmup=int(cfg.warmup_ratio * steps))
             engine = make_engine(model, optimizer, scheduler, cfg.grad_accum, cfg.max_grad_norm, ds_cfg, rt)
-        return Trainee(model, engine, named)
+        return Trainee(model, engine, named, dict(structure))
 
     trainee = build()
     params = count_parameters(trainee.model)
     d = RunDir(run_dir)
     periodic_eval = PeriodicEval(trainee, tokenizer, recipe, steps)
     distiller = make_distiller(recipe, rt.device, tokenizer.pad_token_id)
-    all_hooks, stats = HookList([distiller, periodic_eval, hooks]), LoopStats()
+    strategy = strategy_for(recipe)
+    own = strategy.train_hooks(TrainContext(recipe, Path(run_dir), rt, trainee, start_plan,
+                                            load_config(recipe.model.path), steps)) if strategy.train_hooks else None
+    all_hooks, stats = HookList([distiller, periodic_eval, own, hooks]), LoopStats()
     start = resume(d.checkpoint("train"), trainee, all_hooks, rt, "training", accept=_same_key(key), rebuild=build,
                    loop=stats)
     log.info("train: steps %d..%d on the pruned model (%s params, %s trainable)", start, steps,
@@ -117,8 +155,11 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
     model, named = trainee.model, trainee.named
     adapter_state = full_state(named)  # collective under ZeRO-3: the saved adapter is complete, never shape [0]
     check_tensors("the trained adapter's weights", adapter_state, DIVERGED.format(stage="train"))  # on every rank
+    end_plan = final_plan(trainee.structure, start_plan)
     record = {"key": key, "steps": steps, "epochs": cfg.epochs, "lr_scheduler": cfg.lr_scheduler,
-              "resumed_from_step": start, "losses": stats.losses, "plan_hash": plan_hash,
+              "resumed_from_step": start, "losses": stats.losses,
+              "plan_hash": (end_plan or start_plan)["hash"], "start_plan_hash": plan_hash,
+              "structure": _described(trainee.structure),
               "tokens": stats.job_tokens, "train_seconds": stats.seconds,
               "tokens_per_s": stats.job_tokens / max(stats.seconds, 1e-9),
               "wall_seconds": time.time() - t0, "params": params, "evals": periodic_eval.evals,
@@ -133,16 +174,33 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
         kinds = [kind for kind, _ in saved_kinds(d.pruned_adapter)]  # saved in the layout they were loaded from
         with atomic_dir(d.train) as tmp:
             save_adapters(tmp / d.train_adapter.name, model, adapter_state, kinds)
-            if periodic_eval.best is not None:
+            if periodic_eval.best is not None and fits(periodic_eval.best_state, adapter_state):
                 save_adapters(tmp / d.train_best_adapter.name, model, periodic_eval.best_state, kinds)
+            elif periodic_eval.best is not None:  # chosen before a restructure: it does not fit the final model
+                log.warning("train: the best adapter (step %d) predates the last restructure and is not kept; "
+                            "eval.adapter best is unavailable for this run", periodic_eval.best["step"])
+                record["best"] = None
             write_json(tmp / d.train_record.name, record)
+        if end_plan is not None:  # after train/: a crash in between retrains (trained() is None), never mixes
+            write_final_model(recipe, run_dir, start_plan, end_plan, key)
         remove_checkpoints(d.checkpoint("train"))
+        remove_live_models(run_dir)
         log.info("train finished: loss %.4f -> %.4f, %.0f tokens/s%s", stats.losses[0], stats.losses[-1],
                  record["tokens_per_s"], "" if periodic_eval.best is None else
                  f"; best adapter at step {periodic_eval.best['step']} ({periodic_eval.best['metric']} "
                  f"{periodic_eval.best['value']:.4f})")
     rt.barrier()
     return record
+
+
+def _described(structure: dict) -> dict | None:
+    """What the train record says about a restructured run: the final plan's hash and the LoRA ranks."""
+    if not structure:
+        return None
+    lora = structure.get(LORA_KEY) or {}
+    plan = structure.get(PLAN_KEY)
+    return {"plan_hash": plan["hash"] if plan else None, "lora_ranks": lora.get("ranks"),
+            "lora_rank_total": sum((lora.get("ranks") or {}).values())}
 
 
 def _same_key(key: str) -> Callable[[dict, dict[str, torch.Tensor]], str | None]:

@@ -112,7 +112,9 @@ def check_plan(plan: dict, config) -> None:
     check_plan_structure(plan, model_reference(config))
 
 
-def prune_checkpoint(model_path: str, plan: dict, out_dir: Path) -> dict:
+def prune_checkpoint(model_path: str, plan: dict, out_dir: Path, record_extra: dict | None = None) -> dict:
+    """Slice the model at `model_path` to `plan` into `out_dir` (atomically), with its prune record; `record_extra`
+    adds fields to the record (the train stage notes the plan a run started from, docs/architecture.md)."""
     src = resolve_model_dir(model_path)
     config = load_config(model_path)
     check_plan(plan, config)
@@ -136,7 +138,8 @@ def prune_checkpoint(model_path: str, plan: dict, out_dir: Path) -> dict:
             if extra.is_file() and extra.name not in (*WEIGHT_FILES, "config.json") and extra.suffix != ".safetensors":
                 shutil.copy2(extra, tmp / extra.name)
         record = {"plan_hash": plan["hash"], "source": str(src), "params": n_params,
-                  "architecture": new_config.architectures[0], "fingerprint": fingerprint(new_config)}
+                  "architecture": new_config.architectures[0], "fingerprint": fingerprint(new_config),
+                  **(record_extra or {})}
         write_json(tmp / PRUNE_RECORD, record)
     log.info("pruned model -> %s (%s, %s params)", out_dir, record["architecture"], f"{n_params:,}")
     return record
@@ -149,14 +152,18 @@ def prune_adapter(adapter_dir: Path, plan: dict, config, model_dir: Path, out_di
     peft_cfg = read_json(adapter_dir / "adapter_config.json", "estimation adapter config")
     weights = load_tensors(adapter_dir / "adapter_model.safetensors", "estimation adapter weights")
     r_init, alpha = int(peft_cfg["r"]), float(peft_cfg["lora_alpha"])
+    # A grown adapter (adapters/lora_growth.py) has per-module ranks and alphas; an estimation adapter has none.
+    ranks_of, alphas_of = peft_cfg.get("rank_pattern") or {}, peft_cfg.get("alpha_pattern") or {}
     kept_modules = plan["peft_modules"]
     out: dict[str, torch.Tensor] = {}
     for module, ranks in kept_modules.items():
         a_key, b_key = f"{ADAPTER_PREFIX}{module}.lora_A.weight", f"{ADAPTER_PREFIX}{module}.lora_B.weight"
         if a_key not in weights or b_key not in weights:
             raise LightPeftError(f"estimation adapter has no LoRA weights for {module}; re-run estimate")
-        if module not in table or any(not 0 <= r < r_init for r in ranks):
-            raise LightPeftError(f"the plan keeps ranks {ranks} of {module}, which the estimation adapter (r={r_init}) "
+        r_module = int(ranks_of.get(module, r_init))
+        if module not in table or any(not 0 <= r < r_module for r in ranks):
+            raise LightPeftError(f"the plan keeps ranks {ranks} of {module}, which the estimation adapter "
+                                 f"(r={r_module}) "
                                  "does not have as a sliced projection; rerun `lightpeft plan`")
         ranks_t = torch.as_tensor(ranks, dtype=torch.long)
         a, b = weights[a_key].index_select(0, ranks_t), weights[b_key].index_select(1, ranks_t)
@@ -170,7 +177,8 @@ def prune_adapter(adapter_dir: Path, plan: dict, config, model_dir: Path, out_di
     peft_cfg.update({
         "target_modules": names,
         "rank_pattern": {n: len(r) for n, r in kept_modules.items()},
-        "alpha_pattern": {n: alpha * len(r) / r_init for n, r in kept_modules.items()},
+        "alpha_pattern": {n: float(alphas_of.get(n, alpha)) * len(r) / int(ranks_of.get(n, r_init))
+                          for n, r in kept_modules.items()},
         "base_model_name_or_path": str(model_dir.resolve()),
     })
     with atomic_dir(out_dir) as tmp:

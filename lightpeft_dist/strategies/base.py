@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from ..config import PruneConfig, Recipe
     from ..runtime import Runtime
+    from ..training.hooks import StepHooks, Trainee
 
 KeyFn = Callable[["Recipe", Path], "str | None"]
 RecordedFn = Callable[[Path], "str | None"]
@@ -59,6 +60,9 @@ class Strategy:
     the model's layer shapes that the shared planner reads (None: the strategy writes its plan itself).
     `check(recipe)` enforces rules across sections (raise ValueError; it may fill defaults the strategy owns);
     `plan_prune(recipe, run_dir)` gives the planner's settings when the strategy decides them (None: `prune:`).
+    `train_hooks(context)` gives step hooks the train stage runs (None: none); they may restructure the model (grow
+    LoRA ranks, prune physically). `train_keys` names the fields of the strategy's section that the train stage's
+    key hashes (what those hooks read), so that changing them retrains.
     """
 
     name: str
@@ -70,3 +74,24 @@ class Strategy:
     scores: "Callable[[Recipe, Path], tuple[Path, Path]] | None" = None
     check: "Callable[[Recipe], None] | None" = None
     plan_prune: "Callable[[Recipe, Path], PruneConfig] | None" = None
+    train_hooks: "Callable[[TrainContext], StepHooks | None] | None" = None
+    train_keys: tuple[str, ...] = ()
+
+
+@dataclass
+class TrainContext:
+    """What the train stage hands a strategy's `train_hooks` (docs/hooks.md, "Restructures in the train stage").
+
+    `trainee` is the model being trained (read `trainee.model`: a restructure replaces it). `start_plan` is the plan
+    the trained model was pruned to by the prune stage (plan.json when training began) and `source_config` the
+    unpruned base model's config: plans that hooks hand to live pruning index that base, and must keep a subset of
+    `start_plan` (`pruning.live.live_prune(..., base_plan=start_plan)`). `steps` is the number of optimizer steps.
+    """
+
+    recipe: "Recipe"
+    run_dir: Path
+    runtime: "Runtime"
+    trainee: "Trainee"
+    start_plan: dict
+    source_config: object
+    steps: int

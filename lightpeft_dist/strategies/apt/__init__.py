@@ -3,7 +3,7 @@
 One-shot mode (the paper's LLaMA recipe): `calibrate` scores KV groups and FFN neurons with APT's kurtosis-aware
 salience over `apt.calibration_samples` examples, then APT's own `plan` stage keeps the most salient blocks per
 parameter within `apt.target_density` of the decoder's parameters. From there the shared stages (prune, train,
-evaluate, export, report) run unchanged. Modules: section.py (schema), salience.py + kurtosis.py (scores),
+evaluate, export, report) run unchanged; in the train stage APT's hooks grow the LoRA ranks (tuning.py). Modules: section.py (schema), salience.py + kurtosis.py (scores),
 budget.py (cost model and search; `plan_for_budget` is what a gradual schedule calls), calibrate.py, plan.py.
 docs/method.md, "APT", lists what we implement and every deviation from the reference.
 """
@@ -14,6 +14,7 @@ from ..base import Stage, Strategy
 from .calibrate import calibrate_key, recorded_key, run_calibrate
 from .plan import apt_plan_key, run_apt_plan
 from .section import AptConfig
+from .tuning import TRAIN_KEYS, apt_train_hooks
 
 
 def _recorded_plan(run_dir):
@@ -33,6 +34,7 @@ def _check(recipe) -> None:
 
 STRATEGY = Strategy(
     name="apt", label="APT", color="#c53030", section="apt", section_model=AptConfig, check=_check,
+    train_hooks=apt_train_hooks, train_keys=TRAIN_KEYS,
     stages=(Stage("calibrate", calibrate_key, recorded_key,
                   lambda recipe, run_dir, rt, deepspeed: run_calibrate(recipe, run_dir, rt, deepspeed) and None,
                   collective=True, help="APT: score KV groups and FFN neurons on calibration examples (salience + "

@@ -20,7 +20,7 @@ from .budget import CostModel, plan_for_budget
 from .calibrate import load_apt_scores, scores_path
 
 log = logging.getLogger(__name__)
-PLAN_KEYS = ("target_density", "prune_hidden")
+PLAN_KEYS = ("target_density", "prune_hidden", "mode")
 
 
 def apt_plan_key(recipe: Recipe, run_dir: Path) -> str:
@@ -58,7 +58,9 @@ def run_apt_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) 
     rt = runtime or current()
     d = RunDir(run_dir)
     record = read_json(d.estimate_record, "APT calibration record")
-    plan = make_apt_plan(load_apt_scores(run_dir, record), record, recipe.section("apt").target_density)
+    apt = recipe.section("apt")
+    # gradual: training starts dense and prunes at its checkpoints (gradual.py); the plan keeps everything
+    plan = make_apt_plan(load_apt_scores(run_dir, record), record, 1.0 if apt.mode == "gradual" else apt.target_density)
     plan["key"] = apt_plan_key(recipe, run_dir)
     rt.agree(plan["hash"], "plan hash")
     if rt.is_main:

@@ -17,7 +17,8 @@ from ...config import _Strict
 class AptConfig(_Strict):
     mode: Literal["one_shot", "gradual"] = Field(
         "one_shot", description="one_shot: calibrate, prune once to target_density, then LoRA on the pruned model "
-                                "(the paper's LLaMA recipe); gradual: prune during tuning (not implemented yet)")
+                                "(the paper's LLaMA recipe); gradual: dense start, prune physically at checkpoints during "
+                                "tuning (calibration then only fixes the cost model)")
     target_density: float = Field(0.7, description="share of the prunable parameters kept, in (0, 1]")
     calibration_samples: int = Field(256, ge=1, description="examples the calibration stage scores on")
     batch_size: int = Field(8, ge=1, description="calibration examples per step (global, any world size)")
@@ -29,13 +30,16 @@ class AptConfig(_Strict):
                                                  "scaled by its mean input (the outlier term)")
     prune_hidden: bool = Field(False, description="also prune hidden dimensions (one global residual mask); not "
                                                   "implemented yet")
-    rank_growth: float = Field(4.0, ge=1.0, description="gradual: total LoRA budget grows to this x the initial one")
-    max_rank: int = Field(64, ge=1, description="gradual: no LoRA module grows beyond this rank")
-    window: int = Field(400, ge=1, description="gradual: training steps of the pruning window, over which the "
-                        "density follows a cubic schedule from 1 to target_density")
+    rank_growth: float = Field(4.0, ge=1.0, description="total LoRA rank budget grows linearly to this x the initial "
+                               "one over the growth events (1: no growth)")
+    max_rank: int = Field(64, ge=1, description="no LoRA module grows beyond this rank")
+    window: int = Field(400, ge=1, description="training steps of the pruning window (gradual: the density follows "
+                        "a cubic schedule from 1 to target_density over it) and of the growth events (both modes)")
     ramp: int = Field(100, ge=1, description="gradual: steps before each pruning checkpoint over which the pruned "
-                      "blocks' masks move to 0 (1/ramp per step; the paper's 0.01 per step is 100)")
-    checkpoints: int = Field(4, ge=1, description="gradual: physical pruning checkpoints in the window")
+                      "blocks' masks would move to 0 (the paper's 0.01 per step is 100); checked against the window "
+                      "but not applied yet: blocks are removed at the checkpoint at once (docs/method.md)")
+    checkpoints: int = Field(4, ge=1, description="physical pruning checkpoints in the window (gradual), and the "
+                             "number of rank-growth events (both modes)")
 
     @field_validator("target_density")
     @classmethod
@@ -52,8 +56,6 @@ class AptConfig(_Strict):
             raise ValueError(f"window {self.window} over {self.checkpoints} checkpoints leaves "
                              f"{self.window // self.checkpoints} steps between checkpoints, shorter than the ramp "
                              f"({self.ramp}); set window >= checkpoints x ramp = {self.checkpoints * self.ramp}")
-        if self.mode == "gradual":
-            raise ValueError("mode gradual (pruning during tuning) is not implemented yet; use mode: one_shot")
         if self.prune_hidden:
             raise ValueError("prune_hidden (hidden-dimension pruning) is not implemented yet: the shared slicer cannot "
                              "slice the residual stream; set prune_hidden: false")

@@ -1,0 +1,132 @@
+"""APT's gradual mode (`apt.mode: gradual`): prune physically at checkpoints while the LoRA tunes.
+
+Why: the dense-start recipe decides what to prune from the salience the tuning itself produces, and prunes in steps
+so that the later training runs on the smaller model. The train stage starts from the plan stage's full-density plan;
+this hook
+- accumulates APT's block salience (salience.py: first-order term + kurtosis, EMA with `apt.beta`) from every
+  training step's own forward and backward, on the current (already pruned) model;
+- at `apt.checkpoints` pruning checkpoints evenly in the first `apt.window` steps (checkpoint k after step
+  round(k * window / N) - 1), computes the cubic density d_k = target + (1 - target) (1 - k/N)^3, so the last
+  checkpoint hits `apt.target_density`;
+- runs the budget search (budget.py) over the current blocks with the budget d_k x the *original* dense count, maps
+  the kept blocks back to the source model's indices (a plan in the shared format, with the checkpoint's budget in
+  `apt` and every earlier checkpoint's in `apt.history`), and returns `pruning.live.live_prune` of it, which the
+  loop applies (LoRA weights and AdamW moments sliced, the model rebuilt smaller, on any world size);
+- then restarts the salience on the new model.
+Rank growth (tuning.py) runs at the same checkpoints. The paper's mask ramp before each checkpoint is not done here
+(blocks are removed at once); docs/method.md, "APT", says so.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ...adapters.lora_structure import lora_layout
+from ...errors import LightPeftError
+from ...io_utils import read_json
+from ...pruning.live import PLAN_KEY, live_prune
+from ...pruning.plan import PLAN_VERSION, plan_hash, summarize
+from ...rundir import RunDir
+from ...training.hooks import Restructure, StepHooks, Trainee, Transform
+from ..base import TrainContext
+from .budget import CostModel, plan_for_budget
+from .plan import cost_model
+from .salience import AptSalience
+from .section import AptConfig
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_steps(window: int, checkpoints: int) -> dict[int, int]:
+    """step -> checkpoint number (1-based): evenly in the window, the last one after step window - 1."""
+    return {round(k * window / checkpoints) - 1: k for k in range(1, checkpoints + 1)}
+
+
+def cubic_density(target: float, k: int, n: int) -> float:
+    """The scheduled density after checkpoint k of n: from 1 (k = 0) to `target` (k = n), cubic."""
+    return target + (1.0 - target) * (1.0 - k / n) ** 3
+
+
+def base_plan(kept: dict, current: dict, record: dict, extra: dict) -> dict:
+    """The source-model plan keeping `kept` (indices into the current, pruned model, whose plan is `current`)."""
+    shapes = record["layer_shapes"]
+    layers = []
+    for i, (groups, ffn) in enumerate(zip(kept["group"], kept["ffn"], strict=True)):
+        rep = shapes[i]["num_attention_heads"] // shapes[i]["num_key_value_heads"]
+        kv = [current["layers"][i]["kv_heads"][g] for g in groups]
+        layers.append({"q_heads": [g * rep + j for g in kv for j in range(rep)], "kv_heads": kv,
+                       "ffn": [current["layers"][i]["ffn"][j] for j in ffn]})
+    plan = {"version": PLAN_VERSION, "model_fingerprint": record["model_fingerprint"],
+            "prune": {"strategy": "apt", "mode": "gradual"}, "apt": extra, "layers": layers,
+            "peft_modules": current["peft_modules"]}
+    plan["summary"] = summarize(plan, shapes, record["hidden_size"], record["head_dim"])
+    plan["hash"] = plan_hash(plan)
+    return plan
+
+
+class GradualPrune(StepHooks):
+    """Salience while training, physical pruning at the checkpoints (see the module docstring)."""
+
+    def __init__(self, ctx: TrainContext, apt: AptConfig):
+        self.ctx, self.apt = ctx, apt
+        if "layers" not in ctx.start_plan:
+            raise LightPeftError("APT gradual training needs the plan it starts from: plan.json is not the pruned "
+                                 "model's; run `lightpeft prune` (or `lightpeft run`) first")
+        self.record = read_json(RunDir(ctx.run_dir).estimate_record, "APT calibration record")
+        self.dense = cost_model(self.record).dense()
+        self.checkpoints = {s: k for s, k in checkpoint_steps(apt.window, apt.checkpoints).items() if s < ctx.steps}
+        self.salience = AptSalience(ctx.trainee.model, ctx.runtime, apt.use_kurtosis, beta=apt.beta)
+
+    def before_forward(self, batch: dict) -> None:
+        self.salience.recording, self.salience.token_mask = True, batch["attention_mask"]
+
+    def after_forward(self) -> None:
+        self.salience.recording = False
+
+    def after_optimizer_step(self, step: int, loss: float) -> Restructure | None:
+        self.salience.end_step()  # collective, every step
+        k = self.checkpoints.get(step)
+        if k is None:
+            return None
+        current = self.ctx.trainee.structure.get(PLAN_KEY) or self.ctx.start_plan
+        density = cubic_density(self.apt.target_density, k, self.apt.checkpoints)
+        cost = CostModel(tuple(self.salience.shapes), self.record["hidden_size"], self.record["head_dim"],
+                         frozenset(self.record.get("biases", [])))
+        kept = plan_for_budget(self.salience.scores(), cost, density, reference_params=self.dense)
+        entry = {"checkpoint": k, "step": step, "scheduled_density": density,
+                 **{f: kept[f] for f in ("target_params", "kept_params", "density", "next_block_params")},
+                 "dense_params": self.dense}
+        earlier = current.get("apt", {}).get("history", []) if self.ctx.trainee.structure.get(PLAN_KEY) else []
+        history = [*earlier, entry]
+        plan = base_plan(kept, current, self.record, {**entry, "history": history})
+        log.info("APT pruning checkpoint %d/%d after step %d: density %.4f (scheduled %.4f), %d of %d parameters",
+                 k, self.apt.checkpoints, step, kept["density"], density, kept["kept_params"], self.dense)
+        if plan["hash"] == current.get("hash"):
+            return None
+        action = live_prune(plan, self.ctx.source_config, lora_layout(self.ctx.trainee.model),
+                            base_plan=self.ctx.start_plan,
+                            reason=f"APT pruning checkpoint {k}/{self.apt.checkpoints}")
+        return Restructure(_without_salience(action.transform), action.reason)
+
+    def after_rebuild(self, trainee: Trainee) -> None:
+        self.salience.remove()  # the salience restarts on the pruned model (its blocks are new coordinates)
+        self.salience = AptSalience(trainee.model, self.ctx.runtime, self.apt.use_kurtosis, beta=self.apt.beta)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"apt.{k}": v for k, v in self.salience.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = {k.removeprefix("apt."): v for k, v in state.items() if k.startswith("apt.")}
+        if own:  # none after a pruning checkpoint (dropped by the transform): the salience starts over
+            self.salience.load_state_dict(own)
+
+
+def _without_salience(transform: Transform) -> Transform:
+    """The live-prune transform, dropping the block salience state: it indexes the blocks before the prune."""
+    def wrapped(tensors: dict[str, torch.Tensor], meta: dict):
+        tensors, meta = transform(tensors, meta)
+        return {k: v for k, v in tensors.items() if not k.startswith("extra/apt.")}, meta
+
+    return wrapped

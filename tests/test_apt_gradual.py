@@ -1,0 +1,86 @@
+"""APT's gradual mode through `lightpeft train` (strategies/apt/gradual.py, pipeline/train_structure.py): at every
+pruning checkpoint the kept parameter count is the cubic schedule's budget within one block, the final density hits
+the target, the run directory ends with the final plan and its physically pruned model (which evaluate loads with
+the grown adapter), and a training SIGKILLed between two pruning checkpoints resumes to the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dist_checks import launch, run_stages
+from lightpeft_dist.models.loading import load_config, load_model
+from lightpeft_dist.pruning.plan import read_plan
+from lightpeft_dist.pruning.slicing import model_reference
+from lightpeft_dist.strategies.apt.gradual import cubic_density
+from test_apt import write_recipe
+
+pytestmark = pytest.mark.timeout(1200)
+TARGET = 0.6
+# checkpoints (pruning + growth) after 0-based steps 1 and 3; train checkpoints after steps 1 and 3; killed after 2
+APT = {"mode": "gradual", "target_density": TARGET, "calibration_samples": 4, "batch_size": 4, "seq_len": 24,
+       "window": 4, "checkpoints": 2, "ramp": 1, "rank_growth": 2.0}
+BEFORE_TRAIN = ("calibrate", "plan", "prune")
+
+
+def decoder_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+
+
+def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path):
+    recipe = write_recipe(tmp_path, APT)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["train"].update(checkpoint_every=2, keep_checkpoints=1)
+    raw["peft"]["dropout"] = 0.0
+    recipe.write_text(yaml.safe_dump(raw))
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_stages(full, *BEFORE_TRAIN, config=recipe)
+    shutil.copytree(full, killed)
+    run_stages(full, "train", "evaluate", config=recipe)
+
+    ref = model_reference(load_config(str(tmp_path / "model")))
+    plan = read_plan(full / "plan.json", ref)
+    history = plan["apt"]["history"]
+    assert [h["checkpoint"] for h in history] == [1, 2] and [h["step"] for h in history] == [1, 3]
+    for h in history:  # the budget search's count is the schedule's budget within one block
+        assert h["scheduled_density"] == pytest.approx(cubic_density(TARGET, h["checkpoint"], 2))
+        assert h["target_params"] == int(h["scheduled_density"] * h["dense_params"])
+        assert h["kept_params"] <= h["target_params"] < h["kept_params"] + h["next_block_params"]
+    assert history[0]["kept_params"] > history[1]["kept_params"]
+    dense = decoder_params(load_model(str(tmp_path / "model")))
+    assert history[-1]["dense_params"] == dense
+    pruned = load_model(str(full / "pruned_model"))  # the final physically pruned model, counted
+    assert decoder_params(pruned) == history[-1]["kept_params"]
+    assert abs(decoder_params(pruned) / dense - TARGET) <= history[-1]["next_block_params"] / dense
+    train = json.loads((full / "train" / "train.json").read_text())
+    prune_record = json.loads((full / "pruned_model" / "lightpeft_prune.json").read_text())
+    assert train["plan_hash"] == plan["hash"] == prune_record["plan_hash"] != train["start_plan_hash"]
+    assert prune_record["trained_from"] == train["start_plan_hash"]
+    ranks = json.loads((full / "train" / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+    assert max(ranks.values()) > 4  # grown at the same checkpoints
+    assert json.loads((full / "eval.json").read_text())["plan_hash"] == plan["hash"]
+    assert not (full / "live_models").exists() and not list(full.glob("train.ckpt*"))
+
+    # killed after step 2 (one pruning checkpoint done), resumed from the checkpoint after step 1
+    cmd = [sys.executable, "-m", "lightpeft_dist", "train", "--config", str(recipe), "--run-dir", str(killed)]
+    proc = launch(cmd, env={"LIGHTPEFT_FAULT_AFTER": "0:2"}, expect_ok=False)
+    assert proc.returncode != 0 and not (killed / "train").exists(), proc.stderr[-3000:]
+    state = json.loads((killed / "train.ckpt" / "state.json").read_text())
+    assert state["step"] == 1 and state["structure"]["plan"]["apt"]["checkpoint"] == 1
+    run_stages(killed, "train", config=recipe)
+    resumed = json.loads((killed / "train" / "train.json").read_text())
+    assert resumed["resumed_from_step"] == 2
+    assert read_plan(killed / "plan.json", ref)["hash"] == plan["hash"]
+    a, b = (load_file(d / "train" / "adapter" / "adapter_model.safetensors") for d in (full, killed))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"gradual kill-and-resume: adapter max |diff| {worst:.2e}")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(train["losses"]), rtol=1e-5, atol=0)
