@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from benchmarks.quality.perplexity import load_windows, perplexity  # noqa: E402
+from benchmarks.quality.perplexity import load_windows  # noqa: E402
 from lightpeft_dist.config import recipe_from_dict  # noqa: E402
 from lightpeft_dist.strategies.lightpeft import SCORE_FILES  # noqa: E402
 from lightpeft_dist.io_utils import read_json, write_json  # noqa: E402
 from lightpeft_dist.models.loading import load_model, load_tokenizer  # noqa: E402
-from lightpeft_dist.pruning.plan import make_plan  # noqa: E402
-from lightpeft_dist.pruning.slicing import prune_checkpoint  # noqa: E402
+from lightpeft_dist.reporting.damage import pruned_perplexity  # noqa: E402
 from lightpeft_dist.pruning.scores import load_scores  # noqa: E402
 from lightpeft_dist.rundir import ESTIMATE_RECORD, RunDir
 
@@ -75,15 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = base.prune.model_copy(update={"attn_ratio": attn, "ffn_ratio": ffn, "random": args.random,
                                              "seed": args.seed,
                                              **({"ffn_scope": args.ffn_scope} if args.ffn_scope else {})})
-        plan = make_plan(scores, est["layer_shapes"], cfg, est["model_fingerprint"], est["hidden_size"],
-                         est["head_dim"])
-        tmp = Path(tempfile.mkdtemp(prefix="damage."))
-        try:
-            prune_checkpoint(base.model.path, plan, tmp / "model")
-            model = load_model(str(tmp / "model"), base.model.dtype, base.model.attn_implementation)
-            ppl = perplexity(model, tok, windows, 4)["perplexity"]
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        ppl, plan = pruned_perplexity(base, est, scores, cfg, windows, tok)  # the report's --damage code
         rows.append({"attn_ratio": attn, "ffn_ratio": ffn, "ffn_scope": cfg.ffn_scope, "random": args.random,
                      "scores": args.scores,
                      "fraction_pruned": plan["summary"]["prunable_fraction_pruned"], "ppl": ppl})

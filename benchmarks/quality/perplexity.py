@@ -7,11 +7,9 @@ local text file instead.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from lightpeft_dist.data.heldout import (BROWN_DIR, BROWN_PACKAGE, BROWN_SHA256, brown_dir,  # noqa: F401
-                                         brown_text, token_windows)
-from lightpeft_dist.errors import LightPeftError
+                                         brown_text, running_text, token_windows)
 from lightpeft_dist.training.lm_eval import perplexity  # noqa: F401 (damage.py and run_quality import it here)
 
 
@@ -19,12 +17,6 @@ def load_windows(tokenizer, corpus: str, length: int, count: int) -> tuple[list[
     """Windows and a description for `corpus`: 'brown', 'none', or a path to a plain-text file."""
     if corpus == "none":
         return None
-    if corpus == "brown":
-        text, source = brown_text(), f"Brown corpus ({BROWN_PACKAGE}), first 10 documents"
-    else:
-        path = Path(corpus)
-        if not path.is_file():
-            raise LightPeftError(f"--ppl-text {corpus} does not exist; pass a plain-text file, 'brown' or 'none'")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+    text, source = running_text(corpus, "--ppl-text", "a plain-text file, 'brown' or 'none'")
     wins = token_windows(tokenizer, text, length, count)
     return wins, {"source": source, "windows": len(wins), "window_tokens": length}

@@ -100,18 +100,22 @@ def validation_examples(data: DataConfig, tokenizer: Any, seq_len: int, count: i
     return out
 
 
+def running_text(source: str, what: str, choices: str) -> tuple[str, str]:
+    """(text, description) of 'brown' or a plain-text file; `what` and `choices` name the option in the error."""
+    if source == "brown":
+        return brown_text(), f"Brown corpus ({BROWN_PACKAGE}), first 10 documents"
+    path = Path(source)
+    if not path.is_file():
+        raise LightPeftError(f"{what} {source} does not exist; pass {choices}")
+    return path.read_text(encoding="utf-8"), str(path)
+
+
 def heldout_examples(source: str, data: DataConfig, tokenizer: Any, seq_len: int,
                      count: int) -> tuple[list[dict[str, list[int]]], str]:
     """Encoded examples and a one-line description for `source`: 'validation', 'brown' or a plain-text file."""
     if source == "validation":
         examples = validation_examples(data, tokenizer, seq_len, count)
         return examples, f"validation split ({data.eval_file}), first {len(examples)} examples, every token scored"
-    if source == "brown":
-        text, what = brown_text(), f"Brown corpus ({BROWN_PACKAGE}), first 10 documents"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise LightPeftError(f"held-out text {source} does not exist; pass 'validation', 'brown' or a text file")
-        text, what = path.read_text(encoding="utf-8"), str(path)
+    text, what = running_text(source, "held-out text", "'validation', 'brown' or a text file")
     windows = token_windows(tokenizer, text, seq_len, count)
     return windows, f"{what}, {len(windows)} windows of {seq_len} tokens"
