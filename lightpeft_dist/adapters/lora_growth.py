@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LightPeftError
-from ..pruning.live import LORA_KEY, STATE_KINDS, lora_tensor_names
+from ..pruning.live import LORA_KEY, STATE_KINDS, lora_tensor_names, structure_and_layout
 from ..training.hooks import Restructure, Transform
 from .lora_structure import Layout, lora_layout
 
@@ -52,11 +52,7 @@ def grow_transform(new_ranks: dict[str, int], seed: int, lora: Layout | None = N
     the structure, so growth composes with live pruning at the same step in either order.
     """
     def transform(tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
-        structure = dict(meta.get("structure") or {})
-        layout = structure.get(LORA_KEY) or lora
-        if layout is None:
-            raise LightPeftError("rank growth needs the LoRA layout (lora_layout(model)) to rebuild the model")
-        layout = {k: dict(v) if isinstance(v, dict) else v for k, v in layout.items()}
+        structure, layout = structure_and_layout(meta, lora, "rank growth")
         tensors = dict(tensors)
         names = lora_tensor_names(tensors)
         for module in sorted(new_ranks):

@@ -34,6 +34,16 @@ from .slicing import check_plan, prune_checkpoint, slicing_table
 
 log = logging.getLogger(__name__)
 PLAN_KEY, LORA_KEY = "plan", "lora"  # what this kit keeps in meta["structure"] (docs/hooks.md)
+
+
+def structure_and_layout(meta: dict[str, Any], lora: dict | None, what: str) -> tuple[dict, dict]:
+    """A copy of the checkpoint's structure and of its LoRA layout (`lora` when none is recorded yet: the first
+    restructure of a run), so growth and live pruning compose at one step in either order."""
+    structure = dict(meta.get("structure") or {})
+    layout = structure.get(LORA_KEY) or lora
+    if layout is None:
+        raise LightPeftError(f"{what} needs the LoRA layout (lora_layout(model)) to rebuild the model")
+    return structure, {k: dict(v) if isinstance(v, dict) else v for k, v in layout.items()}
 STATE_KINDS = ("param", "exp_avg", "exp_avg_sq")
 UNIT_KEYS = ("q_heads", "kv_heads", "ffn")
 _LORA_NAME = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.(?P<adapter>[^.]+)\.weight$")
@@ -109,11 +119,7 @@ def live_prune_transform(plan: dict, config, lora: dict | None = None, drop_adap
     spec, head_dim = family_for(config), head_dim_of(config)
 
     def transform(tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
-        structure = dict(meta.get("structure") or {})
-        layout = structure.get(LORA_KEY) or lora
-        if layout is None:
-            raise LightPeftError("live pruning needs the LoRA layout (lora_layout(model)) to rebuild the model")
-        layout = {k: dict(v) if isinstance(v, dict) else v for k, v in layout.items()}
+        structure, layout = structure_and_layout(meta, lora, "live pruning")
         current = structure.get(PLAN_KEY) or base_plan
         table = slicing_table(spec, {"layers": relative_layers(current, plan)}, head_dim)
         tensors = dict(tensors)
