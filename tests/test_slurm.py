@@ -128,6 +128,18 @@ def test_bad_submission_fails_fast_with_a_clear_message(slurm, workdir, args, en
     assert not (workdir / "d" / "estimate").exists()
 
 
+def wait_for_checkpoint(slurm, job: str, state: Path) -> None:
+    """Until the stage's first checkpoint is written; the file is polled often and the (slower) scontrol seldom, so
+    the signal sent next lands while the job is still running."""
+    deadline, polls = time.monotonic() + JOB_TIMEOUT_S, 0
+    while not state.is_file():
+        assert time.monotonic() < deadline, f"no checkpoint {state} within the job timeout"
+        if polls % 20 == 0:
+            assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), log_of(slurm.job(job))[-3000:]
+        polls += 1
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_requeued_estimate_resumes_from_its_checkpoint(slurm, workdir, tiny_recipe):
     """USR1 (what `--signal=B:USR1@300` sends before the time limit) after a checkpoint: requeue, rerun, resume."""
@@ -138,14 +150,7 @@ def test_requeued_estimate_resumes_from_its_checkpoint(slurm, workdir, tiny_reci
     t0 = time.monotonic()
     job = submit(slurm, workdir, "-n", "1", str(SLURM / "estimate.sbatch"), "--config", "long.yaml", "--run-dir", "rq")
     state = workdir / "rq" / "estimate.ckpt" / "state.json"
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    polls = 0
-    while not state.is_file():  # poll the file often and the (slower) scontrol seldom, so the first checkpoint is seen
-        assert time.monotonic() < deadline, "no estimation checkpoint within the job timeout"
-        if polls % 20 == 0:
-            assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), log_of(slurm.job(job))[-3000:]
-        polls += 1
-        time.sleep(0.05)
+    wait_for_checkpoint(slurm, job, state)
     slurm.run(["scancel", "--signal=USR1", "--batch", job])
     info, log = finished(slurm, job)
     assert info["Restarts"] == "1", info
@@ -167,14 +172,7 @@ def test_requeued_training_resumes_from_its_checkpoint(slurm, workdir, tiny_reci
     t0 = time.monotonic()
     job = submit(slurm, workdir, "-n", "1", str(SLURM / "train.sbatch"), "--run-dir", "rt")
     state = workdir / "rt" / "train.ckpt" / "state.json"
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    polls = 0
-    while not state.is_file():
-        assert time.monotonic() < deadline, "no train checkpoint within the job timeout"
-        if polls % 20 == 0:
-            assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), log_of(slurm.job(job))[-3000:]
-        polls += 1
-        time.sleep(0.05)
+    wait_for_checkpoint(slurm, job, state)
     slurm.run(["scancel", "--signal=USR1", "--batch", job])
     info, log = finished(slurm, job)
     assert info["Restarts"] == "1", info
