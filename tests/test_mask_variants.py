@@ -133,17 +133,24 @@ def test_one_step_estimate_loss_warmup_and_movement(tmp_path, variant):
 
 def test_quality_study_variant_rows_change_only_what_they_name(tmp_path):
     """The study's variant rows (benchmarks/quality/rows.py): `taylor` and `movement` plan from the seed's shared
-    estimate (same estimate key) with their unit scores; the mask variants get an estimate of their own."""
+    estimate (same estimate key) with their unit scores; the mask variants get an estimate of their own; the rounded
+    row is the taylor row with prune.multiple_of and its own level ratios (solved under the rounding)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks.quality.rows import ESTIMATE_VARIANTS, Study, row_specs
+    from benchmarks.quality.rows import ESTIMATE_VARIANTS, ROUNDED, Study, row_specs
 
     study = Study(tmp_path, tiny_recipe_dict(tmp_path))
     shared = estimate_key(study.recipe(0))
     specs = {m: (prune, train) for m, _, prune, train in
-             row_specs({0.35: {"attn_ratio": 0.3, "ffn_ratio": 0.4}}, {"module_ratio": 0.5, "rank_ratio": 0.5})}
+             row_specs({0.35: {"attn_ratio": 0.3, "ffn_ratio": 0.4}}, {"module_ratio": 0.5, "rank_ratio": 0.5},
+                       {0.35: {"attn_ratio": 0.3, "ffn_ratio": 0.45}})}
+    for method, extra in ROUNDED.items():
+        recipe = study.recipe(0, prune=specs[method][0], train=specs[method][1])
+        assert recipe.prune.multiple_of == extra["multiple_of"] > 1 and recipe.prune.unit_scores == "taylor"
+        assert recipe.prune.ffn_ratio == 0.45 and recipe.prune.module_ratio == 0.5
+        assert estimate_key(recipe) == shared
     for method in ("taylor", "movement"):
         recipe = study.recipe(0, prune=specs[method][0], train=specs[method][1])
         assert recipe.prune.unit_scores == method and estimate_key(recipe) == shared

@@ -123,8 +123,10 @@ def _link_estimate(shared: Path, row_dir: Path, recipe: Recipe) -> None:
     shutil.copytree(shared, target, copy_function=os.link)
 
 
-def row_specs(level_ratios: dict[float, dict], peft_ratios: dict) -> list[tuple[str, float | None, dict, dict]]:
-    """(method, level, prune section, train section) for every row of one seed."""
+def row_specs(level_ratios: dict[float, dict], peft_ratios: dict,
+              rounded_ratios: dict[float, dict] | None = None) -> list[tuple[str, float | None, dict, dict]]:
+    """(method, level, prune section, train section) for every row of one seed. `rounded_ratios` are the levels
+    solved again with ROUNDED's multiple_of, so the rounded row prunes the same share of parameters."""
     rows = [("lora", None, {"attn_ratio": 0.0, "ffn_ratio": 0.0, "module_ratio": 0.0, "rank_ratio": 0.0,
                             "random": False}, {"warm_start": False, "distill_weight": 0.0})]
     for level, ratios in level_ratios.items():
@@ -136,6 +138,9 @@ def row_specs(level_ratios: dict[float, dict], peft_ratios: dict) -> list[tuple[
             rows.append((method, level, {**ratios, **peft_ratios, "random": False, "unit_scores": scores}, {}))
         for method in ESTIMATE_VARIANTS:  # mask-ranked plans from an estimate of their own (run_seed)
             rows.append((method, level, {**ratios, **peft_ratios, "random": False}, {}))
+        if rounded_ratios:
+            for method, extra in ROUNDED.items():
+                rows.append((method, level, {**rounded_ratios[level], **peft_ratios, "random": False, **extra}, {}))
     return rows
 
 
@@ -143,6 +148,11 @@ def row_specs(level_ratios: dict[float, dict], peft_ratios: dict) -> list[tuple[
 # they add. Each gets its own estimation run per seed, shared by its levels.
 ESTIMATE_VARIANTS: dict[str, dict] = {"masks_warmup": {"mask_warmup_steps": 10},
                                       "masks_alltok": {"loss_on": "all_tokens"}}
+
+
+# Rows whose kept widths are rounded for matrix kernels (prune.multiple_of, docs/method.md): Taylor-ranked like the
+# taylor row, with the level solved again under the rounding so both prune the same share of parameters.
+ROUNDED: dict[str, dict] = {"taylor_m64": {"unit_scores": "taylor", "multiple_of": 64}}
 
 
 def row_name(method: str, level: float | None) -> str:
@@ -188,8 +198,10 @@ def run_seed(study: Study, seed: int, levels: list[float], methods: list[str]) -
     base_prune = study.recipe(seed).prune
     peft = {"module_ratio": base_prune.module_ratio, "rank_ratio": base_prune.rank_ratio}
     level_ratios = {lv: solve_level(shared, base_prune, lv)[0] for lv in levels}
+    rounded = {lv: solve_level(shared, base_prune.model_copy(update={"multiple_of": ROUNDED[m]["multiple_of"]}),
+                               lv)[0] for lv in levels for m in ROUNDED if m in methods}
     dirs = []
-    specs = [s for s in row_specs(level_ratios, peft) if s[0] in methods]
+    specs = [s for s in row_specs(level_ratios, peft, rounded) if s[0] in methods]
     for i, (method, level, prune, train) in enumerate(specs):
         log.info("seed %d: row %d/%d %s", seed, i + 1, len(specs), row_name(method, level))
         est = ESTIMATE_VARIANTS.get(method)

@@ -17,10 +17,11 @@ BASELINES: dict[str, tuple[str, str]] = {  # name: (label, colour)
     "movement": ("Light-PEFT, mask movement scores", "#b7791f"),
     "masks_warmup": ("Light-PEFT masks, mask LR warm-up", "#3182ce"),
     "masks_alltok": ("Light-PEFT masks, loss on all tokens", "#2c7a7b"),
+    "taylor_m64": ("Light-PEFT, Taylor unit scores, widths multiple of 64", "#97266d"),
     "random": ("random pruning", "#e07b39"),
 }
 ORDER = ("zero-shot", "lora", *STRATEGIES, "masks_warmup", "masks_alltok", "movement", "activation", "taylor",
-         "random")  # table order
+         "taylor_m64", "random")  # table order
 UNKNOWN_COLOR = "#4a5568"
 
 
