@@ -185,7 +185,9 @@ def section(result: dict, figure: str | None) -> str:
              "estimation run with prune.unit_scores=activation (heads and FFN neurons ranked by measured activation "
              "times output weight norm, lightpeft_dist/pruning/activation.py); taylor rows the same with "
              "prune.unit_scores=taylor (first-order Taylor importance of each unit's output, "
-             "lightpeft_dist/pruning/taylor.py).",
+             "lightpeft_dist/pruning/taylor.py); the taylor_m64 row is the taylor row with prune.multiple_of 64 "
+             "(kept FFN and KV widths rounded to multiples of 64), its level solved again under the rounding so it "
+             "prunes the same share of parameters (benchmarks/quality/rows.py, ROUNDED).",
              "- LoRA row: every ratio 0 (the plan keeps every unit, the pruned model equals the base) and "
              "train.warm_start false (fresh LoRA, the reference's vanilla baseline). Light-PEFT, activation, taylor and random rows "
              "warm-start from the sliced estimation adapter, as the reference does."
