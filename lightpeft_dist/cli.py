@@ -1,6 +1,8 @@
 """`lightpeft <stage>`: one entry point for every launcher (plain, deepspeed, torchrun, Slurm, Ray).
 
 Unknown `--section.key=value` arguments are recipe overrides. User errors print one `error:` line and exit 2.
+Everything that imports torch (the stages, the run directory's lock, the distributed runtime) is imported when a
+command runs, so `--help` and usage errors answer without it (docs/benchmarks.md, "CLI start").
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import LightPeftError
-from .ownership import open_run_dir, require_run, run_dir_arg
-from .runtime import init_distributed, shutdown
+from .pipeline.stage_index import stage_headers
 
 # Shipped recipes are package data, so `lightpeft demo` works from an installed wheel with no source tree; the
 # checkout's top-level `recipes/` is a symlink to this folder (one copy). Traversables: open with resources.as_file.
@@ -23,8 +24,6 @@ DEMO_RECIPE = SHIPPED_RECIPES / "smollm2_sentiment.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .pipeline.stages import all_stages
-
     p = argparse.ArgumentParser(prog="lightpeft", description="Structured pruning + PEFT (Light-PEFT) for "
                                 "LLaMA-family models, single process to DeepSpeed ZeRO-3.")
     sub = p.add_subparsers(dest="stage", required=True)
@@ -43,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     run = stage("run", "all stages into one run directory, skipping finished ones", collective=True)
     run.add_argument("--baseline-lora", action="store_true", default=None,
                      help="also LoRA on the unpruned model, reported beside the pruned one (report.baseline_lora)")
-    for st in all_stages().values():  # one subcommand per registered stage
+    for st in stage_headers():  # one subcommand per registered stage
         sp = stage(st.name, st.help or f"the {st.name} stage", config=st.name != "report", collective=st.collective)
         if st.name == "plan":
             for ratio in ("attn", "ffn", "module", "rank"):
@@ -92,6 +91,7 @@ def starts_a_run(stage: str) -> bool:
 
 
 def _report(run_dir: Path, compare: list[Path] | None, damage: str | None = None) -> None:
+    from .ownership import open_run_dir
     from .reporting.report import summary_table, write_report
 
     with open_run_dir(run_dir, create=False, command="lightpeft report"):
@@ -106,8 +106,10 @@ def _report(run_dir: Path, compare: list[Path] | None, damage: str | None = None
 
 
 def dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
+    from .ownership import open_run_dir, require_run, run_dir_arg
     from .pipeline import stages as pipeline
     from .pipeline.preflight import check_inputs, check_run_dir
+    from .runtime import init_distributed
 
     run_dir = run_dir_arg(args.run_dir)
     check_run_dir(run_dir)
@@ -182,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return guarded(lambda: dispatch(args, rest))
     finally:
+        from .runtime import shutdown  # dispatch imported it (and torch) already
+
         shutdown()
 
 

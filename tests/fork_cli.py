@@ -1,6 +1,6 @@
 """`python -m lightpeft_dist ARGS` as a real child process, without paying the CLI's imports for every case.
 
-Importing the CLI (torch, transformers, peft) takes 10-20 s on a loaded 2-core machine, and the hostile-input tests
+Importing the pipeline (torch, transformers, peft) takes 10-20 s on a loaded 2-core machine, and the hostile-input tests
 run a dozen short CLI cases that must each be a real process: its own exit code, its own stderr, and a traceback
 there if an exception escapes. A multiprocessing forkserver imports the package once; every case is a fresh process
 forked from it that runs the package's `__main__` through runpy, which is what `python -m` does, with fds 1 and 2

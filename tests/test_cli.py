@@ -147,3 +147,34 @@ def test_console_script_exit_code_and_stderr(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": repo})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: run directory {tmp_path / 'none'} does not exist")
+
+
+HEAVY_AT_START = r"""
+import contextlib, io, sys
+import lightpeft_dist.cli as cli
+heavy = lambda: sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "deepspeed", "peft"})
+codes, out = [], io.StringIO()
+for argv in (["--help"], ["run", "--help"], ["plan", "--help"], [], ["calibrate"], ["nosuchstage"],
+             ["plan", "--run-dir", "r", "--ffn-ratio", "half"], ["plan", "--run-dir", "r", "stray"]):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            codes.append(cli.main(argv))
+        except SystemExit as exc:
+            codes.append(exc.code)
+print(codes, heavy())
+from transformers import AutoConfig  # the pruned model types still register, once transformers is imported
+print(type(AutoConfig.for_model("lightpeft_llama")).__name__, "calibrate" in out.getvalue())
+"""
+
+
+def test_help_and_usage_errors_import_no_torch():
+    """`lightpeft --help`, a subcommand's help and usage errors answer without importing torch, transformers,
+    DeepSpeed or peft (their import is most of a command's start-up; docs/benchmarks.md, "CLI start"); importing
+    transformers later still registers the pruned model types (models/autoregister.py)."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-c", HEAVY_AT_START], capture_output=True, text=True, cwd=repo,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": repo})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes, registered = proc.stdout.strip().splitlines()
+    assert codes == "[0, 0, 0, 2, 2, 2, 2, 2] []", proc.stdout
+    assert registered == "PrunedLlamaConfig True", proc.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ import lightpeft_dist
 from lightpeft_dist.cli import _parser, main
 from lightpeft_dist.config import recipe_from_dict
 from lightpeft_dist.errors import LightPeftError
-from lightpeft_dist.pipeline import stages as pipeline
+from lightpeft_dist.pipeline import stage_index, stages as pipeline
 from lightpeft_dist.reporting import methods
 from lightpeft_dist.rundir import RunDir
 from lightpeft_dist.strategies import registry
@@ -149,12 +150,17 @@ def test_default_strategy_keeps_existing_recipes_and_keys(tiny_recipe):
     assert [s.name for s in pipeline.stages_for(recipe) if s.collective] == ["estimate", "train"]
 
 
-def test_cli_offers_one_subcommand_per_registered_stage():
+def test_cli_offers_one_subcommand_per_registered_stage(monkeypatch):
     sub = next(a for a in _parser()._actions if a.dest == "stage")
     assert set(sub.choices) == {"run", "demo", *pipeline.all_stages()}
     for name, stage in pipeline.all_stages().items():
         has_ds = any(a.dest == "deepspeed" for a in sub.choices[name]._actions)
         assert has_ds == stage.collective, name
+    # A fresh CLI process builds its subcommands from the shipped listing, without importing any stage: it must say
+    # what the registry says, name for name, help for help, in order.
+    assert list(stage_index.SHIPPED_STAGES) == stage_index.live_headers()
+    monkeypatch.delitem(sys.modules, "lightpeft_dist.strategies.registry")
+    assert stage_index.stage_headers() == list(stage_index.SHIPPED_STAGES)
 
 
 def test_stage_keys_all_take_recipe_then_run_dir(tiny_recipe, tmp_path):
