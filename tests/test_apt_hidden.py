@@ -18,7 +18,7 @@ import lightpeft_dist  # noqa: F401  (registers the pruned model types)
 from lightpeft_dist.adapters.lora import lora_config
 from lightpeft_dist.cli import main
 from lightpeft_dist.config import PeftConfig
-from lightpeft_dist.io_utils import sha256_json
+from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.models.loading import load_config
 from lightpeft_dist.pruning.hidden_mask import attach_hidden_mask
 from lightpeft_dist.pruning.importance import lora_modules
@@ -103,16 +103,31 @@ def test_masked_hidden_model_equals_the_pruned_one_and_the_cost_model_counts_it(
 
 
 def test_plans_without_hidden_dimensions_keep_their_hash(tmp_path):
-    """prune_hidden off: the plan has no `hidden` field and hashes as before (the hash of its fields, no new ones)."""
-    base_dir = save_tiny(tmp_path / "base", "llama-gqa")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora_config(PeftConfig(r=4, alpha=8)))
-    plan, record = hidden_plan(model, base_dir, 0.6)
-    scores_off = {"group": [torch.ones(2).double()] * 2, "ffn": [torch.arange(40).double()] * 2}
-    off = make_apt_plan(scores_off, record, 0.6)
+    """prune_hidden off: no `hidden` field, the decoder-only count, and the very plan (hash) the code before hidden
+    pruning made for these inputs (e2e7c0b3e092c536, computed with that code), so old run directories stay valid."""
+    base_dir = save_tiny(tmp_path / "base", "qwen2-bias")
+    ref = model_reference(load_config(str(base_dir)))
+    g = torch.Generator().manual_seed(11)
+    scores = {"group": [torch.rand(s["num_key_value_heads"], generator=g).double() for s in ref["layer_shapes"]],
+              "ffn": [torch.rand(s["intermediate_size"], generator=g).double() for s in ref["layer_shapes"]]}
+    record = {**ref, "biases": ["qkv"], "lora_modules": {"model.layers.0.self_attn.q_proj": 4}}
+    off = make_apt_plan(scores, record, 0.6)
     assert "hidden" not in off and "hidden_size" not in off["summary"]["after"]
-    assert off["hash"] == sha256_json({k: v for k, v in off.items() if k not in ("summary", "hash", "key")})[:16]
-    assert off["apt"]["dense_params"] == cost_model(record).dense()  # decoder-only count, as before
-    assert plan["apt"]["dense_params"] == cost_model(record).dense() + record["vocab_size"] * record["hidden_size"]
+    assert off["hash"] == "e2e7c0b3e092c536"
+    assert off["apt"]["dense_params"] == cost_model(record).dense()
+    # with hidden scores, the count covers the embeddings and the untied LM head too
+    on = make_apt_plan({**scores, "hidden": torch.rand(ref["hidden_size"], generator=g).double()},
+                       {**record, "vocab_size": 33, "tie_word_embeddings": False}, 0.6)
+    assert on["apt"]["dense_params"] == cost_model(record).dense() + 2 * 33 * ref["hidden_size"]
+    kept = on["hidden"]
+    assert 1 < len(kept) < ref["hidden_size"]
+    for bad, message in ((kept[:1] + kept, "repeats index"), (kept[::-1], "is not sorted"), ([], "keeps nothing"),
+                         ([-1] + kept, "has negative index")):
+        edited = {**on, "hidden": bad}
+        edited["hash"] = plan_hash(edited)  # a consistent hash: the structure check must catch it
+        (tmp_path / "plan.json").write_text(json.dumps(edited))
+        with pytest.raises(LightPeftError, match=f"hidden {message}"):
+            read_plan(tmp_path / "plan.json", ref)
 
 
 def test_one_shot_run_with_hidden_pruning_end_to_end(tmp_path, capsys):
