@@ -252,8 +252,9 @@ def test_bad_apt_input_is_one_error_line_and_writes_nothing(tmp_path, capsys, ap
 
 
 def test_budget_search_with_hidden_dimensions_counts_the_multiplicative_cost():
-    """Hidden dimensions (for the future apt.prune_hidden) compete in the same sorted list; the count of a prefix is
-    d' x A + B, so the kept count is the cost model's count of the kept shapes, within one block of the budget."""
+    """Hidden dimensions (apt.prune_hidden; test_apt_hidden.py slices them) compete in the same sorted list; the count
+    of a prefix is d' x A + B, so the kept count is the cost model's count of the kept shapes, within one block of
+    the budget."""
     shapes = tuple({"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 12} for _ in range(3))
     cost = CostModel(shapes, 16, 4, frozenset({"qkv"}))
     g = torch.Generator().manual_seed(3)

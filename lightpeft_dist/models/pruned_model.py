@@ -95,8 +95,11 @@ def register() -> None:
         PRUNED_CLASSES[family] = (cfg_cls, model_cls)
 
 
-def pruned_config(base_config: PretrainedConfig, shapes: list[dict[str, int]]) -> PretrainedConfig:
-    """The config for a model with these per-layer shapes: stock class when uniform and valid there, `lightpeft_<family>` otherwise."""
+def pruned_config(base_config: PretrainedConfig, shapes: list[dict[str, int]],
+                  hidden_size: int | None = None) -> PretrainedConfig:
+    """The config for a model with these per-layer shapes (and, when hidden dimensions were pruned, this hidden size):
+    stock class when uniform and valid there, `lightpeft_<family>` otherwise. head_dim is always explicit, so a
+    pruned hidden size leaves the q/k/v widths as they were."""
     register()
     check_head_groups(shapes)
     family = family_for(base_config).name
@@ -105,10 +108,12 @@ def pruned_config(base_config: PretrainedConfig, shapes: list[dict[str, int]]) -
                 "auto_map"):
         raw.pop(key, None)
     raw["head_dim"] = getattr(base_config, "head_dim", None) or base_config.hidden_size // base_config.num_attention_heads
+    if hidden_size is not None:
+        raw["hidden_size"] = hidden_size
     uniform = all(s == shapes[0] for s in shapes)
     # A stock config only loads if its head count divides hidden_size (transformers validates that even when
     # head_dim is explicit), so uniform plans that break the rule use the per-layer class too.
-    stock_ok = uniform and base_config.hidden_size % shapes[0]["num_attention_heads"] == 0
+    stock_ok = uniform and raw["hidden_size"] % shapes[0]["num_attention_heads"] == 0
     # Top-level counts: the first layer's shape when uniform; the widest layer otherwise (so anything sized from
     # the top-level config, e.g. a KV cache preallocation, is large enough).
     top = shapes[0] if uniform else {k: max(s[k] for s in shapes) for k in shapes[0]}

@@ -232,21 +232,32 @@ SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 def summarize(plan: dict, shapes: list[dict[str, int]], hidden_size: int, head_dim: int) -> dict:
     after_shapes = kept_shapes(plan)
     before_p = prunable_params(shapes, hidden_size, head_dim)
-    after_p = prunable_params(after_shapes, hidden_size, head_dim)
+    after_p = prunable_params(after_shapes, kept_hidden_size(plan, hidden_size), head_dim)
     kept = summarize_kept(plan)
-    return {"before": {k: sum(s[k] for s in shapes) for k in SHAPE_KEYS}, "after": kept["after"],
-            "prunable_params_before": before_p, "prunable_params_after": after_p,
-            "prunable_fraction_pruned": round(1 - after_p / before_p, 6),
-            **{k: kept[k] for k in ("uniform", "peft_modules_kept", "lora_ranks_kept")}}
+    out = {"before": {k: sum(s[k] for s in shapes) for k in SHAPE_KEYS}, "after": kept["after"],
+           "prunable_params_before": before_p, "prunable_params_after": after_p,
+           "prunable_fraction_pruned": round(1 - after_p / before_p, 6),
+           **{k: kept[k] for k in ("uniform", "peft_modules_kept", "lora_ranks_kept")}}
+    if "hidden" in plan:  # only plans that prune hidden dimensions say so: older summaries stay as they were
+        out["before"]["hidden_size"] = hidden_size
+    return out
 
 
 def summarize_kept(plan: dict) -> dict:
     """The part of the summary that the plan alone decides (no model shapes needed)."""
     after_shapes = kept_shapes(plan)
-    return {"after": {k: sum(s[k] for s in after_shapes) for k in SHAPE_KEYS},
+    after = {k: sum(s[k] for s in after_shapes) for k in SHAPE_KEYS}
+    if "hidden" in plan:
+        after["hidden_size"] = len(plan["hidden"])
+    return {"after": after,
             "uniform": all(s == after_shapes[0] for s in after_shapes),
             "peft_modules_kept": len(plan["peft_modules"]),
             "lora_ranks_kept": sum(len(r) for r in plan["peft_modules"].values())}
+
+
+def kept_hidden_size(plan: dict, hidden_size: int) -> int:
+    """The pruned model's hidden size: the kept hidden dimensions when the plan prunes them (APT), else unchanged."""
+    return len(plan["hidden"]) if "hidden" in plan else hidden_size
 
 
 def kept_shapes(plan: dict) -> list[dict[str, int]]:
@@ -328,6 +339,8 @@ def check_plan_structure(plan, reference: dict | None = None, where: str = "plan
             if len(set(per_group.values())) > 1:
                 raise _bad(where, f"layer {i} keeps {list(per_group.values())} query heads in its KV groups; "
                                   "GQA needs the same number in each kept group")
+    if "hidden" in plan:  # kept hidden dimensions: one global set on the residual stream (APT's prune_hidden)
+        _indices(plan["hidden"], "hidden", (reference or {}).get("hidden_size"), where)
     if not isinstance(peft, dict):
         raise _bad(where, "'peft_modules' is not an object")
     for name, ranks in peft.items():

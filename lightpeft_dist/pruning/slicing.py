@@ -22,7 +22,7 @@ from ..models.families import FamilySpec, config_layer_shapes, family_for, head_
 from ..io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from ..models.loading import fingerprint, load_config, resolve_model_dir
 from ..rundir import RunDir
-from .plan import check_plan_structure, kept_shapes, read_plan
+from .plan import check_plan_structure, kept_hidden_size, kept_shapes, read_plan
 from ..models.pruned_model import architecture_name, pruned_config
 from .safetensors_stream import ShardReader, ShardWriter
 from ..rundir import PRUNE_RECORD
@@ -49,39 +49,72 @@ def slicing_table(spec: FamilySpec, plan: dict, head_dim: int) -> dict[str, tupl
     return table
 
 
-def slice_base_tensor(name: str, tensor: torch.Tensor, table: dict) -> torch.Tensor:
+# Weights outside the projections that carry the residual stream's width (hidden-dimension pruning slices them), by
+# the last part of their module's name -> the dimension indexed by hidden dimensions; a module named `*norm` is an
+# RMSNorm (input, post-attention, final). Llama, Mistral and Qwen2 name them alike.
+HIDDEN_MODULES = {"embed_tokens": 1, "lm_head": 1}
+
+
+def tensor_cuts(name: str, table: dict, hidden: torch.Tensor | None = None) -> list[tuple[int, torch.Tensor]]:
+    """(dimension, kept indices) for one checkpoint tensor. A projection is cut on its unit side by `table`; with
+    kept `hidden` dimensions (APT's prune_hidden) also on its residual side: the input columns of q/k/v/gate/up, the
+    output rows (and bias) of o/down; embeddings, the LM head and every RMSNorm are cut along the hidden width."""
     module, _, kind = name.rpartition(".")
-    if module not in table:
-        return tensor
-    side, idx = table[module]
-    if side == "out":
-        return tensor.index_select(0, idx)
-    return tensor.index_select(1, idx) if kind == "weight" else tensor  # an input-side bias is kept whole
+    cuts: list[tuple[int, torch.Tensor]] = []
+    if module in table:
+        side, idx = table[module]
+        if side == "out":
+            cuts.append((0, idx))
+            if hidden is not None and kind == "weight":  # an output-side bias has no hidden dimension
+                cuts.append((1, hidden))
+        else:
+            if kind == "weight":  # an input-side bias is kept whole by the unit cut
+                cuts.append((1, idx))
+            if hidden is not None:
+                cuts.append((0, hidden))
+        return cuts
+    if hidden is None:
+        return cuts
+    leaf = module.rpartition(".")[2]
+    dim = HIDDEN_MODULES.get(leaf, 0 if leaf.endswith("norm") else None) if kind == "weight" else None
+    if dim is None:
+        raise LightPeftError(f"checkpoint tensor {name} is neither a projection, an embedding, the LM head nor an "
+                             "RMSNorm, so hidden-dimension pruning cannot slice it; set apt.prune_hidden: false for "
+                             "this model")
+    return [(dim, hidden)]
 
 
-def sliced_shape(name: str, shape: list[int], table: dict) -> list[int]:
+def slice_base_tensor(name: str, tensor: torch.Tensor, table: dict, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    for dim, idx in tensor_cuts(name, table, hidden):
+        tensor = tensor.index_select(dim, idx)
+    return tensor
+
+
+def sliced_shape(name: str, shape: list[int], table: dict, hidden: torch.Tensor | None = None) -> list[int]:
     """The shape `slice_base_tensor` gives this tensor, known before reading it (shard headers come first)."""
-    module, _, kind = name.rpartition(".")
-    if module not in table:
-        return list(shape)
-    side, idx = table[module]
-    if side == "out":
-        return [len(idx), *shape[1:]]
-    return [shape[0], len(idx), *shape[2:]] if kind == "weight" else list(shape)
+    shape = list(shape)
+    for dim, idx in tensor_cuts(name, table, hidden):
+        shape[dim] = len(idx)
+    return shape
 
 
-def prune_shard(src: Path, dst: Path, table: dict) -> dict[str, tuple[int, int]]:
+def hidden_index(plan: dict) -> torch.Tensor | None:
+    """The plan's kept hidden dimensions as an index (None: the plan keeps the hidden width)."""
+    return torch.as_tensor(plan["hidden"], dtype=torch.long) if "hidden" in plan else None
+
+
+def prune_shard(src: Path, dst: Path, table: dict, hidden: torch.Tensor | None = None) -> dict[str, tuple[int, int]]:
     """Slice one shard tensor by tensor; memory holds one tensor, never the shard. Returns name -> (numel, bytes).
 
     Untouched tensors (embeddings, norms) are copied through in chunks; see safetensors_stream for why neither
     safe_open (mapped pages stay resident) nor save_file (needs the whole shard) is used here.
     """
     with ShardReader(src) as reader:
-        entries = [(n, reader.dtype(n), sliced_shape(n, reader.shape(n), table)) for n in reader.keys()]
+        entries = [(n, reader.dtype(n), sliced_shape(n, reader.shape(n), table, hidden)) for n in reader.keys()]
         with ShardWriter(dst, entries, metadata={"format": "pt"}) as writer:
             for name in reader.keys():
-                if name.rpartition(".")[0] in table:
-                    writer.write(name, slice_base_tensor(name, reader.get(name), table))
+                if tensor_cuts(name, table, hidden):
+                    writer.write(name, slice_base_tensor(name, reader.get(name), table, hidden))
                 else:
                     reader.copy_to(name, writer)
     return {n: (math.prod(shape), writer.sizes[n]) for n, _, shape in entries}
@@ -120,13 +153,14 @@ def prune_checkpoint(model_path: str, plan: dict, out_dir: Path, record_extra: d
     check_plan(plan, config)
     spec, hd = family_for(config), head_dim_of(config)
     table = slicing_table(spec, plan, hd)
-    new_config = pruned_config(config, kept_shapes(plan))
+    hidden = hidden_index(plan)
+    new_config = pruned_config(config, kept_shapes(plan), kept_hidden_size(plan, config.hidden_size))
     new_config.architectures = [architecture_name(new_config)]
     shards = _shards(src)
     weight_map, total_bytes, n_params = {}, 0, 0
     with atomic_dir(out_dir) as tmp:
         for shard in tqdm(shards, desc="prune shards", unit="shard"):
-            for name, (numel, nbytes) in prune_shard(src / shard, tmp / shard, table).items():
+            for name, (numel, nbytes) in prune_shard(src / shard, tmp / shard, table, hidden).items():
                 weight_map[name] = shard
                 total_bytes += nbytes
                 n_params += numel
@@ -148,7 +182,7 @@ def prune_checkpoint(model_path: str, plan: dict, out_dir: Path, record_extra: d
 def prune_adapter(adapter_dir: Path, plan: dict, config, model_dir: Path, out_dir: Path) -> dict:
     """Slice the estimation LoRA to the pruned shapes, keep the planned modules and ranks, save in PEFT format."""
     spec, hd = family_for(config), head_dim_of(config)
-    table = slicing_table(spec, plan, hd)
+    table, hidden = slicing_table(spec, plan, hd), hidden_index(plan)
     peft_cfg = read_json(adapter_dir / "adapter_config.json", "estimation adapter config")
     weights = load_tensors(adapter_dir / "adapter_model.safetensors", "estimation adapter weights")
     r_init, alpha = int(peft_cfg["r"]), float(peft_cfg["lora_alpha"])
@@ -170,8 +204,12 @@ def prune_adapter(adapter_dir: Path, plan: dict, config, model_dir: Path, out_di
         side, idx = table[module]
         if side == "out":
             b = b.index_select(0, idx)
+            if hidden is not None:  # the projection reads the residual stream: A's input columns
+                a = a.index_select(1, hidden)
         else:
             a = a.index_select(1, idx)
+            if hidden is not None:  # it writes the residual stream: B's output rows
+                b = b.index_select(0, hidden)
         out[a_key], out[b_key] = a.contiguous(), b.contiguous()
     names = list(kept_modules)
     peft_cfg.update({

@@ -4,7 +4,9 @@ Why: APT prunes to a parameter budget, not to per-kind ratios. Blocks of every k
 when hidden-dimension pruning is on, hidden dimensions) compete in one list sorted by salience per parameter, and
 the largest prefix whose kept model fits the budget survives. The cost model counts exactly the parameters of the
 decoder layers (projection weights and biases, the two norms per layer, the final norm); embeddings and the LM head
-are not counted, as in the reference. With hidden dimensions kept at d', the count is d' * A + B, where A (per
+are not counted, as in the reference, unless hidden dimensions are pruned: then they shrink with the hidden width and
+the count (and so the budget) covers the whole model, a hidden dimension costing its embedding row and its LM head
+column when untied (`CostModel.embedding`). With hidden dimensions kept at d', the count is d' * A + B, where A (per
 hidden dimension) and B (biases that do not scale with d') are sums over the kept blocks, so the count of a prefix
 is monotone in its length and a binary search finds the largest prefix under the budget.
 
@@ -29,13 +31,16 @@ class CostModel:
     """Parameter counts of a LLaMA-family model's decoder layers (GQA allowed; widths may differ per layer).
 
     `shapes`: per layer num_attention_heads, num_key_value_heads, intermediate_size; `biases`: which projections
-    carry biases ({"qkv", "o", "mlp"}, e.g. Qwen2's q/k/v).
+    carry biases ({"qkv", "o", "mlp"}, e.g. Qwen2's q/k/v). `embedding`: parameters per hidden dimension outside
+    the decoder, counted only when hidden dimensions are pruned (vocab size, twice that with an untied LM head; 0: the
+    decoder-only count).
     """
 
     shapes: tuple[dict, ...]
     hidden_size: int
     head_dim: int
     biases: frozenset[str] = frozenset()
+    embedding: int = 0
 
     def rep(self, i: int) -> int:
         s = self.shapes[i]
@@ -60,7 +65,7 @@ class CostModel:
     def count(self, groups: list[int], neurons: list[int], hidden: int) -> int:
         """Parameters of the decoder with `groups[i]` KV groups and `neurons[i]` FFN neurons in layer i and `hidden`
         hidden dimensions."""
-        per_dim = 1 + sum(self.layer_per_dim() + g * self.group_per_dim(i) + f * self.neuron_per_dim()
+        per_dim = 1 + self.embedding + sum(self.layer_per_dim() + g * self.group_per_dim(i) + f * self.neuron_per_dim()
                           for i, (g, f) in enumerate(zip(groups, neurons, strict=True)))
         fixed = sum(g * self.group_fixed(i) + f * self.neuron_fixed()
                     for i, (g, f) in enumerate(zip(groups, neurons, strict=True)))
@@ -108,7 +113,7 @@ def plan_for_budget(salience: dict[str, list[torch.Tensor]], cost: CostModel, de
             per_dim += [a] * len(rest)
             fixed += [b] * len(rest)
             rho.append(ratio[rest])
-    per_dim_forced = 1 + sum(cost.layer_per_dim() + cost.group_per_dim(i) + cost.neuron_per_dim()
+    per_dim_forced = 1 + cost.embedding + sum(cost.layer_per_dim() + cost.group_per_dim(i) + cost.neuron_per_dim()
                              for i in range(n_layers))
     fixed_forced = sum(cost.group_fixed(i) + cost.neuron_fixed() for i in range(n_layers))
     hidden_forced = d

@@ -122,7 +122,8 @@ def run_calibrate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None,
     record = {
         "key": key, "strategy": "apt", "mode": cfg.mode, "model_path": recipe.model.path,
         "model_fingerprint": fingerprint(base_config), "layer_shapes": shapes, "hidden_size": base_config.hidden_size,
-        "head_dim": head_dim_of(base_config), "biases": biases_of(model),
+        "head_dim": head_dim_of(base_config), "biases": biases_of(model), "vocab_size": base_config.vocab_size,
+        "tie_word_embeddings": bool(getattr(base_config, "tie_word_embeddings", False)),
         "lora_modules": {name: int(m.r["default"]) for name, m in lora_modules(model)},
         "steps": steps, "samples": steps * cfg.batch_size, "seed": cfg.seed, "world_size": rt.world_size,
         "deepspeed": ds_cfg, "losses": stats.losses, "tokens": stats.job_tokens, "train_seconds": stats.seconds,
@@ -139,14 +140,15 @@ def run_calibrate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None,
     return record
 
 
-def load_apt_scores(run_dir: Path, record: dict) -> dict[str, list[torch.Tensor]]:
-    """The block scores of a calibration, checked against its record's shapes."""
+def load_apt_scores(run_dir: Path, record: dict, hidden: bool = False) -> dict:
+    """The block scores of a calibration, checked against its record's shapes; with `hidden`, also "hidden": one
+    tensor of hidden_size scores (a calibration with `apt.prune_hidden` writes it)."""
     path = scores_path(run_dir)
     tensors = load_tensors(path, "APT scores file")
     sizes = {"group": [s["num_key_value_heads"] for s in record["layer_shapes"]],
-             "ffn": [s["intermediate_size"] for s in record["layer_shapes"]]}
-    out: dict[str, list[torch.Tensor]] = {}
-    for kind in KINDS:
+             "ffn": [s["intermediate_size"] for s in record["layer_shapes"]], "hidden": [record["hidden_size"]]}
+    out: dict = {}
+    for kind in KINDS + ("hidden",) * hidden:
         out[kind] = []
         for i, n in enumerate(sizes[kind]):
             t = tensors.get(f"{kind}.{i}")
@@ -154,6 +156,8 @@ def load_apt_scores(run_dir: Path, record: dict) -> dict[str, list[torch.Tensor]
                 raise LightPeftError(f"APT scores file {path}: {kind}.{i} is missing, not {n} finite scores; delete "
                                      f"{path.parent} and rerun `lightpeft calibrate`")
             out[kind].append(t.double())
+    if hidden:
+        out["hidden"] = out["hidden"][0]  # one global set of scores, as plan_for_budget takes it
     return out
 
 

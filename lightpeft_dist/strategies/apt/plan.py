@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from ...config import Recipe
+from ...errors import LightPeftError
 from ...io_utils import read_json, sha256_file, sha256_json, write_json
 from ...pruning.plan import PLAN_VERSION, plan_hash, summarize
 from ...rundir import RunDir
@@ -29,14 +30,24 @@ def apt_plan_key(recipe: Recipe, run_dir: Path) -> str:
                         "apt": {k: apt[k] for k in PLAN_KEYS}})[:16]
 
 
-def cost_model(record: dict) -> CostModel:
+def cost_model(record: dict, hidden: bool = False) -> CostModel:
+    """The record's cost model; with `hidden` (hidden dimensions pruned) it counts the embeddings and an untied LM
+    head too, which shrink with the hidden width (budget.py)."""
+    embedding = 0
+    if hidden:
+        if "vocab_size" not in record:
+            raise LightPeftError("the APT calibration record has no vocab_size (written before hidden-dimension "
+                                 "pruning existed); rerun `lightpeft calibrate`")
+        embedding = record["vocab_size"] * (1 if record.get("tie_word_embeddings") else 2)
     return CostModel(tuple(record["layer_shapes"]), record["hidden_size"], record["head_dim"],
-                     frozenset(record.get("biases", [])))
+                     frozenset(record.get("biases", [])), embedding)
 
 
 def make_apt_plan(scores: dict, record: dict, target_density: float) -> dict:
-    """The plan that keeps exactly the blocks `plan_for_budget` chooses."""
-    cost = cost_model(record)
+    """The plan that keeps exactly the blocks `plan_for_budget` chooses; with "hidden" scores, the plan also keeps a
+    global set of hidden dimensions (`plan["hidden"]`; plans without it are unchanged)."""
+    hidden = scores.get("hidden") is not None
+    cost = cost_model(record, hidden)
     kept = plan_for_budget(scores, cost, target_density)
     layers = []
     for i, (groups, ffn) in enumerate(zip(kept["group"], kept["ffn"], strict=True)):
@@ -48,6 +59,8 @@ def make_apt_plan(scores: dict, record: dict, target_density: float) -> dict:
                                          "next_block_params")},
             "layers": layers,
             "peft_modules": {name: list(range(r)) for name, r in record["lora_modules"].items()}}
+    if hidden:
+        plan["hidden"] = kept["hidden"]
     plan["summary"] = summarize(plan, record["layer_shapes"], record["hidden_size"], record["head_dim"])
     plan["hash"] = plan_hash(plan)
     return plan
@@ -60,15 +73,18 @@ def run_apt_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) 
     record = read_json(d.estimate_record, "APT calibration record")
     apt = recipe.section("apt")
     # gradual: training starts dense and prunes at its checkpoints (gradual.py); the plan keeps everything
-    plan = make_apt_plan(load_apt_scores(run_dir, record), record, 1.0 if apt.mode == "gradual" else apt.target_density)
+    plan = make_apt_plan(load_apt_scores(run_dir, record, apt.prune_hidden), record,
+                         1.0 if apt.mode == "gradual" else apt.target_density)
     plan["key"] = apt_plan_key(recipe, run_dir)
     rt.agree(plan["hash"], "plan hash")
     if rt.is_main:
         write_json(d.plan, plan)
     rt.barrier()
     s, a = plan["summary"], plan["apt"]
-    log.info("APT plan %s: density %.4f of %d decoder parameters (target %.4f, budget %d, kept %d); KV heads %d -> %d, "
-             "FFN %d -> %d", plan["hash"], a["density"], a["dense_params"], recipe.section("apt").target_density,
+    log.info("APT plan %s: density %.4f of %d %s parameters (target %.4f, budget %d, kept %d); KV heads %d -> %d, "
+             "FFN %d -> %d, hidden %d -> %d", plan["hash"], a["density"], a["dense_params"],
+             "model" if "hidden" in plan else "decoder", recipe.section("apt").target_density,
              a["target_params"], a["kept_params"], s["before"]["num_key_value_heads"], s["after"]["num_key_value_heads"],
-             s["before"]["intermediate_size"], s["after"]["intermediate_size"])
+             s["before"]["intermediate_size"], s["after"]["intermediate_size"], record["hidden_size"],
+             len(plan.get("hidden", range(record["hidden_size"]))))
     return plan
