@@ -12,7 +12,8 @@ this hook
   the kept blocks back to the source model's indices (a plan in the shared format, with the checkpoint's budget in
   `apt` and every earlier checkpoint's in `apt.history`), and returns `pruning.live.live_prune` of it, which the
   loop applies (LoRA weights and AdamW moments sliced, the model rebuilt smaller, on any world size);
-- then restarts the salience on the new model.
+- then restarts the salience on the new model (with the mask ramp: carries its EMA over, sliced to the kept
+  blocks, since the next ramp's choice may come a step later).
 Rank growth (tuning.py) runs at the same checkpoints. With `apt.mask_ramp` (the default) the blocks a checkpoint
 removes are chosen `apt.ramp` steps before it (`ramp.ramp_windows`), from the salience at that point, and masked
 by a value falling by `apt.mask_ramp_step` per step until the checkpoint removes them physically (ramp.py); the
@@ -133,7 +134,9 @@ class GradualPrune(StepHooks):
         action = live_prune(plan, self.ctx.source_config, lora_layout(self.ctx.trainee.model),
                             base_plan=self.ctx.start_plan,
                             reason=f"APT pruning checkpoint {k}/{self.apt.checkpoints}")
-        return Restructure(_without_salience(action.transform), action.reason)
+        # with the ramp, the next ramp may start right after this checkpoint: keep the salience, sliced to the kept
+        # blocks (as the reference does); without it, it starts over (the earlier behaviour)
+        return Restructure(_without_salience(action.transform, kept if self.apt.mask_ramp else None), action.reason)
 
     def _start_ramp(self, start: int, checkpoint_step: int) -> None:
         kept, entry = self.choose(checkpoint_step)
@@ -160,7 +163,7 @@ class GradualPrune(StepHooks):
         self.masks, self.chosen = None, None
 
     def after_rebuild(self, trainee: Trainee) -> None:
-        self.salience.remove()  # the salience restarts on the pruned model (its blocks are new coordinates)
+        self.salience.remove()  # a new tracker on the pruned model; load_state_dict then gets its sliced EMA, if any
         self.salience = AptSalience(trainee.model, self.ctx.runtime, self.apt.use_kurtosis, beta=self.apt.beta)
         if self.chosen is not None:  # a restructure inside a ramp (none in gradual mode today): keep ramping
             value = self.masks.value
@@ -177,7 +180,7 @@ class GradualPrune(StepHooks):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = {k.removeprefix("apt."): v for k, v in state.items() if k.startswith("apt.")}
         ramp = own.pop("ramp", None)
-        if own:  # none after a pruning checkpoint (dropped by the transform): the salience starts over
+        if own:  # none after a pruning checkpoint without the ramp (dropped by the transform): it starts over
             self.salience.load_state_dict(own)
         if ramp is not None:
             chosen = json.loads(bytes(ramp.tolist()).decode())
@@ -187,10 +190,20 @@ class GradualPrune(StepHooks):
             self.masks.value = value
 
 
-def _without_salience(transform: Transform) -> Transform:
-    """The live-prune transform, dropping the block salience state: it indexes the blocks before the prune."""
+def _without_salience(transform: Transform, kept: dict | None = None) -> Transform:
+    """The live-prune transform, dropping the hook's state (it indexes the blocks before the prune), or, given the
+    `kept` blocks, keeping the block salience sliced to them (the ramp's choice is dropped either way)."""
     def wrapped(tensors: dict[str, torch.Tensor], meta: dict):
         tensors, meta = transform(tensors, meta)
-        return {k: v for k, v in tensors.items() if not k.startswith("extra/apt.")}, meta
+        out = {k: v for k, v in tensors.items() if not k.startswith("extra/apt.")}
+        if kept is not None:
+            for name, value in tensors.items():
+                parts = name.removeprefix("extra/apt.").split(".")
+                if not name.startswith("extra/apt.") or parts[0] == "ramp":
+                    continue
+                if parts[-2:-1] and parts[-2] in ("group", "ffn"):  # [salience|kurtosis.]<kind>.<layer>
+                    value = value[torch.as_tensor(kept[parts[-2]][int(parts[-1])], dtype=torch.long)]
+                out[name] = value
+        return out, meta
 
     return wrapped
