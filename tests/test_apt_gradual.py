@@ -76,6 +76,8 @@ def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path):
     assert proc.returncode != 0 and not (killed / "train").exists(), proc.stderr[-3000:]
     state = json.loads((killed / "train.ckpt" / "state.json").read_text())
     assert state["step"] == 3 and state["structure"]["plan"]["apt"]["checkpoint"] == 1
+    saved = load_file(killed / "train.ckpt" / "state.safetensors")  # the ramp's choice and the distillation step
+    assert "extra/apt.ramp" in saved and int(saved["extra/apt_distill.step"]) == 3
     run_stages(killed, "train", config=recipe)
     resumed = json.loads((killed / "train" / "train.json").read_text())
     assert resumed["resumed_from_step"] == 4
