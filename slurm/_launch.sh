@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Shared body of slurm/*.sbatch: check everything that can be checked before a rank starts, then launch the CLI.
 #
-#   _launch.sh dist   STAGE  [CLI args]         all nodes of the allocation, one rank per GPU (or per task on CPU)
+#   _launch.sh dist   STAGE  [CLI args]         all nodes of the allocation, one rank per GPU (or per task on CPU);
+#                                               STAGE `first`: the recipe's strategy's first stage (estimate for
+#                                               Light-PEFT, calibrate for APT, search for PrunePEFT), as `lightpeft run`
 #   _launch.sh single STAGE[,STAGE...] [args]   one process on the batch host, stages in order (plan, prune, evaluate)
 #   _launch.sh node   STAGE  [CLI args]         internal: what srun runs on each node in `dist` mode
 #
@@ -69,20 +71,25 @@ if [[ $STAGES != report ]]; then  # every other stage reads the recipe
     die "no recipe: pass --config R.yaml, or a --run-dir that already holds recipe.yaml ($RUN_DIR/recipe.yaml not found)"
   fi
   # The CLI's own recipe check, once, before any rank starts: a typo fails here with the CLI's one-line message.
-  "$PY" - "$RUN_DIR" "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} <<'EOF' || exit 2
+  # It prints the strategy's first stage (what STAGE `first` means).
+  first=$("$PY" - "$RUN_DIR" "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} <<'EOF'
 import sys
 from pathlib import Path
 try:
     from lightpeft_dist.errors import LightPeftError
     from lightpeft_dist.pipeline.stages import resolve_recipe
+    from lightpeft_dist.strategies.registry import strategy_for
 except ImportError as exc:
     sys.exit(f"error: cannot import lightpeft_dist with {sys.executable} ({exc}); set LIGHTPEFT_PYTHON")
 try:
-    resolve_recipe(Path(sys.argv[1]), sys.argv[2] or None, sys.argv[3:])
+    print(strategy_for(resolve_recipe(Path(sys.argv[1]), sys.argv[2] or None, sys.argv[3:])).stages[0].name)
 except LightPeftError as exc:
     sys.exit(f"error: {exc}")
 EOF
+  ) || exit 2
+  [[ $STAGES != first ]] || STAGES=${first##*$'\n'}  # its last line
 fi
+[[ $STAGES != first ]] || die "stage 'first' needs the recipe; pass --config R.yaml or a --run-dir holding recipe.yaml"
 
 export LIGHTPEFT_DIST_TIMEOUT_S=${LIGHTPEFT_DIST_TIMEOUT_S:-1800}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a timed-out NCCL op aborts the rank

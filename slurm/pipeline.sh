@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Submit the whole pipeline as dependent Slurm jobs: estimate -> plan+prune -> train -> evaluate.
+# Submit the whole pipeline as dependent Slurm jobs: the strategy's own stages (Light-PEFT: estimate; APT: calibrate,
+# then its plan; PrunePEFT: search), then plan+prune -> train -> evaluate, in the order `lightpeft run` takes them.
 #
 #   slurm/pipeline.sh [SBATCH OPTIONS --] --config R.yaml --run-dir D [--section.key=value ...]
 #   slurm/pipeline.sh -N 2 --gpus-per-node 8 -p gpu -t 12:00:00 -- --config recipes/R.yaml --run-dir runs/big
 #
 # Shape options (-N/--nodes, -n/--ntasks, --ntasks-per-node, --gpus-per-node, -G/--gpus, --gres, -c/--cpus-per-task,
-# --cpus-per-gpu, --gpus-per-task, --exclusive) apply to estimate and train; every other option (partition, time,
-# account, qos, mem, ...) goes to all four jobs. plan+prune and evaluate run as one task on one node (evaluate with one
-# GPU when GPUs were asked for). Each job starts only after the previous one succeeded (--dependency=afterok); when one
+# --cpus-per-gpu, --gpus-per-task, --exclusive) apply to the collective stages (estimate or the strategy's first
+# stage, train); every other option (partition, time, account, qos, mem, ...) goes to all jobs. Consecutive
+# single-process stages (plan+prune, evaluate) run as one job of one task on one node (with one GPU when GPUs were
+# asked for), named after its last stage. Each job starts only after the previous one succeeded (--dependency=afterok); when one
 # fails the later ones are cancelled (--kill-on-invalid-dep=yes) rather than left pending. Logs: D/logs/<name>-<id>.out.
 # Prints one line per job, "<stage> <job id>", so a script can wait on the last one.
 set -euo pipefail
@@ -69,11 +71,52 @@ submit() {  # submit NAME [sbatch args...] -> prints the job id
   sbatch --parsable --job-name="lightpeft-$name" --output="$run_dir/logs/%x-%j.out" --kill-on-invalid-dep=yes \
     ${common[@]+"${common[@]}"} "$@" | cut -d';' -f1
 }
-est=$(submit estimate ${shape[@]+"${shape[@]}"} "$HERE/estimate.sbatch" "${cli[@]}")
-echo "estimate $est"
-prn=$(submit prune --dependency="afterok:$est" "${single[@]}" "$HERE/stage.sbatch" plan,prune "${single_cli[@]}")
-echo "prune $prn"
-trn=$(submit train --dependency="afterok:$prn" ${shape[@]+"${shape[@]}"} "$HERE/train.sbatch" "${cli[@]}")
-echo "train $trn"
-evl=$(submit evaluate --dependency="afterok:$trn" "${single[@]}" "$HERE/stage.sbatch" evaluate "${single_cli[@]}")
-echo "evaluate $evl"
+
+# The stages in order, "NAME COLLECTIVE" per line: the strategy's (read from the recipe without the overrides, which
+# cannot change the strategy), then the shared ones up to evaluate (export and report are left to the user).
+if [[ -n ${LIGHTPEFT_PYTHON:-} ]]; then py=$LIGHTPEFT_PYTHON
+elif [[ -x "$HERE/../.venv/bin/python" ]]; then py="$HERE/../.venv/bin/python"
+else py=python3; fi
+plan=$(PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" "$py" - "$run_dir" "$config" <<'EOF'
+import sys
+from pathlib import Path
+try:
+    from lightpeft_dist.errors import LightPeftError
+    from lightpeft_dist.pipeline.stages import resolve_recipe, stage_named
+    from lightpeft_dist.strategies.registry import strategy_for
+except ImportError as exc:
+    sys.exit(f"error: cannot import lightpeft_dist with {sys.executable} ({exc}); set LIGHTPEFT_PYTHON")
+try:
+    recipe = resolve_recipe(Path(sys.argv[1]), sys.argv[2] or None, [])
+    own = [s.name for s in strategy_for(recipe).stages]
+    for name in own + [n for n in ("plan", "prune", "train", "evaluate") if n not in own]:
+        print("STAGE", name, int(stage_named(name, recipe).collective))
+except LightPeftError as exc:
+    sys.exit(f"error: {exc}")
+EOF
+) || exit 2
+
+previous="" group=""
+chain() {  # chain NAME [sbatch args...]: submit after the previous job, print "NAME ID"
+  local name=$1 id
+  shift
+  id=$(submit "$name" ${previous:+--dependency="afterok:$previous"} "$@")
+  echo "$name $id"
+  previous=$id
+}
+flush() {  # the pending single-process stages as one job
+  [[ -n $group ]] || return 0
+  chain "${group##*,}" "${single[@]}" "$HERE/stage.sbatch" "$group" "${single_cli[@]}"
+  group=""
+}
+while read -r tag name collective; do
+  [[ $tag == STAGE ]] || continue
+  if (( collective )); then
+    flush
+    if [[ $name == train ]]; then chain train ${shape[@]+"${shape[@]}"} "$HERE/train.sbatch" "${cli[@]}"
+    else chain "$name" ${shape[@]+"${shape[@]}"} "$HERE/estimate.sbatch" "$name" "${cli[@]}"; fi
+  else
+    group=${group:+$group,}$name
+  fi
+done <<<"$plan"
+flush

@@ -1,7 +1,8 @@
 """APT's gradual mode through `lightpeft train` (strategies/apt/gradual.py, pipeline/train_structure.py): at every
 pruning checkpoint the kept parameter count is the cubic schedule's budget within one block, the final density hits
 the target, the run directory ends with the final plan and its physically pruned model (which evaluate loads with
-the grown adapter), and a training SIGKILLed between two pruning checkpoints resumes to the uninterrupted result."""
+the grown adapter), and a training SIGKILLed between two pruning checkpoints, inside the second one's mask ramp and
+with the ramped distillation on, resumes to the uninterrupted result."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from test_apt import write_recipe
 
 pytestmark = pytest.mark.timeout(1200)
 TARGET = 0.6
-# checkpoints (pruning + growth) after 0-based steps 1 and 3; train checkpoints after steps 1 and 3; killed after 2
+# checkpoints (pruning + growth) after 0-based steps 2 and 5, their blocks chosen after steps 0 and 3 (masks 0.5 then
+# 0 in the two steps up to each); train checkpoints after steps 1, 3, 5; killed after 4, inside the second ramp
 APT = {"mode": "gradual", "target_density": TARGET, "calibration_samples": 4, "batch_size": 4, "seq_len": 24,
-       "window": 4, "checkpoints": 2, "ramp": 1, "rank_growth": 2.0}
+       "window": 6, "checkpoints": 2, "ramp": 2, "mask_ramp_step": 0.5, "rank_growth": 2.0, "distill_weight": 0.5}
 BEFORE_TRAIN = ("calibrate", "plan", "prune")
 
 
@@ -36,7 +38,7 @@ def decoder_params(model) -> int:
 def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path):
     recipe = write_recipe(tmp_path, APT)
     raw = yaml.safe_load(recipe.read_text())
-    raw["train"].update(checkpoint_every=2, keep_checkpoints=1)
+    raw["train"].update(checkpoint_every=2, keep_checkpoints=1, steps=7)
     raw["peft"]["dropout"] = 0.0
     recipe.write_text(yaml.safe_dump(raw))
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -47,7 +49,8 @@ def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path):
     ref = model_reference(load_config(str(tmp_path / "model")))
     plan = read_plan(full / "plan.json", ref)
     history = plan["apt"]["history"]
-    assert [h["checkpoint"] for h in history] == [1, 2] and [h["step"] for h in history] == [1, 3]
+    assert [h["checkpoint"] for h in history] == [1, 2] and [h["step"] for h in history] == [2, 5]
+    assert [h["chosen_after_step"] for h in history] == [0, 3]
     for h in history:  # the budget search's count is the schedule's budget within one block
         assert h["scheduled_density"] == pytest.approx(cubic_density(TARGET, h["checkpoint"], 2))
         assert h["target_params"] == int(h["scheduled_density"] * h["dense_params"])
@@ -67,15 +70,17 @@ def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path):
     assert json.loads((full / "eval.json").read_text())["plan_hash"] == plan["hash"]
     assert not (full / "live_models").exists() and not list(full.glob("train.ckpt*"))
 
-    # killed after step 2 (one pruning checkpoint done), resumed from the checkpoint after step 1
+    # killed after step 4 (one pruning checkpoint done, the second ramp running), resumed from the checkpoint after 3
     cmd = [sys.executable, "-m", "lightpeft_dist", "train", "--config", str(recipe), "--run-dir", str(killed)]
-    proc = launch(cmd, env={"LIGHTPEFT_FAULT_AFTER": "0:2"}, expect_ok=False)
+    proc = launch(cmd, env={"LIGHTPEFT_FAULT_AFTER": "0:4"}, expect_ok=False)
     assert proc.returncode != 0 and not (killed / "train").exists(), proc.stderr[-3000:]
     state = json.loads((killed / "train.ckpt" / "state.json").read_text())
-    assert state["step"] == 1 and state["structure"]["plan"]["apt"]["checkpoint"] == 1
+    assert state["step"] == 3 and state["structure"]["plan"]["apt"]["checkpoint"] == 1
+    saved = load_file(killed / "train.ckpt" / "state.safetensors")  # the ramp's choice and the distillation step
+    assert "extra/apt.ramp" in saved and int(saved["extra/apt_distill.step"]) == 3
     run_stages(killed, "train", config=recipe)
     resumed = json.loads((killed / "train" / "train.json").read_text())
-    assert resumed["resumed_from_step"] == 2
+    assert resumed["resumed_from_step"] == 4
     assert read_plan(killed / "plan.json", ref)["hash"] == plan["hash"]
     a, b = (load_file(d / "train" / "adapter" / "adapter_model.safetensors") for d in (full, killed))
     assert a.keys() == b.keys()

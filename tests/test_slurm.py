@@ -265,3 +265,35 @@ def test_pipeline_refuses_at_the_terminal_without_a_recipe(slurm, workdir):
     r = slurm.run([str(SLURM / "pipeline.sh"), "-n", "2", "--", "--run-dir", "empty"], cwd=workdir, check=False)
     assert r.returncode == 2 and "error: no recipe" in r.stderr
     assert slurm.run(["squeue", "-h"]).stdout.strip() == ""  # nothing was queued
+
+
+STUB_SBATCH = """#!/bin/bash
+n=$(( $(cat "$STUB_DIR/n" 2>/dev/null || echo 100) + 1 )); echo $n > "$STUB_DIR/n"
+echo "$*" >> "$STUB_DIR/calls"
+echo "$n;cluster"
+"""
+
+
+@pytest.mark.parametrize("strategy,first", [("lightpeft", "estimate"), ("apt", "calibrate")])
+def test_pipeline_walks_the_strategys_stages(tmp_path, tiny_recipe, strategy, first):
+    """Without Slurm (a stub sbatch that records its arguments): the chain starts with the recipe's strategy's own
+    stages, as `lightpeft run` does (APT: calibrate on the allocation, then its plan with prune as one job)."""
+    if strategy == "apt":
+        tiny_recipe.pop("estimate"), tiny_recipe.pop("prune")
+        tiny_recipe.update(strategy="apt", apt={"calibration_samples": 4})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
+    stub = tmp_path / "bin" / "sbatch"
+    stub.parent.mkdir()
+    stub.write_text(STUB_SBATCH)
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "STUB_DIR": str(tmp_path),
+           "LIGHTPEFT_PYTHON": sys.executable}
+    r = subprocess.run([str(SLURM / "pipeline.sh"), "-n", "2", "--", "--config", "r.yaml", "--run-dir", "run"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = dict(line.split() for line in r.stdout.strip().splitlines())
+    assert list(jobs) == [first, "prune", "train", "evaluate"]
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert f"--job-name=lightpeft-{first} " in calls[0] and f"estimate.sbatch {first} --config r.yaml" in calls[0]
+    assert "-n 2" in calls[0] and "-n 2" in calls[2] and "stage.sbatch plan,prune" in calls[1]
+    assert all(f"--dependency=afterok:{jobs[a]}" in calls[i + 1] for i, a in enumerate(list(jobs)[:-1]))

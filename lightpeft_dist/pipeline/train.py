@@ -20,7 +20,7 @@ import torch
 
 from ..adapters.registry import count_parameters, load_adapters, save_adapters, saved_kinds
 from ..config import Recipe, recipe_to_dict
-from ..keys import keyed_section
+from ..keys import keyed_section, without_later_defaults
 from ..errors import LightPeftError
 from ..training.checkpoint import Checkpointing, remove_checkpoints, resume
 from ..training.distill import make_distiller
@@ -55,7 +55,8 @@ def train_key(recipe: Recipe, run_dir: Path) -> str:
     strategy = strategy_for(recipe)
     if strategy.train_keys:  # absent for strategies without train hooks, so their keys are unchanged
         section = recipe.section(strategy.section).model_dump(mode="json")
-        parts[strategy.section] = {k: section[k] for k in strategy.train_keys}
+        keyed = {k: section[k] for k in strategy.train_keys}
+        parts[strategy.section] = without_later_defaults(strategy.section, keyed)  # features off: the old key
     return sha256_json(parts)[:16]
 
 

@@ -66,10 +66,16 @@ def make_distiller(recipe, device: torch.device | str, pad_token_id: int | None)
     cfg = recipe.train
     if cfg.distill_weight <= 0:
         return None
+    teacher = load_teacher(recipe, device)
+    log.info("train: distilling with weight %.2f, temperature %.1f", cfg.distill_weight, cfg.distill_temperature)
+    return Distiller(teacher, cfg.distill_weight, cfg.distill_temperature, pad_token_id)
+
+
+def load_teacher(recipe, device: torch.device | str) -> torch.nn.Module:
+    """The unpruned base model (`model.path`), whole on this rank, as a distillation teacher."""
     from ..models.loading import load_model
 
     teacher = load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation).to(device)
     n = sum(p.numel() for p in teacher.parameters())
-    log.info("train: distilling from the unpruned base %s (%s params, weight %.2f, temperature %.1f)",
-             recipe.model.path, f"{n:,}", cfg.distill_weight, cfg.distill_temperature)
-    return Distiller(teacher, cfg.distill_weight, cfg.distill_temperature, pad_token_id)
+    log.info("train: distilling from the unpruned base %s (%s params)", recipe.model.path, f"{n:,}")
+    return teacher

@@ -12,13 +12,18 @@ this hook
   the kept blocks back to the source model's indices (a plan in the shared format, with the checkpoint's budget in
   `apt` and every earlier checkpoint's in `apt.history`), and returns `pruning.live.live_prune` of it, which the
   loop applies (LoRA weights and AdamW moments sliced, the model rebuilt smaller, on any world size);
-- then restarts the salience on the new model.
-Rank growth (tuning.py) runs at the same checkpoints. The paper's mask ramp before each checkpoint is not done here
-(blocks are removed at once); docs/method.md, "APT", says so.
+- then restarts the salience on the new model (with the mask ramp: carries its EMA over, sliced to the kept
+  blocks, since the next ramp's choice may come a step later).
+Rank growth (tuning.py) runs at the same checkpoints. With `apt.mask_ramp` (the default) the blocks a checkpoint
+removes are chosen `apt.ramp` steps before it (`ramp.ramp_windows`), from the salience at that point, and masked
+by a value falling by `apt.mask_ramp_step` per step until the checkpoint removes them physically (ramp.py); the
+choice is checkpointed with the hook's state, so a run killed inside a ramp resumes the same ramp. Without it the
+blocks are chosen and removed at the checkpoint at once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -33,6 +38,7 @@ from ...training.hooks import Restructure, StepHooks, Trainee, Transform
 from ..base import TrainContext
 from .budget import CostModel, plan_for_budget
 from .plan import cost_model
+from .ramp import RampMasks, ramp_value, ramp_windows
 from .salience import AptSalience
 from .section import AptConfig
 
@@ -78,6 +84,11 @@ class GradualPrune(StepHooks):
         self.dense = cost_model(self.record).dense()
         self.checkpoints = {s: k for s, k in checkpoint_steps(apt.window, apt.checkpoints).items() if s < ctx.steps}
         self.salience = AptSalience(ctx.trainee.model, ctx.runtime, apt.use_kurtosis, beta=apt.beta)
+        # ramp start step -> checkpoint step; `chosen`: the blocks being ramped out, their checkpoint, the ramp start
+        ramps = ramp_windows(self.checkpoints, apt.ramp) if apt.mask_ramp else {}
+        self.ramp_starts = {start: step for step, start in ramps.items()}
+        self.chosen: dict | None = None
+        self.masks: RampMasks | None = None
 
     def before_forward(self, batch: dict) -> None:
         self.salience.recording, self.salience.token_mask = True, batch["attention_mask"]
@@ -85,12 +96,9 @@ class GradualPrune(StepHooks):
     def after_forward(self) -> None:
         self.salience.recording = False
 
-    def after_optimizer_step(self, step: int, loss: float) -> Restructure | None:
-        self.salience.end_step()  # collective, every step
-        k = self.checkpoints.get(step)
-        if k is None:
-            return None
-        current = self.ctx.trainee.structure.get(PLAN_KEY) or self.ctx.start_plan
+    def choose(self, step: int) -> tuple[dict, dict]:
+        """The blocks kept at the checkpoint after `step`, by the budget search on the salience now, and its record."""
+        k = self.checkpoints[step]
         density = cubic_density(self.apt.target_density, k, self.apt.checkpoints)
         cost = CostModel(tuple(self.salience.shapes), self.record["hidden_size"], self.record["head_dim"],
                          frozenset(self.record.get("biases", [])))
@@ -98,35 +106,104 @@ class GradualPrune(StepHooks):
         entry = {"checkpoint": k, "step": step, "scheduled_density": density,
                  **{f: kept[f] for f in ("target_params", "kept_params", "density", "next_block_params")},
                  "dense_params": self.dense}
+        return kept, entry
+
+    def after_optimizer_step(self, step: int, loss: float) -> Restructure | None:
+        self.salience.end_step()  # collective, every step
+        if step in self.ramp_starts:
+            self._start_ramp(step, self.ramp_starts[step])
+        if self.masks is not None:  # the value the next step's forwards use
+            self.masks.value = ramp_value(step + 1, self.chosen["start"], self.apt.mask_ramp_step)
+        k = self.checkpoints.get(step)
+        if k is None:
+            return None
+        current = self.ctx.trainee.structure.get(PLAN_KEY) or self.ctx.start_plan
+        if self.chosen is not None and self.chosen["checkpoint_step"] == step:  # chosen at the ramp's start
+            kept, entry = self.chosen["kept"], {**self.chosen["entry"], "chosen_after_step": self.chosen["start"]}
+        else:
+            kept, entry = self.choose(step)
+        self._end_ramp()
         earlier = current.get("apt", {}).get("history", []) if self.ctx.trainee.structure.get(PLAN_KEY) else []
         history = [*earlier, entry]
         plan = base_plan(kept, current, self.record, {**entry, "history": history})
         log.info("APT pruning checkpoint %d/%d after step %d: density %.4f (scheduled %.4f), %d of %d parameters",
-                 k, self.apt.checkpoints, step, kept["density"], density, kept["kept_params"], self.dense)
+                 k, self.apt.checkpoints, step, kept["density"], entry["scheduled_density"], kept["kept_params"],
+                 self.dense)
         if plan["hash"] == current.get("hash"):
             return None
         action = live_prune(plan, self.ctx.source_config, lora_layout(self.ctx.trainee.model),
                             base_plan=self.ctx.start_plan,
                             reason=f"APT pruning checkpoint {k}/{self.apt.checkpoints}")
-        return Restructure(_without_salience(action.transform), action.reason)
+        # with the ramp, the next ramp may start right after this checkpoint: keep the salience, sliced to the kept
+        # blocks (as the reference does); without it, it starts over (the earlier behaviour)
+        return Restructure(_without_salience(action.transform, kept if self.apt.mask_ramp else None), action.reason)
+
+    def _start_ramp(self, start: int, checkpoint_step: int) -> None:
+        kept, entry = self.choose(checkpoint_step)
+        self.chosen = {"start": start, "checkpoint_step": checkpoint_step, "kept": kept, "entry": entry}
+        self._attach()
+        log.info("APT mask ramp for checkpoint %d: chosen after step %d, masks fall by %g per step until step %d "
+                 "(%d of %d parameters kept)", entry["checkpoint"], start, self.apt.mask_ramp_step, checkpoint_step,
+                 kept["kept_params"], self.dense)
+
+    def _attach(self) -> None:
+        """Mask hooks on the current model for the blocks `chosen` removes (the complement of its kept ones)."""
+        if self.masks is not None:
+            self.masks.remove()
+        kept = self.chosen["kept"]
+        shapes = self.salience.shapes
+        drop = lambda keep, n: sorted(set(range(n)) - set(keep))  # noqa: E731
+        self.masks = RampMasks(self.ctx.trainee.model,
+                               [drop(g, s["num_key_value_heads"]) for g, s in zip(kept["group"], shapes, strict=True)],
+                               [drop(f, s["intermediate_size"]) for f, s in zip(kept["ffn"], shapes, strict=True)])
+
+    def _end_ramp(self) -> None:
+        if self.masks is not None:
+            self.masks.remove()
+        self.masks, self.chosen = None, None
 
     def after_rebuild(self, trainee: Trainee) -> None:
-        self.salience.remove()  # the salience restarts on the pruned model (its blocks are new coordinates)
+        self.salience.remove()  # a new tracker on the pruned model; load_state_dict then gets its sliced EMA, if any
         self.salience = AptSalience(trainee.model, self.ctx.runtime, self.apt.use_kurtosis, beta=self.apt.beta)
+        if self.chosen is not None:  # a restructure inside a ramp (none in gradual mode today): keep ramping
+            value = self.masks.value
+            self._attach()
+            self.masks.value = value
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"apt.{k}": v for k, v in self.salience.state_dict().items()}
+        state = {f"apt.{k}": v for k, v in self.salience.state_dict().items()}
+        if self.chosen is not None:  # JSON bytes: the choice and the mask value the next step uses
+            text = json.dumps({**self.chosen, "value": self.masks.value}, sort_keys=True)
+            state["apt.ramp"] = torch.tensor(list(text.encode()), dtype=torch.uint8)
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = {k.removeprefix("apt."): v for k, v in state.items() if k.startswith("apt.")}
-        if own:  # none after a pruning checkpoint (dropped by the transform): the salience starts over
+        ramp = own.pop("ramp", None)
+        if own:  # none after a pruning checkpoint without the ramp (dropped by the transform): it starts over
             self.salience.load_state_dict(own)
+        if ramp is not None:
+            chosen = json.loads(bytes(ramp.tolist()).decode())
+            value = chosen.pop("value")
+            self.chosen = chosen
+            self._attach()
+            self.masks.value = value
 
 
-def _without_salience(transform: Transform) -> Transform:
-    """The live-prune transform, dropping the block salience state: it indexes the blocks before the prune."""
+def _without_salience(transform: Transform, kept: dict | None = None) -> Transform:
+    """The live-prune transform, dropping the hook's state (it indexes the blocks before the prune), or, given the
+    `kept` blocks, keeping the block salience sliced to them (the ramp's choice is dropped either way)."""
     def wrapped(tensors: dict[str, torch.Tensor], meta: dict):
         tensors, meta = transform(tensors, meta)
-        return {k: v for k, v in tensors.items() if not k.startswith("extra/apt.")}, meta
+        out = {k: v for k, v in tensors.items() if not k.startswith("extra/apt.")}
+        if kept is not None:
+            for name, value in tensors.items():
+                parts = name.removeprefix("extra/apt.").split(".")
+                if not name.startswith("extra/apt.") or parts[0] == "ramp":
+                    continue
+                if parts[-2:-1] and parts[-2] in ("group", "ffn"):  # [salience|kurtosis.]<kind>.<layer>
+                    value = value[torch.as_tensor(kept[parts[-2]][int(parts[-1])], dtype=torch.long)]
+                out[name] = value
+        return out, meta
 
     return wrapped

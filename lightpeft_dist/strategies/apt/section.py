@@ -36,9 +36,16 @@ class AptConfig(_Strict):
     max_rank: int = Field(64, ge=1, description="no LoRA module grows beyond this rank")
     window: int = Field(400, ge=1, description="training steps of the pruning window (gradual: the density follows "
                         "a cubic schedule from 1 to target_density over it) and of the growth events (both modes)")
-    ramp: int = Field(100, ge=1, description="gradual: steps before each pruning checkpoint over which the pruned "
-                      "blocks' masks would move to 0 (the paper's 0.01 per step is 100); checked against the window "
-                      "but not applied yet: blocks are removed at the checkpoint at once (docs/method.md)")
+    ramp: int = Field(100, ge=1, description="gradual: steps before each pruning checkpoint over which the blocks "
+                      "it removes are masked by a decreasing value (the paper's 0.01 per step is 100)")
+    mask_ramp: bool = Field(True, description="gradual: ramp the masks of the blocks a checkpoint removes "
+                            "(strategies/apt/ramp.py); false removes them at the checkpoint at once; one-shot mode "
+                            "has no ramp and reads false")
+    mask_ramp_step: float = Field(0.01, ge=0.0, le=1.0, description="gradual: the mask decrease per step inside the "
+                                  "ramp (0 turns the ramp off)")
+    distill_weight: float = Field(0.0, ge=0.0, le=1.0, description="gradual: weight of the distillation from the "
+                                  "unpruned base, ramped linearly from 0 over the window, then held (0 = off)")
+    distill_temperature: float = Field(1.0, gt=0.0, description="gradual: the distillation's softmax temperature")
     checkpoints: int = Field(4, ge=1, description="physical pruning checkpoints in the window (gradual), and the "
                              "number of rank-growth events (both modes)")
 
@@ -61,10 +68,18 @@ class AptConfig(_Strict):
             raise ValueError("prune_hidden (hidden-dimension pruning) is implemented for mode one_shot only: the "
                              "gradual mode's live pruning cannot slice the residual stream yet; set mode: one_shot "
                              "or prune_hidden: false")
+        if self.mode == "one_shot" and self.distill_weight > 0:
+            raise ValueError("apt.distill_weight is for gradual mode; in one-shot mode distil with "
+                             "train.distill_weight, or set apt.mode: gradual")
+        if self.mode == "one_shot" or self.mask_ramp_step == 0:
+            self.mask_ramp = False  # nothing to ramp: keys and records read "off"
         return self
 
     def check_recipe(self, recipe) -> None:
         """Checks that need the rest of the recipe (the strategy descriptor's `check`, called by config.py)."""
+        if self.distill_weight > 0 and recipe.train.distill_weight > 0:
+            raise ValueError("apt.distill_weight and train.distill_weight are both set: gradual APT distils with "
+                             "its ramped weight; set train.distill_weight: 0")
         for spec in recipe.adapters:
             if spec.type != "lora":
                 raise ValueError(f"strategy apt tunes LoRA adapters; peft type {spec.type} is not supported, use "

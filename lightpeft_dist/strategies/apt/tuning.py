@@ -21,7 +21,8 @@ from ..base import TrainContext
 from .section import AptConfig
 
 log = logging.getLogger(__name__)
-TRAIN_KEYS = ("mode", "rank_growth", "max_rank", "window", "checkpoints", "beta", "target_density", "use_kurtosis")
+TRAIN_KEYS = ("mode", "rank_growth", "max_rank", "window", "checkpoints", "beta", "target_density", "use_kurtosis",
+              "mask_ramp", "mask_ramp_step", "ramp", "distill_weight", "distill_temperature")
 
 
 def event_steps(window: int, events: int, steps: int) -> dict[int, int]:
@@ -57,13 +58,20 @@ class RankGrowth(StepHooks):
 
 
 def apt_train_hooks(ctx: TrainContext) -> StepHooks | None:
-    """The hooks `strategy: apt` adds to the train stage: gradual pruning (gradual mode) and rank growth (at the
-    pruning checkpoints in gradual mode, at `event_steps` in one-shot mode)."""
+    """The hooks `strategy: apt` adds to the train stage: distillation with a ramped weight and gradual pruning
+    (gradual mode), and rank growth (at the pruning checkpoints in gradual mode, at `event_steps` in one-shot
+    mode)."""
     from .gradual import GradualPrune, checkpoint_steps
 
     apt: AptConfig = ctx.recipe.section("apt")
     hooks: list[StepHooks] = []
     if apt.mode == "gradual":
+        if apt.distill_weight > 0:  # first: it reweights the task loss
+            from ...models.loading import load_tokenizer
+            from .distill import make_apt_distiller
+
+            hooks.append(make_apt_distiller(ctx.recipe, apt, ctx.runtime.device,
+                                            load_tokenizer(ctx.recipe.model).pad_token_id))
         hooks.append(GradualPrune(ctx, apt))
         events = {s: k for s, k in checkpoint_steps(apt.window, apt.checkpoints).items() if s < ctx.steps - 1}
     else:
