@@ -28,6 +28,7 @@ ADDED_LATER: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {
               ("lr_scheduler", "linear", ())],
     "prune": [("multiple_of", 1, ()), ("random_peft", Follows("random"), ())],
     "eval": [("adapter", "last", ())],
+    "prunepeft": [("train_lr", None, ("lr",))],  # lr: the rounds' LRs, which the train key reads via train_lr: search
 }
 # Fields that never change a stage's output (how often to checkpoint, how many to keep): never part of a key, so
 # switching checkpoints on for a requeue keeps the stage's key, and the checkpoint it resumes from.

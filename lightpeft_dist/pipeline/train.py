@@ -20,7 +20,7 @@ import torch
 
 from ..adapters.registry import count_parameters, load_adapters, save_adapters, saved_kinds
 from ..config import Recipe, recipe_to_dict
-from ..keys import keyed_section
+from ..keys import keyed_section, without_later_defaults
 from ..errors import LightPeftError
 from ..training.checkpoint import Checkpointing, remove_checkpoints, resume
 from ..training.distill import make_distiller
@@ -32,6 +32,7 @@ from ..training.loop import LoopStats, make_engine, peak_memory_bytes, run_steps
 from ..training.reporters import open_reporter
 from ..training.schedules import make_schedule, steps_for
 from .train_eval import PeriodicEval
+from .train_optimizer import make_optimizer
 from ..models.loading import load_config, load_model, load_tokenizer
 from ..data.packing import packed_batches
 from ..pruning.live import LORA_KEY, PLAN_KEY
@@ -54,8 +55,10 @@ def train_key(recipe: Recipe, run_dir: Path) -> str:
              "data": keyed_section(recipe, "data")}
     strategy = strategy_for(recipe)
     if strategy.train_keys:  # absent for strategies without train hooks, so their keys are unchanged
-        section = recipe.section(strategy.section).model_dump(mode="json")
-        parts[strategy.section] = {k: section[k] for k in strategy.train_keys}
+        section = without_later_defaults(strategy.section, recipe.section(strategy.section).model_dump(mode="json"))
+        picked = {k: section[k] for k in strategy.train_keys if k in section}
+        if picked:  # a field added later and switched off leaves the key as it was (keys.ADDED_LATER)
+            parts[strategy.section] = picked
     return sha256_json(parts)[:16]
 
 
@@ -113,6 +116,10 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
         return prepare_for_training(model, cfg)
 
     structured = structured_loader(recipe, run_dir, start_plan, rt, load)
+    strategy = strategy_for(recipe)
+    kind_lrs = strategy.kind_lrs(recipe) if strategy.kind_lrs else None  # None: one group at train.lr
+    if kind_lrs:
+        log.info("train: learning rate per adapter kind %s (the schedule scales them all)", kind_lrs)
 
     def build(meta: dict | None = None) -> Trainee:
         """The pruned model with its adapters, or, after a restructure (meta["structure"]), the model it made."""
@@ -120,7 +127,7 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
         with zero3_loading(ds_cfg):
             model = structured(structure) if structure else load_trainable(run_dir, recipe)
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = make_optimizer(named, cfg.lr, cfg.weight_decay, kind_lrs)
             scheduler = make_schedule(optimizer, cfg.lr_scheduler, steps, warmup=int(cfg.warmup_ratio * steps))
             engine = make_engine(model, optimizer, scheduler, cfg.grad_accum, cfg.max_grad_norm, ds_cfg, rt)
         return Trainee(model, engine, named, dict(structure))
@@ -130,7 +137,6 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
     d = RunDir(run_dir)
     periodic_eval = PeriodicEval(trainee, tokenizer, recipe, steps)
     distiller = make_distiller(recipe, rt.device, tokenizer.pad_token_id)
-    strategy = strategy_for(recipe)
     own = strategy.train_hooks(TrainContext(recipe, Path(run_dir), rt, trainee, start_plan,
                                             load_config(recipe.model.path), steps)) if strategy.train_hooks else None
     all_hooks, stats = HookList([distiller, periodic_eval, own, hooks]), LoopStats()
@@ -166,7 +172,7 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
               "best": periodic_eval.best, "world_size": rt.world_size,
               "peak_memory_bytes": peak_memory_bytes(), "deepspeed": ds_cfg,
               "stage_seconds": time.time() - t_stage, "peak_memory": job_peak_memory(rt),
-              "estimate_budget": estimate_budget(d, steps, stats.job_tokens),
+              "estimate_budget": estimate_budget(d, steps, stats.job_tokens), "kind_lrs": kind_lrs,
               "distill": None if distiller is None else {"weight": cfg.distill_weight,
                                                          "temperature": cfg.distill_temperature,
                                                          "teacher": recipe.model.path, "last_kl": distiller.last_kl}}

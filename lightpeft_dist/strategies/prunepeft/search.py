@@ -41,12 +41,15 @@ from .supernet import Group, enumerate_groups
 
 log = logging.getLogger(__name__)
 BASE_SCORES = "base_unit_scores.safetensors"
+TRAIN_ONLY = ("train_lr",)  # section fields the search never reads: they key the train stage only
 
 
 def search_key(recipe: Recipe, run_dir: Path | None = None) -> str:
-    """Model, data, adapters, the section; with base pruning also the base scores' contents and `prune:`."""
+    """Model, data, adapters, the section (less its train-only fields); with base pruning also the base scores'
+    contents and `prune:`."""
     d = recipe_to_dict(recipe)
     inputs = {k: d[k] for k in ("model", "data", "peft", "prunepeft")}
+    inputs["prunepeft"] = {k: v for k, v in d["prunepeft"].items() if k not in TRAIN_ONLY}
     cfg = recipe.section("prunepeft")
     path = base_scores_path(cfg)
     if prunes_base(cfg):
