@@ -2,7 +2,7 @@
 one AdamW step moves every parameter by the hand-computed AdamW update at its own kind's LR, the train stage builds
 one group per kind that the schedule scales alike, the default keeps one group (trained weights bit-identical to
 per-kind LRs that all equal train.lr), and the keys: train_lr never changes the search key, and unset it leaves the
-train key as it was."""
+train key as it was. The train record's search cost report (estimate_budget) agrees with the search record."""
 
 from __future__ import annotations
 
@@ -97,6 +97,14 @@ def test_train_stage_groups_schedule_and_default_bit_identical(tmp_path, monkeyp
     old = sha256_json({"plan": train_stage.started_plan_hash(prune_record), "train": keyed_section(recipe, "train"),
                        "data": keyed_section(recipe, "data")})[:16]
     assert record["key"] == old
+    # the search cost report: the search's steps, tokens and wall time as shares of this training's
+    search = read_json(d.estimate_record)
+    budget = record["estimate_budget"]
+    assert search["steps"] == 1 * 2 == budget["steps"] and budget["tokens"] == search["tokens"] > 0
+    assert budget["steps_fraction"] == pytest.approx(search["steps"] / record["steps"])
+    assert budget["tokens_fraction"] == pytest.approx(search["tokens"] / record["tokens"])
+    assert budget["seconds"] == search["wall_seconds"] > 0 and budget["train_seconds"] == record["wall_seconds"]
+    assert budget["seconds_fraction"] == pytest.approx(search["wall_seconds"] / record["wall_seconds"])
     # per-kind LRs that all equal train.lr: the same training, bit for bit, but its own key
     for kind in ("lora", "bottleneck"):
         a, b = out["default"][0][kind], out["equal"][0][kind]

@@ -162,17 +162,18 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
     adapter_state = full_state(named)  # collective under ZeRO-3: the saved adapter is complete, never shape [0]
     check_tensors("the trained adapter's weights", adapter_state, DIVERGED.format(stage="train"))  # on every rank
     end_plan = final_plan(trainee.structure, start_plan)
+    wall = time.time() - t0
     record = {"key": key, "steps": steps, "epochs": cfg.epochs, "lr_scheduler": cfg.lr_scheduler,
               "resumed_from_step": start, "losses": stats.losses,
               "plan_hash": (end_plan or start_plan)["hash"], "start_plan_hash": plan_hash,
               "structure": _described(trainee.structure),
               "tokens": stats.job_tokens, "train_seconds": stats.seconds,
               "tokens_per_s": stats.job_tokens / max(stats.seconds, 1e-9),
-              "wall_seconds": time.time() - t0, "params": params, "evals": periodic_eval.evals,
+              "wall_seconds": wall, "params": params, "evals": periodic_eval.evals,
               "best": periodic_eval.best, "world_size": rt.world_size,
               "peak_memory_bytes": peak_memory_bytes(), "deepspeed": ds_cfg,
               "stage_seconds": time.time() - t_stage, "peak_memory": job_peak_memory(rt),
-              "estimate_budget": estimate_budget(d, steps, stats.job_tokens), "kind_lrs": kind_lrs,
+              "estimate_budget": estimate_budget(d, steps, stats.job_tokens, wall), "kind_lrs": kind_lrs,
               "distill": None if distiller is None else {"weight": cfg.distill_weight,
                                                          "temperature": cfg.distill_temperature,
                                                          "teacher": recipe.model.path, "last_kl": distiller.last_kl}}
@@ -215,14 +216,21 @@ def _same_key(key: str) -> Callable[[dict, dict[str, torch.Tensor]], str | None]
         f"it was written for another train key ({meta.get('key')}, now {key})"
 
 
-def estimate_budget(d: RunDir, steps: int, tokens: int) -> dict | None:
-    """The estimate's cost as a share of this training (steps and tokens), logged and recorded; None without one."""
+def estimate_budget(d: RunDir, steps: int, tokens: int, seconds: float | None = None) -> dict | None:
+    """The estimate's (or PrunePEFT search's) cost as a share of this training: steps, tokens and, given this
+    training's wall `seconds`, wall time; logged and recorded. None without an estimate record."""
     est = read_json_if_present(d.estimate_record, "estimate record")
     if not est or not est.get("steps"):
         return None
     out = {"steps": est["steps"], "tokens": est.get("tokens", 0), "steps_fraction": est["steps"] / max(steps, 1),
            "tokens_fraction": est.get("tokens", 0) / max(tokens, 1)}
-    log.info("estimation budget: %d steps (%.1f%% of training's %d), %s tokens (%.1f%% of training's %s)",
+    what = "search" if est.get("strategy") == "prunepeft" else "estimation"
+    log.info("%s budget: %d steps (%.1f%% of training's %d), %s tokens (%.1f%% of training's %s)", what,
              out["steps"], 100 * out["steps_fraction"], steps, f"{out['tokens']:,}", 100 * out["tokens_fraction"],
              f"{tokens:,}")
+    if seconds is not None and est.get("wall_seconds") is not None:
+        out.update(seconds=est["wall_seconds"], train_seconds=seconds,
+                   seconds_fraction=est["wall_seconds"] / max(seconds, 1e-9))
+        log.info("%s wall time: %.1f s (%.1f%% of training's %.1f s)", what, out["seconds"],
+                 100 * out["seconds_fraction"], seconds)
     return out
