@@ -8,6 +8,7 @@ import json
 import shutil
 import sys
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -51,3 +52,27 @@ def test_killed_search_resumes_to_the_uninterrupted_search(tmp_path):
         wa, wb = load_file(full / name), load_file(killed / name)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not (killed / "search.ckpt").exists() and not (full / "search.ckpt").exists()
+
+
+def test_checkpoint_of_another_search_is_ignored_and_a_torn_one_refused(tmp_path):
+    """state.json is the commit point: another key's checkpoint is skipped, one whose tensor file is not the one it
+    names is one error naming the folder; a good one restores the RNG state and the warm-start weights."""
+    from lightpeft_dist.errors import LightPeftError
+    from lightpeft_dist.runtime import current
+    from lightpeft_dist.strategies.prunepeft.resume import Progress, load_progress, save_progress
+
+    names = ["lora.0.q_proj+v_proj", "lora.1.q_proj+v_proj", "bottleneck.0.o_proj+down_proj"]
+    weights = {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 8)}
+    torch.manual_seed(11)
+    rng = torch.get_rng_state()
+    save_progress(tmp_path, "k1", Progress(2, names[:2], {"rounds": [{}, {}]}, {"steps": 4}, weights), current())
+    assert load_progress(tmp_path, "k2", names) is None  # another search: ignored
+    torch.manual_seed(0)
+    got = load_progress(tmp_path, "k1", names)
+    assert got.rounds_done == 2 and got.order == names[:2] and got.record == {"rounds": [{}, {}]}
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert got.state.keys() == weights.keys() and all(torch.equal(got.state[k], weights[k]) for k in weights)
+    state = json.loads((tmp_path / "state.json").read_text())
+    (tmp_path / state["tensors"]).write_bytes(b"torn")
+    with pytest.raises(LightPeftError, match="is incomplete"):
+        load_progress(tmp_path, "k1", names)
