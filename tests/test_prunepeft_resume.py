@@ -5,7 +5,6 @@ the uninterrupted search's removal order, hash, per-round scores, module scores 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 
 import pytest
