@@ -30,6 +30,7 @@ ADDED_LATER: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {
     "eval": [("adapter", "last", ())],
     # the strategy section's train keys (`Strategy.train_keys`, pipeline/train.py)
     "apt": [("mask_ramp", False, ("mask_ramp_step", "ramp")), ("distill_weight", 0.0, ("distill_temperature",))],
+    "prunepeft": [("train_lr", None, ("lr",))],  # lr: the rounds' LRs, which the train key reads via train_lr: search
 }
 # Fields that never change a stage's output (how often to checkpoint, how many to keep): never part of a key, so
 # switching checkpoints on for a requeue keeps the stage's key, and the checkpoint it resumes from.

@@ -32,6 +32,7 @@ from ..training.loop import LoopStats, make_engine, peak_memory_bytes, run_steps
 from ..training.reporters import open_reporter
 from ..training.schedules import make_schedule, steps_for
 from .train_eval import PeriodicEval
+from .train_optimizer import make_optimizer
 from ..models.loading import load_config, load_model, load_tokenizer
 from ..data.packing import packed_batches
 from ..pruning.live import LORA_KEY, PLAN_KEY
@@ -54,9 +55,10 @@ def train_key(recipe: Recipe, run_dir: Path) -> str:
              "data": keyed_section(recipe, "data")}
     strategy = strategy_for(recipe)
     if strategy.train_keys:  # absent for strategies without train hooks, so their keys are unchanged
-        section = recipe.section(strategy.section).model_dump(mode="json")
-        keyed = {k: section[k] for k in strategy.train_keys}
-        parts[strategy.section] = without_later_defaults(strategy.section, keyed)  # features off: the old key
+        section = without_later_defaults(strategy.section, recipe.section(strategy.section).model_dump(mode="json"))
+        picked = {k: section[k] for k in strategy.train_keys if k in section}
+        if picked:  # a field added later and switched off leaves the key as it was (keys.ADDED_LATER)
+            parts[strategy.section] = picked
     return sha256_json(parts)[:16]
 
 
@@ -114,6 +116,10 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
         return prepare_for_training(model, cfg)
 
     structured = structured_loader(recipe, run_dir, start_plan, rt, load)
+    strategy = strategy_for(recipe)
+    kind_lrs = strategy.kind_lrs(recipe) if strategy.kind_lrs else None  # None: one group at train.lr
+    if kind_lrs:
+        log.info("train: learning rate per adapter kind %s (the schedule scales them all)", kind_lrs)
 
     def build(meta: dict | None = None) -> Trainee:
         """The pruned model with its adapters, or, after a restructure (meta["structure"]), the model it made."""
@@ -121,7 +127,7 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
         with zero3_loading(ds_cfg):
             model = structured(structure) if structure else load_trainable(run_dir, recipe)
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = make_optimizer(named, cfg.lr, cfg.weight_decay, kind_lrs)
             scheduler = make_schedule(optimizer, cfg.lr_scheduler, steps, warmup=int(cfg.warmup_ratio * steps))
             engine = make_engine(model, optimizer, scheduler, cfg.grad_accum, cfg.max_grad_norm, ds_cfg, rt)
         return Trainee(model, engine, named, dict(structure))
@@ -131,7 +137,6 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
     d = RunDir(run_dir)
     periodic_eval = PeriodicEval(trainee, tokenizer, recipe, steps)
     distiller = make_distiller(recipe, rt.device, tokenizer.pad_token_id)
-    strategy = strategy_for(recipe)
     own = strategy.train_hooks(TrainContext(recipe, Path(run_dir), rt, trainee, start_plan,
                                             load_config(recipe.model.path), steps)) if strategy.train_hooks else None
     all_hooks, stats = HookList([distiller, periodic_eval, own, hooks]), LoopStats()
@@ -157,17 +162,18 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
     adapter_state = full_state(named)  # collective under ZeRO-3: the saved adapter is complete, never shape [0]
     check_tensors("the trained adapter's weights", adapter_state, DIVERGED.format(stage="train"))  # on every rank
     end_plan = final_plan(trainee.structure, start_plan)
+    wall = time.time() - t0
     record = {"key": key, "steps": steps, "epochs": cfg.epochs, "lr_scheduler": cfg.lr_scheduler,
               "resumed_from_step": start, "losses": stats.losses,
               "plan_hash": (end_plan or start_plan)["hash"], "start_plan_hash": plan_hash,
               "structure": _described(trainee.structure),
               "tokens": stats.job_tokens, "train_seconds": stats.seconds,
               "tokens_per_s": stats.job_tokens / max(stats.seconds, 1e-9),
-              "wall_seconds": time.time() - t0, "params": params, "evals": periodic_eval.evals,
+              "wall_seconds": wall, "params": params, "evals": periodic_eval.evals,
               "best": periodic_eval.best, "world_size": rt.world_size,
               "peak_memory_bytes": peak_memory_bytes(), "deepspeed": ds_cfg,
               "stage_seconds": time.time() - t_stage, "peak_memory": job_peak_memory(rt),
-              "estimate_budget": estimate_budget(d, steps, stats.job_tokens),
+              "estimate_budget": estimate_budget(d, steps, stats.job_tokens, wall), "kind_lrs": kind_lrs,
               "distill": None if distiller is None else {"weight": cfg.distill_weight,
                                                          "temperature": cfg.distill_temperature,
                                                          "teacher": recipe.model.path, "last_kl": distiller.last_kl}}
@@ -210,14 +216,21 @@ def _same_key(key: str) -> Callable[[dict, dict[str, torch.Tensor]], str | None]
         f"it was written for another train key ({meta.get('key')}, now {key})"
 
 
-def estimate_budget(d: RunDir, steps: int, tokens: int) -> dict | None:
-    """The estimate's cost as a share of this training (steps and tokens), logged and recorded; None without one."""
+def estimate_budget(d: RunDir, steps: int, tokens: int, seconds: float | None = None) -> dict | None:
+    """The estimate's (or PrunePEFT search's) cost as a share of this training: steps, tokens and, given this
+    training's wall `seconds`, wall time; logged and recorded. None without an estimate record."""
     est = read_json_if_present(d.estimate_record, "estimate record")
     if not est or not est.get("steps"):
         return None
     out = {"steps": est["steps"], "tokens": est.get("tokens", 0), "steps_fraction": est["steps"] / max(steps, 1),
            "tokens_fraction": est.get("tokens", 0) / max(tokens, 1)}
-    log.info("estimation budget: %d steps (%.1f%% of training's %d), %s tokens (%.1f%% of training's %s)",
+    what = "search" if est.get("strategy") == "prunepeft" else "estimation"
+    log.info("%s budget: %d steps (%.1f%% of training's %d), %s tokens (%.1f%% of training's %s)", what,
              out["steps"], 100 * out["steps_fraction"], steps, f"{out['tokens']:,}", 100 * out["tokens_fraction"],
              f"{tokens:,}")
+    if seconds is not None and est.get("wall_seconds") is not None:
+        out.update(seconds=est["wall_seconds"], train_seconds=seconds,
+                   seconds_fraction=est["wall_seconds"] / max(seconds, 1e-9))
+        log.info("%s wall time: %.1f s (%.1f%% of training's %.1f s)", what, out["seconds"],
+                 100 * out["seconds_fraction"], seconds)
     return out

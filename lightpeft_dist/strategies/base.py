@@ -62,7 +62,8 @@ class Strategy:
     `plan_prune(recipe, run_dir)` gives the planner's settings when the strategy decides them (None: `prune:`).
     `train_hooks(context)` gives step hooks the train stage runs (None: none); they may restructure the model (grow
     LoRA ranks, prune physically). `train_keys` names the fields of the strategy's section that the train stage's
-    key hashes (what those hooks read), so that changing them retrains.
+    key hashes (what those hooks read), so that changing them retrains. `kind_lrs(recipe)` gives the train stage's
+    learning rate per adapter kind (None: every adapter at `train.lr`); the fields it reads belong in `train_keys`.
     """
 
     name: str
@@ -76,6 +77,7 @@ class Strategy:
     plan_prune: "Callable[[Recipe, Path], PruneConfig] | None" = None
     train_hooks: "Callable[[TrainContext], StepHooks | None] | None" = None
     train_keys: tuple[str, ...] = ()
+    kind_lrs: "Callable[[Recipe], dict[str, float] | None] | None" = None
 
 
 @dataclass

@@ -15,7 +15,7 @@ from ...io_utils import read_json_if_present
 from ...errors import LightPeftError
 from ...rundir import RunDir
 from ..base import Stage, Strategy
-from .section import PrunePeftConfig, check_recipe
+from .section import PrunePeftConfig, check_recipe, kind_lrs
 
 
 def _key(recipe: Recipe, run_dir: Path) -> str:
@@ -53,4 +53,5 @@ STRATEGY = Strategy(
     name="prunepeft", label="PrunePEFT", color="#c05621", section="prunepeft",
     stages=(Stage("search", _key, _recorded, _run, collective=True,
                   help="PrunePEFT: prune a LoRA + bottleneck supernet in rounds to choose the PEFT modules"),),
-    section_model=PrunePeftConfig, scores=_scores, check=check_recipe, plan_prune=_plan_prune)
+    section_model=PrunePeftConfig, scores=_scores, check=check_recipe, plan_prune=_plan_prune,
+    train_keys=("train_lr", "lr"), kind_lrs=kind_lrs)

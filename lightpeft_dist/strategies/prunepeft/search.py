@@ -36,17 +36,21 @@ from .composition import base_plan, base_scores_path, estimate_base, load_base_s
 from .criteria import prunability, values
 from .mixing import band_of, hybrid_scores, partition_name, removal
 from .rounds import balanced_rows, round_rows, step_batches, train_round
+from .resume import Progress, load_progress, maybe_fault, save_progress
 from .section import PrunePeftConfig
 from .supernet import Group, enumerate_groups
 
 log = logging.getLogger(__name__)
 BASE_SCORES = "base_unit_scores.safetensors"
+TRAIN_ONLY = ("train_lr",)  # section fields the search never reads: they key the train stage only
 
 
 def search_key(recipe: Recipe, run_dir: Path | None = None) -> str:
-    """Model, data, adapters, the section; with base pruning also the base scores' contents and `prune:`."""
+    """Model, data, adapters, the section (less its train-only fields); with base pruning also the base scores'
+    contents and `prune:`."""
     d = recipe_to_dict(recipe)
     inputs = {k: d[k] for k in ("model", "data", "peft", "prunepeft")}
+    inputs["prunepeft"] = {k: v for k, v in d["prunepeft"].items() if k not in TRAIN_ONLY}
     cfg = recipe.section("prunepeft")
     path = base_scores_path(cfg)
     if prunes_base(cfg):
@@ -130,8 +134,16 @@ def run_search(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, de
     t0, steps, tokens, seconds = time.time(), 0, 0, 0.0
     record: dict = {"groups": [g.name for g in groups], "partitions": partitions, "rounds": [],
                     "base_scores": cfg.base_scores, "base_plan_hash": None if bplan is None else bplan["hash"]}
+    names_all = [g.name for g in groups]
+    done = load_progress(work, key, names_all)  # a killed search resumes after its last finished round
+    record["resumed_from_round"] = None if done is None else done.rounds_done
 
-    if cfg.assignment == "warmup":
+    if done is not None:
+        record.update(done.record)
+        steps, tokens, seconds = done.counters["steps"], done.counters["tokens"], done.counters["seconds"]
+        t0 -= done.counters.get("wall_seconds", 0.0)  # the wall time before the kill counts as the search's
+        assigned = record["assignment"]
+    elif cfg.assignment == "warmup":
         batches = step_batches(balanced_rows(recipe, cfg.warmup_examples), recipe, cfg, tokenizer, rt)
         res = train_round(recipe, cfg, groups, batches, cfg.warmup_steps, ds_cfg, rt, "prunepeft warm-up",
                           model_path=model_path)
@@ -142,16 +154,29 @@ def run_search(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, de
         del res
     else:
         assigned = table_assignment(cfg.table, [s.type for s in recipe.adapters])
-    record["assignment"] = {p: assigned[p] for p in dict.fromkeys(partitions)}
+    if done is None:
+        record["assignment"] = {p: assigned[p] for p in dict.fromkeys(partitions)}
     log.info("prunepeft: %d groups in %d partitions; criteria %s", len(groups), len(set(partitions)),
              record["assignment"])
 
+    def progress(rounds_done: int, state: dict | None) -> Progress:
+        kept = {k: record[k] for k in ("warmup", "assignment", "rounds") if k in record}
+        return Progress(rounds_done, [groups[g].name for g in order], kept,
+                        {"steps": steps, "tokens": tokens, "seconds": seconds, "wall_seconds": time.time() - t0},
+                        dict(state or {}))
+
     batches = step_batches(round_rows(recipe, cfg), recipe, cfg, tokenizer, rt)
-    alive, order, state, last = list(range(len(groups))), [], None, None
-    for r in range(cfg.rounds):
+    order = [] if done is None else [names_all.index(n) for n in done.order]
+    alive, state, last = [g for g in range(len(groups)) if g not in order], None, None
+    if done is None and cfg.assignment == "warmup":
+        save_progress(work, key, progress(0, None), rt)
+    if done is not None and cfg.between_rounds == "warm_start":
+        state = done.state or None
+    for r in range(0 if done is None else done.rounds_done, cfg.rounds):
         last = train_round(recipe, cfg, [groups[g] for g in alive], batches, cfg.steps, ds_cfg, rt,
                            f"prunepeft round {r + 1}/{cfg.rounds}",
                            state if cfg.between_rounds == "warm_start" else None, model_path)
+        maybe_fault(r + 1, rt)
         steps, tokens, seconds = steps + cfg.steps, tokens + last.tokens, seconds + last.seconds
         prunable = prunability(last.stats)
         mixed = hybrid_scores(prunable, [partitions[g] for g in alive], assigned)
@@ -165,6 +190,8 @@ def run_search(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, de
         order += removed
         alive = [g for g in alive if g not in removed]
         state = last.state
+        if r + 1 < cfg.rounds:  # the last round's outcome is the stage's output itself
+            save_progress(work, key, progress(r + 1, state if cfg.between_rounds == "warm_start" else None), rt)
 
     names = [groups[g].name for g in order]
     record.update({"removal_order": names, "order_hash": _hash(names), "kept": [groups[g].name for g in alive],

@@ -43,6 +43,10 @@ class PrunePeftConfig(BaseModel):
         "rebuild", description="rebuild: fresh supernet of the survivors each round (both references); warm_start: "
                                "survivors keep their trained weights (cheaper, not what the paper evaluated)")
     lr: dict[str, float] = Field({"lora": 2e-4, "bottleneck": 2e-4}, description="round learning rate per kind")
+    train_lr: Literal["search"] | dict[str, float] | None = Field(
+        None, description="the final training's learning rate per kind: unset = train.lr for every adapter; "
+                          "search = the rounds' prunepeft.lr; or kind -> LR (one optimizer group per kind, the "
+                          "train schedule scales them all)")
     groups: dict[str, list[list[str]]] = Field(
         {"lora": [["q_proj", "v_proj"]], "bottleneck": [["o_proj", "down_proj"]]},
         description="per kind, the targets pruned together as one group per layer; a peft target in no group is a "
@@ -68,6 +72,14 @@ class PrunePeftConfig(BaseModel):
         bad = [k for k, x in v.items() if not x > 0]
         if bad:
             raise ValueError(f"prunepeft.lr.{bad[0]} must be > 0")
+        return v
+
+    @field_validator("train_lr")
+    @classmethod
+    def _positive_train_lr(cls, v: "str | dict[str, float] | None") -> "str | dict[str, float] | None":
+        bad = [k for k, x in v.items() if not x > 0] if isinstance(v, dict) else []
+        if bad:
+            raise ValueError(f"prunepeft.train_lr.{bad[0]} must be > 0")
         return v
 
     @field_validator("table")
@@ -125,3 +137,15 @@ def check_recipe(recipe: "Recipe") -> None:
             raise ValueError(f"prunepeft.table has no criteria for kind {kind}; add table.{kind}")
         if kind not in cfg.lr:
             raise ValueError(f"prunepeft.lr has no learning rate for kind {kind}; add lr.{kind}")
+        if isinstance(cfg.train_lr, dict) and kind not in cfg.train_lr:
+            raise ValueError(f"prunepeft.train_lr has no learning rate for kind {kind}; add train_lr.{kind} (or "
+                             f"use train_lr: search for the rounds' prunepeft.lr)")
+
+
+def kind_lrs(recipe: "Recipe") -> dict[str, float] | None:
+    """The final training's LR per adapter kind (`prunepeft.train_lr`), None for train.lr everywhere."""
+    cfg: PrunePeftConfig = recipe.section("prunepeft")
+    if cfg.train_lr is None:
+        return None
+    lrs = cfg.lr if cfg.train_lr == "search" else cfg.train_lr
+    return {s.type: float(lrs[s.type]) for s in recipe.adapters}
