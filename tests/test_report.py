@@ -181,3 +181,19 @@ def test_module_grid_layout():
 def test_plot_functions_accept_loaded_data(tmp_path, name):
     data = plots.RunData.load(make_run(tmp_path / "run"))
     assert plots.PLOTS[name](data, tmp_path / "fig" / name) == tmp_path / "fig" / name
+
+
+def test_the_title_names_the_run_s_strategy(tmp_path):
+    """A report heads with the strategy of the run's saved recipe (an APT run is not called Light-PEFT), and with
+    Light-PEFT for a run directory that holds no recipe."""
+    import yaml
+
+    from lightpeft_dist.reporting.report import report_title
+    from conftest import tiny_recipe_dict
+
+    run = tmp_path / "r1"
+    run.mkdir()
+    assert report_title(run) == "Light-PEFT run: r1"
+    raw = tiny_recipe_dict(tmp_path)
+    (run / "recipe.yaml").write_text(yaml.safe_dump({**raw, "strategy": "apt", "apt": {"target_density": 0.7}}))
+    assert report_title(run) == "APT run: r1"

@@ -163,6 +163,17 @@ def run_recipe(run_dir: Path, record: dict | None):
     raise LightPeftError(f"no recipe in {run_dir} to prune with for --damage; run estimate there first")
 
 
+def report_title(run_dir: Path) -> str:
+    """"<strategy label> run: <name>", the strategy read from the run's saved recipe (Light-PEFT when it has none)."""
+    from . import methods
+
+    try:
+        strategy = run_recipe(run_dir, None).strategy
+    except LightPeftError:
+        strategy = "lightpeft"
+    return f"{methods.label(strategy)} run: {Path(run_dir).name}"
+
+
 def write_report(run_dir: Path, damage: str | None = None) -> Path:
     """Write report/summary.md (table, per-layer table, score diagnostics, figures) and summary.json; works after
     any finished stage.
@@ -190,7 +201,7 @@ def write_report(run_dir: Path, damage: str | None = None) -> Path:
 
         diag["damage"] = measure_damage(run_recipe(run_dir, r.estimate), r.estimate,
                                         load_score_files(run_dir, r.estimate, []), damage)
-    parts = [f"# Light-PEFT run: {run_dir.name}\n\n{summary_table(r)}\n"]
+    parts = [f"# {report_title(run_dir)}\n\n{summary_table(r)}\n"]
     if r.notes:
         parts.append("\n".join(f"> note: {note}" for note in r.notes) + "\n")
     if table := layer_table(r):
