@@ -221,3 +221,20 @@ def test_qlora_under_zero3_shards_the_4bit_base_and_matches_one_process(recipe, 
     assert one.keys() == z3.keys()
     for k in one:
         torch.testing.assert_close(one[k], z3[k], atol=1e-6, rtol=0)
+
+
+def test_a_stale_op_build_lock_is_an_error_not_a_silent_hang(tmp_path, monkeypatch):
+    """DeepSpeed builds its CPU shared-memory op at init behind a plain lock file; a build killed midway leaves it
+    and every later run waits forever. A lock older than a build can take is refused, naming the file; a fresh one
+    (a build in progress) and none at all are not."""
+    from lightpeft_dist.errors import LightPeftError
+    from lightpeft_dist.training.zero import STALE_BUILD_LOCK_S, check_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    check_build_locks()  # no lock
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.touch()
+    built_at = lock.stat().st_mtime
+    check_build_locks(now=built_at + 60)  # a build in progress
+    with pytest.raises(LightPeftError, match="deepspeed_shm_comm/lock"):
+        check_build_locks(now=built_at + STALE_BUILD_LOCK_S + 1)

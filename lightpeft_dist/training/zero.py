@@ -96,6 +96,32 @@ def fill_ds_config(cfg: dict[str, Any], *, batch_size: int, grad_accum: int, max
     return cfg
 
 
+# A build of a JIT op (DeepSpeed builds its CPU shared-memory collective, `deepspeed_shm_comm`, at init) holds a
+# plain lock file in torch's extensions folder; a process killed mid-build leaves it, and every later process waits
+# on it forever, silently. A real build takes about a minute, so an older lock is stale (docs/distributed.md).
+STALE_BUILD_LOCK_S = 900
+JIT_OPS = ("deepspeed_shm_comm",)
+
+
+def check_build_locks(now: float | None = None) -> None:
+    """Refuse to start when a JIT op's build lock is older than STALE_BUILD_LOCK_S, instead of hanging on it."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    now = time.time() if now is None else now
+    for name in JIT_OPS:
+        try:
+            lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+            age = now - lock.stat().st_mtime
+        except (OSError, RuntimeError):
+            continue
+        if age > STALE_BUILD_LOCK_S:
+            raise LightPeftError(f"{lock} is a build lock left {age / 60:.0f} min ago by a process that was stopped "
+                                 f"while building DeepSpeed's {name} op; every run would wait on it forever. If no "
+                                 "build is running, delete that file and start again")
+
+
 def prepare_ds_config(path: str | Path | None, stage_cfg, dtype: str, hidden_size: int,
                       min_mask_numel: int | None, world_size: int) -> dict[str, Any] | None:
     """The DeepSpeed config for one stage (`stage_cfg` is the recipe's estimate or train section), or None."""
@@ -104,6 +130,7 @@ def prepare_ds_config(path: str | Path | None, stage_cfg, dtype: str, hidden_siz
     import deepspeed
     import torch.distributed as dist
 
+    check_build_locks()
     # DeepSpeed keeps its own view of the process group (deepspeed.comm); point it at ours.
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None,
                                dist_init_required=False)
