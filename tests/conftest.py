@@ -64,3 +64,15 @@ def dist_single(dist_recipe, tmp_path_factory) -> Path:
     run_stages(run, "estimate", config=dist_recipe)
     run_stages(run, "plan", "prune")
     return run
+
+
+def prune_and_reload(base_dir: Path, plan: dict, peft_config, adapter_dir: Path, out: Path):
+    """Slice the base checkpoint and its adapter by `plan` into `out/pruned` and `out/pruned_adapter`; the pruned
+    model reloaded through transformers (eval mode) and the pruned adapter's folder."""
+    from transformers import AutoModelForCausalLM
+
+    from lightpeft_dist.pruning.slicing import prune_adapter, prune_checkpoint
+
+    prune_checkpoint(str(base_dir), plan, out / "pruned")
+    prune_adapter(adapter_dir, plan, peft_config, out / "pruned", out / "pruned_adapter")
+    return AutoModelForCausalLM.from_pretrained(out / "pruned").eval(), out / "pruned_adapter"

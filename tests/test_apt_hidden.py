@@ -24,7 +24,8 @@ from lightpeft_dist.pruning.hidden_mask import attach_hidden_mask
 from lightpeft_dist.pruning.importance import lora_modules
 from lightpeft_dist.pruning.masks import attach_masks, set_masks_from_plan
 from lightpeft_dist.pruning.plan import plan_hash, read_plan
-from lightpeft_dist.pruning.slicing import model_reference, prune_adapter, prune_checkpoint
+from conftest import prune_and_reload
+from lightpeft_dist.pruning.slicing import model_reference
 from lightpeft_dist.strategies.apt.plan import cost_model, make_apt_plan
 from test_apt import FRESH_EVAL, write_recipe
 from tiny import randomize_lora, save_tiny
@@ -76,9 +77,7 @@ def test_masked_hidden_model_equals_the_pruned_one_and_the_cost_model_counts_it(
         with peft_model.disable_adapter():
             masked = peft_model(INPUT).logits
 
-    prune_checkpoint(str(base_dir), plan, tmp_path / "pruned")
-    prune_adapter(tmp_path / "adapter", plan, peft_model.config, tmp_path / "pruned", tmp_path / "pruned_adapter")
-    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    pruned, pruned_adapter = prune_and_reload(base_dir, plan, peft_model.config, tmp_path / "adapter", tmp_path)
     assert pruned.config.hidden_size == len(plan["hidden"]) and pruned.config.head_dim == record["head_dim"]
     assert pruned.model.embed_tokens.weight.shape == (record["vocab_size"], len(plan["hidden"]))
     with torch.no_grad():
@@ -90,7 +89,7 @@ def test_masked_hidden_model_equals_the_pruned_one_and_the_cost_model_counts_it(
     assert sum(p.numel() for p in pruned.parameters()) == kept == cost_model(record, hidden=True).count(
         [len(lp["kv_heads"]) for lp in plan["layers"]], [len(lp["ffn"]) for lp in plan["layers"]], len(plan["hidden"]))
     assert (pruned.lm_head.weight.data_ptr() == pruned.model.embed_tokens.weight.data_ptr()) == (layout == "llama-gqa")
-    with_adapter = PeftModel.from_pretrained(pruned, tmp_path / "pruned_adapter").eval()
+    with_adapter = PeftModel.from_pretrained(pruned, pruned_adapter).eval()
     with torch.no_grad():
         adapted = with_adapter(INPUT).logits
     assert torch.allclose(adapted, masked_adapted, atol=1e-4), (adapted - masked_adapted).abs().max()

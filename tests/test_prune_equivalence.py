@@ -19,7 +19,8 @@ from lightpeft_dist.pruning.masks import attach_masks, set_masks_from_plan
 from lightpeft_dist.adapters.lora import lora_config
 from lightpeft_dist.models.loading import fingerprint
 from lightpeft_dist.pruning.plan import make_plan
-from lightpeft_dist.pruning.slicing import prune_adapter, prune_checkpoint
+from conftest import prune_and_reload
+from lightpeft_dist.pruning.slicing import prune_checkpoint
 from lightpeft_dist.pruning.scores import Scores
 from tiny import LAYOUTS, randomize_lora, save_tiny
 
@@ -67,14 +68,12 @@ def test_masked_equals_pruned(tmp_path, layout, uniform):
         with peft_model.disable_adapter():
             masked_base_logits = peft_model(INPUT).logits
 
-    prune_checkpoint(str(base_dir), plan, tmp_path / "pruned")
-    prune_adapter(tmp_path / "adapter", plan, peft_model.config, tmp_path / "pruned", tmp_path / "pruned_adapter")
-    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    pruned, pruned_adapter = prune_and_reload(base_dir, plan, peft_model.config, tmp_path / "adapter", tmp_path)
     assert (type(pruned).__name__.startswith("Pruned")) != uniform or plan["summary"]["uniform"]
     with torch.no_grad():
         pruned_logits = pruned(INPUT).logits
     assert torch.allclose(pruned_logits, masked_base_logits, atol=1e-4), (pruned_logits - masked_base_logits).abs().max()
-    with_adapter = PeftModel.from_pretrained(pruned, tmp_path / "pruned_adapter").eval()
+    with_adapter = PeftModel.from_pretrained(pruned, pruned_adapter).eval()
     with torch.no_grad():
         adapted = with_adapter(INPUT).logits
     assert torch.allclose(adapted, masked_logits, atol=1e-4), (adapted - masked_logits).abs().max()
@@ -114,10 +113,8 @@ def test_pruned_config_rejects_heads_that_do_not_group(tmp_path):
 def test_pruned_artefacts_reload_in_fresh_process(tmp_path):
     prune_cfg = PruneConfig(attn_ratio=0.34, ffn_ratio=0.5, module_ratio=0.5, rank_ratio=0.5)
     base_dir, peft_model, plan = build(tmp_path, "qwen2-bias", prune_cfg)
-    prune_checkpoint(str(base_dir), plan, tmp_path / "pruned")
-    prune_adapter(tmp_path / "adapter", plan, peft_model.config, tmp_path / "pruned", tmp_path / "pruned_adapter")
-    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
-    model = PeftModel.from_pretrained(pruned, tmp_path / "pruned_adapter").eval()
+    pruned, pruned_adapter = prune_and_reload(base_dir, plan, peft_model.config, tmp_path / "adapter", tmp_path)
+    model = PeftModel.from_pretrained(pruned, pruned_adapter).eval()
     with torch.no_grad():
         here = model(INPUT).logits
     torch.save(INPUT, tmp_path / "input.pt")
