@@ -161,6 +161,10 @@ class PruneConfig(_Strict):
                              "importance at the masks' position (taylor.py), or by the masks' accumulated "
                              "movement sum|delta m| over the estimate (movement.py)")
     seed: int = 0
+    allocation: Literal["layerwise", "budget"] = Field(
+        "layerwise", description="layerwise: the ratios per layer; budget: the ratios' parameter count, spent across "
+                                 "layers and kinds by unit score per parameter (pruning/allocation.py); needs "
+                                 "unit_scores: taylor")
     multiple_of: int = Field(1, ge=1, description="kept FFN widths, and KV-group widths (groups x head_dim) where "
                              "needed, rounded to a multiple of this (plan.py); 1 = off")
 
@@ -175,6 +179,14 @@ class PruneConfig(_Strict):
     def _random_peft_needs_random(self) -> "PruneConfig":
         if self.random_peft and not self.random:
             raise ValueError("random_peft randomises the PEFT choices of the random control; set random: true too")
+        if self.allocation == "budget":
+            if self.unit_scores != "taylor":
+                raise ValueError(f"allocation: budget ranks units by score per parameter across layers, which needs "
+                                 f"scores that estimate the loss change and compare across layers; unit_scores "
+                                 f"{self.unit_scores} do not: set unit_scores: taylor, or allocation: layerwise")
+            if self.uniform or self.multiple_of > 1:
+                raise ValueError("allocation: budget chooses each layer's widths itself, so it cannot be combined with "
+                                 "uniform: true or multiple_of > 1; set allocation: layerwise")
         return self
 
 

@@ -26,7 +26,7 @@ ADDED_LATER: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {
     "estimate": [("mask_warmup_steps", 0, ()), ("l1_per_mask", False, ()), ("loss_on", "label", ())],
     "train": [("distill_weight", 0.0, ("distill_temperature",)), ("epochs", None, ()),
               ("lr_scheduler", "linear", ())],
-    "prune": [("multiple_of", 1, ()), ("random_peft", Follows("random"), ())],
+    "prune": [("multiple_of", 1, ()), ("allocation", "layerwise", ()), ("random_peft", Follows("random"), ())],
     "eval": [("adapter", "last", ())],
     # the strategy section's train keys (`Strategy.train_keys`, pipeline/train.py)
     "apt": [("mask_ramp", False, ("mask_ramp_step", "ramp")), ("distill_weight", 0.0, ("distill_temperature",))],

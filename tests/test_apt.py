@@ -23,7 +23,7 @@ from lightpeft_dist.models.loading import load_config, load_model
 from lightpeft_dist.pruning.plan import read_plan
 from lightpeft_dist.pruning.slicing import model_reference, prune_checkpoint
 from lightpeft_dist.runtime import Runtime
-from lightpeft_dist.strategies.apt.budget import CostModel, plan_for_budget
+from lightpeft_dist.pruning.budget import CostModel, plan_for_budget
 from lightpeft_dist.strategies.apt.kurtosis import excess_kurtosis
 from lightpeft_dist.strategies.apt.plan import make_apt_plan
 from lightpeft_dist.strategies.apt.salience import AptSalience

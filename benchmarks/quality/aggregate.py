@@ -60,7 +60,11 @@ def split_info(recipe: dict) -> dict:
 
 
 SCORED = {"lightpeft": "Light-PEFT", "activation": "Light-PEFT with activation unit scores",
-          "taylor": "Light-PEFT with Taylor unit scores"}
+          "taylor": "Light-PEFT with Taylor unit scores",
+          "taylor_budget": "Light-PEFT with Taylor unit scores and budget allocation"}
+# each scored row's random control: the same plan's counts with random units (random_budget keeps the budget plan's
+# per-layer counts, pruning/allocation.py)
+CONTROL = {"taylor_budget": "random_budget"}
 
 
 def _paired_wins(a: dict, b: dict) -> list[bool]:
@@ -79,24 +83,26 @@ def _method_verdict(method: str, groups: list[dict], lora: dict) -> list[str]:
     for level, target in TARGETS.items():
         g = next((g for g in rows if abs(g["level"] - level) < 1e-9), None)
         if g is not None:
-            lines += _level_verdict(name, g, target, groups, lora)
+            lines += _level_verdict(name, g, target, groups, lora, CONTROL.get(method, "random"))
     return lines
 
 
-def _level_verdict(name: str, g: dict, target: float, groups: list[dict], lora: dict) -> list[str]:
+def _level_verdict(name: str, g: dict, target: float, groups: list[dict], lora: dict,
+                   control: str = "random") -> list[str]:
     keep = g["value"]["mean"] / lora["value"]["mean"]
     lines = [f"- {name} at {g['level']:.0%} (achieved {g['fraction_pruned']['mean']:.1%} of prunable parameters) "
              f"reaches {g['value']['mean']:.1%} test accuracy (n={g['value']['n']}), **{keep:.1%} of LoRA on the "
              f"full model** ({lora['value']['mean']:.1%}); target >= {target:.0%}: "
              f"**{'met' if keep >= target else 'not met'}**."]
-    rnd = next((r for r in groups if r["method"] == "random" and r["level"] == g["level"]), None)
+    rnd = next((r for r in groups if r["method"] == control and r["level"] == g["level"]), None)
     if rnd and rnd["value"]["mean"] is not None:
         wins = _paired_wins(g, rnd)
         diff = g["value"]["mean"] - rnd["value"]["mean"]
         spread = max(g["value"]["std"] or 0.0, rnd["value"]["std"] or 0.0)
         clear = bool(wins) and all(wins) and diff > spread and len(wins) > 1
         spread_txt = f"larger spread {100 * spread:.1f} points" if len(wins) > 1 else "no spread with one seed"
-        lines.append(f"  - Random pruning at the same ratios: {rnd['value']['mean']:.1%}; {name} "
+        what = "Random units at the same per-layer counts" if control != "random" else "Random pruning at the same ratios"
+        lines.append(f"  - {what}: {rnd['value']['mean']:.1%}; {name} "
                      f"{'+' if diff >= 0 else ''}{100 * diff:.1f} points, ahead in {sum(wins)} of {len(wins)} paired "
                      f"seeds ({spread_txt}). \"Clearly beats random\" (ahead in every seed, n > 1, gap larger than "
                      f"the spread): **{'yes' if clear else 'no'}**.")
@@ -129,7 +135,8 @@ def aggregate(out_dir: Path) -> dict:
 
 
 def _reductions(result: dict) -> list[str]:
-    groups = [g for g in result["groups"] if g["method"] in ("lightpeft", "activation", "taylor", "random", "lora")]
+    groups = [g for g in result["groups"] if g["method"] in ("lightpeft", "activation", "taylor", "taylor_budget", "random",
+                                                                  "random_budget", "lora")]
     out = []
     few = [f"{g['label']}{'' if g['level'] is None else ' ' + format(g['level'], '.0%')} (n={g['value']['n']})"
            for g in groups if g["value"]["n"] < SPEC["seeds"]]

@@ -138,6 +138,8 @@ def row_specs(level_ratios: dict[float, dict], peft_ratios: dict,
             rows.append((method, level, {**ratios, **peft_ratios, "random": False, "unit_scores": scores}, {}))
         for method in ESTIMATE_VARIANTS:  # mask-ranked plans from an estimate of their own (run_seed)
             rows.append((method, level, {**ratios, **peft_ratios, "random": False}, {}))
+        for method, extra in BUDGET.items():  # the same ratios' parameter count, spent across layers
+            rows.append((method, level, {**ratios, **peft_ratios, "random": False, **extra}, {}))
         if rounded_ratios:
             for method, extra in ROUNDED.items():
                 rows.append((method, level, {**rounded_ratios[level], **peft_ratios, "random": False, **extra}, {}))
@@ -153,6 +155,13 @@ ESTIMATE_VARIANTS: dict[str, dict] = {"masks_warmup": {"mask_warmup_steps": 10},
 # Rows whose kept widths are rounded for matrix kernels (prune.multiple_of, docs/method.md): Taylor-ranked like the
 # taylor row, with the level solved again under the rounding so both prune the same share of parameters.
 ROUNDED: dict[str, dict] = {"taylor_m64": {"unit_scores": "taylor", "multiple_of": 64}}
+
+
+# Rows that spend the ratios' parameter count across layers and kinds by score per parameter
+# (prune.allocation: budget, lightpeft_dist/pruning/allocation.py), and their random control: the scored plan's
+# per-layer counts with random units in each layer.
+BUDGET: dict[str, dict] = {"taylor_budget": {"unit_scores": "taylor", "allocation": "budget"},
+                           "random_budget": {"unit_scores": "taylor", "allocation": "budget", "random": True}}
 
 
 def row_name(method: str, level: float | None) -> str:

@@ -10,6 +10,8 @@ model's per-layer shapes. Deliberate deviations from the reference, documented i
 Opt-in `prune.ffn_scope: global_normalized` ranks FFN neurons across layers on each layer's scores divided by the
 layer's mean |score|: unit score scales differ between layers, so plain global ranking empties the layers with small
 scales (7-29x worse perplexity than per-layer ranking, docs/results.md); the layer mean removes exactly that factor.
+Opt-in `prune.allocation: budget` keeps the parameter count of the per-layer ratios but spends it across layers
+and kinds by score per parameter (allocation.py).
 Opt-in `prune.multiple_of: m` (default 1, which plans exactly as above) rounds widths for matrix kernels (GPU tiles,
 bitsandbytes' packed CPU kernel, quant.py): each layer's kept FFN count goes to the nearest multiple of m (halves up),
 at least m, never above the layer's width (a layer narrower than m keeps all of it), and the layer keeps its
@@ -35,6 +37,7 @@ from ..config import PruneConfig
 from ..keys import without_later_defaults
 from ..errors import LightPeftError
 from ..io_utils import read_json, sha256_json
+from .allocation import budget_units
 from .scores import Scores, check_shapes
 
 log = logging.getLogger(__name__)
@@ -187,6 +190,7 @@ def _keep_global_allow_empty(scores: list[torch.Tensor], ratio: float) -> list[l
 
 def make_plan(scores: Scores, shapes: list[dict[str, int]], cfg: PruneConfig, model_fingerprint: str,
               hidden_size: int, head_dim: int) -> dict:
+    scored = scores
     if cfg.random:
         scores = scores.randomized(cfg.seed, peft=cfg.random_peft)
     if len(scores.head) != len(shapes):
@@ -203,6 +207,9 @@ def make_plan(scores: Scores, shapes: list[dict[str, int]], cfg: PruneConfig, mo
                     "so their heads are not rounded", cfg.multiple_of, step, head_dim, too_few)
     heads = plan_heads(scores.head, [s["num_key_value_heads"] for s in shapes], cfg.attn_ratio, cfg.uniform, step)
     ffn = plan_ffn(scores.ffn, cfg.ffn_ratio, "layerwise" if cfg.uniform else cfg.ffn_scope)
+    if cfg.allocation == "budget":  # the ratios' parameter count, spent by score per parameter (allocation.py)
+        heads, ffn = budget_units(scored, shapes, hidden_size, head_dim,
+                                  [(q, kv, f) for (q, kv), f in zip(heads, ffn)], scores if cfg.random else None)
     if cfg.multiple_of > 1:
         ffn = round_ffn(scores.ffn, ffn, cfg.multiple_of)
     peft = plan_peft(scores.module, scores.rank, cfg)

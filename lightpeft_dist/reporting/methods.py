@@ -18,10 +18,12 @@ BASELINES: dict[str, tuple[str, str]] = {  # name: (label, colour)
     "masks_warmup": ("Light-PEFT masks, mask LR warm-up", "#3182ce"),
     "masks_alltok": ("Light-PEFT masks, loss on all tokens", "#2c7a7b"),
     "taylor_m64": ("Light-PEFT, Taylor unit scores, widths multiple of 64", "#97266d"),
+    "taylor_budget": ("Light-PEFT, Taylor unit scores, budget allocation", "#1a365d"),
     "random": ("random pruning", "#e07b39"),
+    "random_budget": ("random units at the budget plan's per-layer counts", "#c05621"),
 }
 ORDER = ("zero-shot", "lora", *STRATEGIES, "masks_warmup", "masks_alltok", "movement", "activation", "taylor",
-         "taylor_m64", "random")  # table order
+         "taylor_m64", "taylor_budget", "random", "random_budget")  # table order
 UNKNOWN_COLOR = "#4a5568"
 
 

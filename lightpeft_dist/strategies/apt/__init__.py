@@ -4,7 +4,7 @@ One-shot mode (the paper's LLaMA recipe): `calibrate` scores KV groups and FFN n
 salience over `apt.calibration_samples` examples, then APT's own `plan` stage keeps the most salient blocks per
 parameter within `apt.target_density` of the decoder's parameters. From there the shared stages (prune, train,
 evaluate, export, report) run unchanged; in the train stage APT's hooks grow the LoRA ranks (tuning.py). Modules: section.py (schema), salience.py + kurtosis.py (scores),
-budget.py (cost model and search; `plan_for_budget` is what a gradual schedule calls), calibrate.py, plan.py.
+pruning/budget.py (cost model and search, shared with Light-PEFT's `prune.allocation: budget`; `plan_for_budget` is what a gradual schedule calls), calibrate.py, plan.py.
 docs/method.md, "APT", lists what we implement and every deviation from the reference.
 """
 

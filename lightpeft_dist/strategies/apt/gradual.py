@@ -8,7 +8,7 @@ this hook
 - at `apt.checkpoints` pruning checkpoints evenly in the first `apt.window` steps (checkpoint k after step
   round(k * window / N) - 1), computes the cubic density d_k = target + (1 - target) (1 - k/N)^3, so the last
   checkpoint hits `apt.target_density`;
-- runs the budget search (budget.py) over the current blocks with the budget d_k x the *original* dense count, maps
+- runs the budget search (pruning/budget.py) over the current blocks with the budget d_k x the *original* dense count, maps
   the kept blocks back to the source model's indices (a plan in the shared format, with the checkpoint's budget in
   `apt` and every earlier checkpoint's in `apt.history`), and returns `pruning.live.live_prune` of it, which the
   loop applies (LoRA weights and AdamW moments sliced, the model rebuilt smaller, on any world size);
@@ -36,7 +36,7 @@ from ...pruning.plan import PLAN_VERSION, plan_hash, summarize
 from ...rundir import RunDir
 from ...training.hooks import Restructure, StepHooks, Trainee, Transform
 from ..base import TrainContext
-from .budget import CostModel, plan_for_budget
+from ...pruning.budget import CostModel, plan_for_budget
 from .plan import cost_model
 from .ramp import RampMasks, ramp_value, ramp_windows
 from .salience import AptSalience

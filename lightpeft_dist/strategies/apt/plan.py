@@ -1,7 +1,7 @@
 """APT's plan stage: the budgeted search over the calibration scores, written as the shared plan.json.
 
 Why its own plan stage: the shared planner prunes fixed ratios per kind, while APT keeps the most salient blocks per
-parameter under one parameter budget (budget.py). The result is an ordinary plan (pruning/plan.py's format, hash and
+parameter under one parameter budget (pruning/budget.py). The result is an ordinary plan (pruning/plan.py's format, hash and
 summary; checked by `read_plan`), so the shared prune, train, evaluate, export and report stages run unchanged. A
 kept KV group keeps all its query heads; every LoRA module keeps all its ranks (APT does not prune PEFT modules).
 """
@@ -17,7 +17,7 @@ from ...io_utils import read_json, sha256_file, sha256_json, write_json
 from ...pruning.plan import PLAN_VERSION, plan_hash, summarize
 from ...rundir import RunDir
 from ...runtime import Runtime, current
-from .budget import CostModel, plan_for_budget
+from ...pruning.budget import CostModel, plan_for_budget
 from .calibrate import load_apt_scores, scores_path
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def apt_plan_key(recipe: Recipe, run_dir: Path) -> str:
 
 def cost_model(record: dict, hidden: bool = False) -> CostModel:
     """The record's cost model; with `hidden` (hidden dimensions pruned) it counts the embeddings and an untied LM
-    head too, which shrink with the hidden width (budget.py)."""
+    head too, which shrink with the hidden width (pruning/budget.py)."""
     embedding = 0
     if hidden:
         if "vocab_size" not in record:

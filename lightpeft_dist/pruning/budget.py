@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import LightPeftError
+from ..errors import LightPeftError
 
 log = logging.getLogger(__name__)
 
