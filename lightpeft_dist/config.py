@@ -155,16 +155,17 @@ class PruneConfig(_Strict):
     random: bool = Field(False, description="control: seeded noise for the head and FFN scores; the PEFT module "
                          "and rank choices stay the scored plan's")
     random_peft: bool = Field(False, description="with random: the PEFT module and rank scores are noise too")
-    unit_scores: Literal["masks", "activation", "taylor", "movement"] = Field(
+    unit_scores: Literal["masks", "activation", "taylor", "movement", "salience"] = Field(
         "masks", description="rank heads and FFN neurons by the learned masks (Light-PEFT), by their measured "
                              "activations times output weight norms (activation.py), by first-order Taylor "
-                             "importance at the masks' position (taylor.py), or by the masks' accumulated "
-                             "movement sum|delta m| over the estimate (movement.py)")
+                             "importance at the masks' position (taylor.py), by the masks' accumulated "
+                             "movement sum|delta m| over the estimate (movement.py), or by APT's salience "
+                             "sum|z| x sum|dL/dz| from the same hook (taylor.py)")
     seed: int = 0
     allocation: Literal["layerwise", "budget"] = Field(
         "layerwise", description="layerwise: the ratios per layer; budget: the ratios' parameter count, spent across "
                                  "layers and kinds by unit score per parameter (pruning/allocation.py); needs "
-                                 "unit_scores: taylor")
+                                 "unit_scores: taylor or salience")
     multiple_of: int = Field(1, ge=1, description="kept FFN widths, and KV-group widths (groups x head_dim) where "
                              "needed, rounded to a multiple of this (plan.py); 1 = off")
 
@@ -180,10 +181,10 @@ class PruneConfig(_Strict):
         if self.random_peft and not self.random:
             raise ValueError("random_peft randomises the PEFT choices of the random control; set random: true too")
         if self.allocation == "budget":
-            if self.unit_scores != "taylor":
+            if self.unit_scores not in ("taylor", "salience"):
                 raise ValueError(f"allocation: budget ranks units by score per parameter across layers, which needs "
-                                 f"scores that estimate the loss change and compare across layers; unit_scores "
-                                 f"{self.unit_scores} do not: set unit_scores: taylor, or allocation: layerwise")
+                                 f"first-order scores that compare across layers; unit_scores {self.unit_scores} "
+                                 "are not: set unit_scores: taylor (or salience), or allocation: layerwise")
             if self.uniform or self.multiple_of > 1:
                 raise ValueError("allocation: budget chooses each layer's widths itself, so it cannot be combined with "
                                  "uniform: true or multiple_of > 1; set allocation: layerwise")

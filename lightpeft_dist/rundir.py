@@ -12,7 +12,8 @@ from pathlib import Path
 
 # Unit-score files that an estimate writes, by `prune.unit_scores` (every estimate writes all of them).
 SCORE_FILES = {"masks": "scores.safetensors", "activation": "activation_scores.safetensors",
-               "taylor": "taylor_scores.safetensors", "movement": "movement_scores.safetensors"}
+               "taylor": "taylor_scores.safetensors", "movement": "movement_scores.safetensors",
+               "salience": "salience_scores.safetensors"}
 ESTIMATE_RECORD = "estimate.json"  # inside the estimate folder, next to the score files
 PRUNE_RECORD = "lightpeft_prune.json"  # inside a pruned model folder (wherever prune_checkpoint writes one)
 TRAIN_RECORD = "train.json"  # inside the train folder

@@ -169,6 +169,7 @@ def test_an_interrupted_estimate_resumes_to_the_same_taylor_scores(tmp_path, tin
     assert kept.is_dir() and not (run / "estimate.ckpt").exists()
     whole = load_scores(run / "estimate" / "taylor_scores.safetensors")
     whole_movement = load_scores(run / "estimate" / "movement_scores.safetensors")
+    whole_salience = load_scores(run / "estimate" / "salience_scores.safetensors")
     assert all(float(t.min()) >= 0 for t in whole.head + whole.ffn) and float(whole.ffn[0].max()) > 0
     monkeypatch.setattr(checkpoint, "LISTENERS", [])
     for strip, resumed_from in ((False, 4), (True, 0)):
@@ -187,6 +188,9 @@ def test_an_interrupted_estimate_resumes_to_the_same_taylor_scores(tmp_path, tin
         moved = load_scores(run / "estimate" / "movement_scores.safetensors")  # the mask path lengths resume too
         for x, y in zip(whole_movement.head + whole_movement.ffn, moved.head + moved.ffn, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-9)
+        salience = load_scores(run / "estimate" / "salience_scores.safetensors")  # APT's salience, same hook
+        for x, y in zip(whole_salience.head + whole_salience.ffn, salience.head + salience.ffn, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-9)
 
 
 def test_plan_reads_the_taylor_file_of_the_same_estimate(tmp_path, tiny_recipe):
@@ -199,3 +203,10 @@ def test_plan_reads_the_taylor_file_of_the_same_estimate(tmp_path, tiny_recipe):
     masks_plan = json.loads((run / "plan.json").read_text())
     assert taylor_plan["prune"]["unit_scores"] == "taylor" and taylor_plan["key"] != masks_plan["key"]
     assert taylor_plan["layers"] != masks_plan["layers"]
+    # the salience file, planned per layer and with the budget allocation (the per-layer count, spent across layers)
+    assert main(["plan", "--run-dir", str(run), "--prune.unit_scores=salience"]) == 0
+    layerwise = json.loads((run / "plan.json").read_text())
+    assert main(["plan", "--run-dir", str(run), "--prune.unit_scores=salience", "--prune.allocation=budget"]) == 0
+    budget_plan = json.loads((run / "plan.json").read_text())
+    assert budget_plan["prune"]["allocation"] == "budget" and budget_plan["key"] != layerwise["key"]
+    assert budget_plan["summary"]["prunable_params_after"] <= layerwise["summary"]["prunable_params_after"]

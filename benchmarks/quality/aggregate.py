@@ -61,10 +61,11 @@ def split_info(recipe: dict) -> dict:
 
 SCORED = {"lightpeft": "Light-PEFT", "activation": "Light-PEFT with activation unit scores",
           "taylor": "Light-PEFT with Taylor unit scores",
-          "taylor_budget": "Light-PEFT with Taylor unit scores and budget allocation"}
+          "taylor_budget": "Light-PEFT with Taylor unit scores and budget allocation",
+          "salience_budget": "Light-PEFT with APT salience and budget allocation"}
 # each scored row's random control: the same plan's counts with random units (random_budget keeps the budget plan's
 # per-layer counts, pruning/allocation.py)
-CONTROL = {"taylor_budget": "random_budget"}
+CONTROL = {"taylor_budget": "random_budget", "salience_budget": "random_salience_budget"}
 
 
 def _paired_wins(a: dict, b: dict) -> list[bool]:
@@ -136,7 +137,8 @@ def aggregate(out_dir: Path) -> dict:
 
 def _reductions(result: dict) -> list[str]:
     groups = [g for g in result["groups"] if g["method"] in ("lightpeft", "activation", "taylor", "taylor_budget", "random",
-                                                                  "random_budget", "lora")]
+                                                                  "random_budget", "salience_budget",
+                                                                  "random_salience_budget", "lora")]
     out = []
     few = [f"{g['label']}{'' if g['level'] is None else ' ' + format(g['level'], '.0%')} (n={g['value']['n']})"
            for g in groups if g["value"]["n"] < SPEC["seeds"]]

@@ -161,7 +161,10 @@ ROUNDED: dict[str, dict] = {"taylor_m64": {"unit_scores": "taylor", "multiple_of
 # (prune.allocation: budget, lightpeft_dist/pruning/allocation.py), and their random control: the scored plan's
 # per-layer counts with random units in each layer.
 BUDGET: dict[str, dict] = {"taylor_budget": {"unit_scores": "taylor", "allocation": "budget"},
-                           "random_budget": {"unit_scores": "taylor", "allocation": "budget", "random": True}}
+                           "random_budget": {"unit_scores": "taylor", "allocation": "budget", "random": True},
+                           "salience_budget": {"unit_scores": "salience", "allocation": "budget"},
+                           "random_salience_budget": {"unit_scores": "salience", "allocation": "budget",
+                                                      "random": True}}
 
 
 def row_name(method: str, level: float | None) -> str:

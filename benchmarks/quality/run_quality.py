@@ -37,7 +37,8 @@ from lightpeft_dist.models.loading import load_tokenizer  # noqa: E402
 log = logging.getLogger("quality")
 DEFAULT_RECIPE = HERE / "smollm2_quality.yaml"
 METHODS = ("lora", "lightpeft", "random", "activation", "taylor")
-VARIANTS = ("movement", "masks_warmup", "masks_alltok", "taylor_m64", "taylor_budget", "random_budget")  # opt-in rows (rows.py): --methods ... movement
+VARIANTS = ("movement", "masks_warmup", "masks_alltok", "taylor_m64", "taylor_budget", "random_budget",
+            "salience_budget", "random_salience_budget")  # opt-in rows (rows.py): --methods ... movement
 QUICK = ["--estimate.steps=3", "--train.steps=3", "--data.max_train_examples=200", "--data.max_eval_examples=100",
          "--eval.speed_batches=1"]
 

@@ -21,9 +21,12 @@ BASELINES: dict[str, tuple[str, str]] = {  # name: (label, colour)
     "taylor_budget": ("Light-PEFT, Taylor unit scores, budget allocation", "#1a365d"),
     "random": ("random pruning", "#e07b39"),
     "random_budget": ("random units at the budget plan's per-layer counts", "#c05621"),
+    "salience_budget": ("Light-PEFT, APT salience, budget allocation", "#2a4365"),
+    "random_salience_budget": ("random units at the salience budget plan's per-layer counts", "#9c4221"),
 }
 ORDER = ("zero-shot", "lora", *STRATEGIES, "masks_warmup", "masks_alltok", "movement", "activation", "taylor",
-         "taylor_m64", "taylor_budget", "random", "random_budget")  # table order
+         "taylor_m64", "taylor_budget", "salience_budget", "random", "random_budget",
+         "random_salience_budget")  # table order
 UNKNOWN_COLOR = "#4a5568"
 
 

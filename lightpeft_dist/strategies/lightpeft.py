@@ -123,10 +123,12 @@ def run_estimate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
                     module=module_scores, rank=rank_scores)
     act_head, act_ffn = activations.results()
     taylor_head, taylor_ffn = first_order.taylor()
+    sal_head, sal_ffn = first_order.salience()
     all_scores = {"masks": scores,
                   "activation": Scores(head=act_head, ffn=act_ffn, module=module_scores, rank=rank_scores),
                   "taylor": Scores(head=taylor_head, ffn=taylor_ffn, module=module_scores, rank=rank_scores),
-                  "movement": Scores(head=move_head, ffn=move_ffn, module=module_scores, rank=rank_scores)}
+                  "movement": Scores(head=move_head, ffn=move_ffn, module=module_scores, rank=rank_scores),
+                  "salience": Scores(head=sal_head, ffn=sal_ffn, module=module_scores, rank=rank_scores)}
     adapter_state = full_state([(n, p) for n, p in trainable if is_adapter_param(n)])
     # every rank holds these gathered values, so a diverged last step stops all ranks here, before any plan or write
     for kind, kind_scores in all_scores.items():
