@@ -172,3 +172,35 @@ def test_demo_turns_the_baseline_on_and_an_override_can_turn_it_off():
     assert baseline(["demo"]) and baseline(["run", "--run-dir", "D", "--baseline-lora"])
     assert not baseline(["run", "--run-dir", "D"])
     assert not baseline(["demo", "--report.baseline_lora=false"])
+
+
+def test_an_apt_run_gets_its_lora_baseline_through_apts_own_plan(tmp_path):
+    """APT prunes through its own section and plan stage: its baseline keeps every block (density 1) and trains a
+    plain fresh LoRA (no rank growth) on the unpruned model, from the run's calibration, and the run's table has the
+    three columns."""
+    from test_apt import write_recipe
+
+    recipe = write_recipe(tmp_path, {"target_density": 0.6, "calibration_samples": 8, "batch_size": 4, "seq_len": 24,
+                                     "rank_growth": 2.0, "window": 6, "checkpoints": 2, "ramp": 1})
+    run = tmp_path / "run"
+    out = tmp_path / "stdout.txt"
+    with open(out, "w") as f, contextlib.redirect_stdout(f):
+        assert main(["run", "--config", str(recipe), "--run-dir", str(run), "--baseline-lora",
+                     "--report.speed_rounds=1", "--logging.report_to=[none]"]) == 0
+    d, lora = RunDir(run), RunDir(RunDir(run).baseline_lora)
+    saved = yaml.safe_load(lora.recipe.read_text())
+    assert saved["strategy"] == "apt" and saved["apt"]["target_density"] == 1.0 and saved["apt"]["rank_growth"] == 1.0
+    assert saved["train"]["warm_start"] is False
+    base = load_model(str(tmp_path / "model"), "float32", "sdpa").state_dict()
+    kept = load_model(str(lora.pruned_model), "float32", "sdpa").state_dict()
+    assert base.keys() == kept.keys() and all(torch.equal(base[k], kept[k]) for k in base)
+    assert (lora.estimate_record).samefile(d.estimate_record)  # the run's calibration, linked
+    # plain LoRA: every module at the recipe's rank, while the run's own adapter grew
+    adapter = read_json(lora.train_adapter / "adapter_config.json")
+    assert adapter["r"] == 4 and set(adapter.get("rank_pattern", {}).values()) <= {4}
+    assert read_json(lora.train_record).get("structure") is None
+    assert max(read_json(d.train_record)["structure"]["lora_ranks"].values()) > 4
+    table = _table(out.read_text())
+    assert table["accuracy (eval)"][1] == f"{read_json(lora.eval_record)['pruned']['accuracy']:.2%}"
+    counts = [int(c.replace(",", "")) for c in table["parameters (total)"]]
+    assert counts[2] < counts[0] < counts[1]  # pruned < base < base + LoRA

@@ -34,6 +34,7 @@ from ..rundir import ESTIMATE_RECORD, RunDir
 from ..runtime import Runtime, current
 from ..strategies.base import Stage
 from .evaluate import chosen_adapter, eval_split, forward_tokens_per_s, run_evaluate
+from ..strategies.registry import strategy_for
 from .stages import SHARED_STAGES, pending, run_stage, save_recipe
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ def baseline_recipe(recipe: Recipe) -> Recipe:
     raw = recipe_to_dict(recipe)
     raw["prune"].update(NO_PRUNING)
     raw["train"].update(FRESH_LORA)
+    no_pruning = strategy_for(recipe).baseline
+    if no_pruning is not None:  # a strategy that prunes through its own section (APT) says how to prune nothing
+        no_pruning(raw)
     raw["report"]["baseline_lora"] = False  # the baseline has no baseline of its own
     return recipe_from_dict(raw, source="the LoRA baseline's recipe (derived from the run's)")
 
@@ -93,11 +97,15 @@ def _evaluate_without_base(recipe: Recipe, run_dir: Path, rt: Runtime, deepspeed
         run_evaluate(recipe, run_dir, baseline=False)
 
 
-def baseline_stages() -> list[Stage]:
-    """The shared stages the baseline runs: plan, prune, train, and evaluate without the zero-shot base."""
-    shared = {s.name: s for s in SHARED_STAGES}
-    return [shared["plan"], shared["prune"], shared["train"],
-            dataclasses.replace(shared["evaluate"], run=_evaluate_without_base)]
+def baseline_stages(recipe: Recipe) -> list[Stage]:
+    """The stages the baseline runs: the strategy's own after its scoring stage (whose folder is linked; APT's plan),
+    then the shared plan (unless the strategy replaces it), prune, train, and evaluate without the zero-shot base."""
+    strategy = strategy_for(recipe)
+    own = list(strategy.stages[1:])
+    shared = [s for s in SHARED_STAGES if s.name in ("plan", "prune", "train", "evaluate")
+              and s.name not in {o.name for o in own}]
+    return [*own, *(dataclasses.replace(s, run=_evaluate_without_base) if s.name == "evaluate" else s
+                    for s in shared)]
 
 
 def _final_model(recipe: Recipe, run_dir: Path | None):
@@ -137,7 +145,7 @@ def run_baseline(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, 
             link_estimate(run_dir, d.baseline_lora)
             save_recipe(d.baseline_lora, lora)
         rt.barrier()
-        for stage in pending(lora, d.baseline_lora, stages=baseline_stages(), runtime=rt):
+        for stage in pending(lora, d.baseline_lora, stages=baseline_stages(lora), runtime=rt):
             run_stage(stage.name, lora, d.baseline_lora, deepspeed=deepspeed, runtime=rt, stage=stage)
         if rt.is_main:
             times = side_by_side_speed(recipe, run_dir, recipe.report.speed_rounds)

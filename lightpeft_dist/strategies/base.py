@@ -64,6 +64,8 @@ class Strategy:
     LoRA ranks, prune physically). `train_keys` names the fields of the strategy's section that the train stage's
     key hashes (what those hooks read), so that changing them retrains. `kind_lrs(recipe)` gives the train stage's
     learning rate per adapter kind (None: every adapter at `train.lr`); the fields it reads belong in `train_keys`.
+    `baseline(raw)` edits a recipe dict so that the run prunes nothing and trains a plain LoRA, for the LoRA baseline
+    (pipeline/baseline.py; None: all `prune:` ratios 0 are enough).
     """
 
     name: str
@@ -78,6 +80,7 @@ class Strategy:
     train_hooks: "Callable[[TrainContext], StepHooks | None] | None" = None
     train_keys: tuple[str, ...] = ()
     kind_lrs: "Callable[[Recipe], dict[str, float] | None] | None" = None
+    baseline: "Callable[[dict], None] | None" = None
 
 
 @dataclass

@@ -28,13 +28,19 @@ def _recorded_plan(run_dir):
         return None
 
 
+def _no_pruning(raw: dict) -> None:
+    """The LoRA baseline's APT settings: keep every block (density 1), no rank growth, no distillation; the
+    calibration settings stay, so the run's calibration folder serves the baseline as it is."""
+    raw["apt"].update({"mode": "one_shot", "target_density": 1.0, "rank_growth": 1.0, "distill_weight": 0.0})
+
+
 def _check(recipe) -> None:
     recipe.section("apt").check_recipe(recipe)
 
 
 STRATEGY = Strategy(
     name="apt", label="APT", color="#c53030", section="apt", section_model=AptConfig, check=_check,
-    train_hooks=apt_train_hooks, train_keys=TRAIN_KEYS,
+    train_hooks=apt_train_hooks, train_keys=TRAIN_KEYS, baseline=_no_pruning,
     stages=(Stage("calibrate", calibrate_key, recorded_key,
                   lambda recipe, run_dir, rt, deepspeed: run_calibrate(recipe, run_dir, rt, deepspeed) and None,
                   collective=True, help="APT: score KV groups and FFN neurons on calibration examples (salience + "
