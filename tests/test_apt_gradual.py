@@ -9,6 +9,7 @@ tokens/s on both sides (positive, never asserted against a time)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import sys
@@ -74,7 +75,7 @@ def assert_costs(costs: list[dict], seen: dict[str, list[int]]) -> None:
             assert c[key] > 0 and math.isfinite(c[key]), (key, c)
 
 
-def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path, monkeypatch):
+def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path, monkeypatch, caplog):
     recipe = write_recipe(tmp_path, APT)
     raw = yaml.safe_load(recipe.read_text())
     raw["train"].update(checkpoint_every=2, keep_checkpoints=1, steps=7)
@@ -83,9 +84,12 @@ def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path, monkeypatc
     full, killed = tmp_path / "full", tmp_path / "killed"
     run_stages(full, *BEFORE_TRAIN, config=recipe)
     shutil.copytree(full, killed)
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, caplog.at_level(logging.INFO, logger="lightpeft_dist.strategies.apt.costs"):
         seen = count_at_checkpoints(patch)
         run_stages(full, "train", config=recipe)
+    lines = [r.getMessage() for r in caplog.records if "tokens/s" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == ["APT pruning checkpoint 1 after step 2",
+                                                      "APT pruning checkpoint 2 after step 5"], lines
     run_stages(full, "evaluate", config=recipe)
 
     ref = model_reference(load_config(str(tmp_path / "model")))

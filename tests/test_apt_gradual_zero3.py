@@ -1,8 +1,9 @@
 """APT's gradual mode on 2 ZeRO-3 ranks (DeepSpeed on CPU, gloo) equals one process: the running salience is summed
 across ranks every step, so every pruning checkpoint keeps the same blocks (same plan history and final plan hash),
 and the physically pruned, re-partitioned training with the sliced AdamW moments and the grown LoRA ranks ends with
-the same adapter weights (dropout 0). One 2-rank launch of the train stage, from one process's calibrate / plan /
-prune (the plan stage's full-density plan is world-size independent)."""
+the same adapter weights (dropout 0) and the same parameter counts around each checkpoint in the cost record. One
+2-rank launch of the train stage, from one process's calibrate / plan / prune (the plan stage's full-density plan
+is world-size independent)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ def test_two_rank_zero3_gradual_equals_one_process(tmp_path):
     assert records[0]["plan_hash"] == records[1]["plan_hash"] == plans[0]["hash"] != records[0]["start_plan_hash"]
     assert records[0]["structure"] == records[1]["structure"]  # the same grown ranks
     assert max(records[0]["structure"]["lora_ranks"].values()) > 4
+    costs = [r["hooks"]["apt_gradual_costs"] for r in records]  # ZeRO-3 partitions count in full
+    assert [(c["params_before"], c["params_after"]) for c in costs[1]] == \
+        [(c["params_before"], c["params_after"]) for c in costs[0]]
     torch.testing.assert_close(torch.tensor(records[1]["losses"]), torch.tensor(records[0]["losses"]),
                                rtol=1e-4, atol=1e-6)
     a, b = (load_file(d / "train" / "adapter" / "adapter_model.safetensors") for d in (single, zero3))
