@@ -2,24 +2,29 @@
 pruning checkpoint the kept parameter count is the cubic schedule's budget within one block, the final density hits
 the target, the run directory ends with the final plan and its physically pruned model (which evaluate loads with
 the grown adapter), and a training SIGKILLed between two pruning checkpoints, inside the second one's mask ramp and
-with the ramped distillation on, resumes to the uninterrupted result."""
+with the ramped distillation on, resumes to the uninterrupted result. The train record's cost entries (one per
+checkpoint) name the parameter counts of the model actually trained before and after each checkpoint, and
+tokens/s on both sides (positive, never asserted against a time)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import shutil
 import sys
 
 import pytest
 import torch
 import yaml
+from peft import PeftModel
 from safetensors.torch import load_file
 
 from dist_checks import launch, run_stages
 from lightpeft_dist.models.loading import load_config, load_model
 from lightpeft_dist.pruning.plan import read_plan
 from lightpeft_dist.pruning.slicing import model_reference
-from lightpeft_dist.strategies.apt.gradual import cubic_density
+from lightpeft_dist.strategies.apt.gradual import GradualPrune, cubic_density
 from test_apt import write_recipe
 
 pytestmark = pytest.mark.timeout(1200)
@@ -35,7 +40,42 @@ def decoder_params(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
 
 
-def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path):
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_at_checkpoints(monkeypatch) -> dict[str, list[int]]:
+    """The parameter counts of the model the loop trains right before each pruning checkpoint and right after each
+    rebuild (the prune and the rank growth of a checkpoint are one restructure)."""
+    seen: dict[str, list[int]] = {"before": [], "after": []}
+    step_fn, rebuild_fn = GradualPrune.after_optimizer_step, GradualPrune.after_rebuild
+
+    def after_optimizer_step(self, step, loss):
+        if step in self.checkpoints:
+            seen["before"].append(n_params(self.ctx.trainee.model))
+        return step_fn(self, step, loss)
+
+    def after_rebuild(self, trainee):
+        seen["after"].append(n_params(trainee.model))
+        return rebuild_fn(self, trainee)
+
+    monkeypatch.setattr(GradualPrune, "after_optimizer_step", after_optimizer_step)
+    monkeypatch.setattr(GradualPrune, "after_rebuild", after_rebuild)
+    return seen
+
+
+def assert_costs(costs: list[dict], seen: dict[str, list[int]]) -> None:
+    assert [c["checkpoint"] for c in costs] == [1, 2] and [c["step"] for c in costs] == [2, 5]
+    assert [c["params_before"] for c in costs] == seen["before"]
+    assert [c["params_after"] for c in costs] == seen["after"]
+    assert costs[0]["params_after"] == costs[1]["params_before"]  # nothing restructures in between
+    for c in costs:
+        assert c["params_after"] < c["params_before"]  # the prune removes more than the growth adds
+        for key in ("tokens_per_s_before", "tokens_per_s_after", "speedup"):
+            assert c[key] > 0 and math.isfinite(c[key]), (key, c)
+
+
+def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path, monkeypatch, caplog):
     recipe = write_recipe(tmp_path, APT)
     raw = yaml.safe_load(recipe.read_text())
     raw["train"].update(checkpoint_every=2, keep_checkpoints=1, steps=7)
@@ -44,7 +84,13 @@ def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     run_stages(full, *BEFORE_TRAIN, config=recipe)
     shutil.copytree(full, killed)
-    run_stages(full, "train", "evaluate", config=recipe)
+    with monkeypatch.context() as patch, caplog.at_level(logging.INFO, logger="lightpeft_dist.strategies.apt.costs"):
+        seen = count_at_checkpoints(patch)
+        run_stages(full, "train", config=recipe)
+    lines = [r.getMessage() for r in caplog.records if "tokens/s" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == ["APT pruning checkpoint 1 after step 2",
+                                                      "APT pruning checkpoint 2 after step 5"], lines
+    run_stages(full, "evaluate", config=recipe)
 
     ref = model_reference(load_config(str(tmp_path / "model")))
     plan = read_plan(full / "plan.json", ref)
@@ -69,6 +115,11 @@ def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path):
     assert max(ranks.values()) > 4  # grown at the same checkpoints
     assert json.loads((full / "eval.json").read_text())["plan_hash"] == plan["hash"]
     assert not (full / "live_models").exists() and not list(full.glob("train.ckpt*"))
+    costs = train["hooks"]["apt_gradual_costs"]
+    assert_costs(costs, seen)
+    assert costs[0]["params_before"] == train["params"]["total"]  # the dense start
+    final = PeftModel.from_pretrained(pruned, str(full / "train" / "adapter"))  # the saved end, reloaded
+    assert n_params(final) == costs[-1]["params_after"]
 
     # killed after step 4 (one pruning checkpoint done, the second ramp running), resumed from the checkpoint after 3
     cmd = [sys.executable, "-m", "lightpeft_dist", "train", "--config", str(recipe), "--run-dir", str(killed)]
@@ -81,6 +132,10 @@ def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path):
     run_stages(killed, "train", config=recipe)
     resumed = json.loads((killed / "train" / "train.json").read_text())
     assert resumed["resumed_from_step"] == 4
+    # the cost record survives the kill: the first checkpoint's entry came back with the checkpoint
+    assert [{k: c[k] for k in ("checkpoint", "step", "params_before", "params_after")}
+            for c in resumed["hooks"]["apt_gradual_costs"]] == \
+        [{k: c[k] for k in ("checkpoint", "step", "params_before", "params_after")} for c in costs]
     assert read_plan(killed / "plan.json", ref)["hash"] == plan["hash"]
     a, b = (load_file(d / "train" / "adapter" / "adapter_model.safetensors") for d in (full, killed))
     assert a.keys() == b.keys()

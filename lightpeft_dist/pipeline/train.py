@@ -169,7 +169,7 @@ def run_train(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, dee
               "structure": _described(trainee.structure),
               "tokens": stats.job_tokens, "train_seconds": stats.seconds,
               "tokens_per_s": stats.job_tokens / max(stats.seconds, 1e-9),
-              "wall_seconds": wall, "params": params, "evals": periodic_eval.evals,
+              "wall_seconds": wall, "params": params, "evals": periodic_eval.evals, "hooks": all_hooks.stage_record(),
               "best": periodic_eval.best, "world_size": rt.world_size,
               "peak_memory_bytes": peak_memory_bytes(), "deepspeed": ds_cfg,
               "stage_seconds": time.time() - t_stage, "peak_memory": job_peak_memory(rt),

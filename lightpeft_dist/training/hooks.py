@@ -115,6 +115,11 @@ class StepHooks:
     def after_rebuild(self, trainee: Trainee) -> None:
         """After a restructure, before the state is restored: re-attach to the new model (module hooks etc.)."""
 
+    def stage_record(self) -> dict:
+        """After the last step, on every rank: what the hook adds to the stage's record (JSON-able, keyed by names
+        of its own; the train stage writes it as train.json's "hooks")."""
+        return {}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint with the model (saved as "extra/<key>"); keys must not clash with other hooks."""
         return {}
@@ -163,6 +168,16 @@ class HookList(StepHooks):
     def after_rebuild(self, trainee: Trainee) -> None:
         for h in self.hooks:
             h.after_rebuild(trainee)
+
+    def stage_record(self) -> dict:
+        out: dict = {}
+        for h in self.hooks:
+            part = h.stage_record()
+            if out.keys() & part.keys():
+                raise LightPeftError(f"hooks {[type(x).__name__ for x in self.hooks]} both record "
+                                     f"{sorted(out.keys() & part.keys())}; give each hook's record keys of its own")
+            out.update(part)
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

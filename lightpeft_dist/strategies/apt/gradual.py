@@ -14,7 +14,9 @@ this hook
   loop applies (LoRA weights and AdamW moments sliced, the model rebuilt smaller, on any world size);
 - then restarts the salience on the new model (with the mask ramp: carries its EMA over, sliced to the kept
   blocks, since the next ramp's choice may come a step later).
-Rank growth (tuning.py) runs at the same checkpoints. With `apt.mask_ramp` (the default) the blocks a checkpoint
+Rank growth (tuning.py) runs at the same checkpoints. Each checkpoint's cost (parameters before and after, training
+tokens/s over the steps before and after it; costs.py) goes to train.json's `hooks.apt_gradual_costs`, one INFO line
+per checkpoint. With `apt.mask_ramp` (the default) the blocks a checkpoint
 removes are chosen `apt.ramp` steps before it (`ramp.ramp_windows`), from the salience at that point, and masked
 by a value falling by `apt.mask_ramp_step` per step until the checkpoint removes them physically (ramp.py); the
 choice is checkpointed with the hook's state, so a run killed inside a ramp resumes the same ramp. Without it the
@@ -37,6 +39,7 @@ from ...rundir import RunDir
 from ...training.hooks import Restructure, StepHooks, Trainee, Transform
 from ..base import TrainContext
 from ...pruning.budget import CostModel, plan_for_budget
+from .costs import PruneCosts
 from .plan import cost_model
 from .ramp import RampMasks, ramp_value, ramp_windows
 from .salience import AptSalience
@@ -89,6 +92,7 @@ class GradualPrune(StepHooks):
         self.ramp_starts = {start: step for step, start in ramps.items()}
         self.chosen: dict | None = None
         self.masks: RampMasks | None = None
+        self.costs = PruneCosts()
 
     def before_forward(self, batch: dict) -> None:
         self.salience.recording, self.salience.token_mask = True, batch["attention_mask"]
@@ -108,6 +112,9 @@ class GradualPrune(StepHooks):
                  "dense_params": self.dense}
         return kept, entry
 
+    def on_metrics(self, step: int, metrics: dict[str, float | None]) -> None:
+        self.costs.add_step(metrics, self.ctx.trainee.model)
+
     def after_optimizer_step(self, step: int, loss: float) -> Restructure | None:
         self.salience.end_step()  # collective, every step
         if step in self.ramp_starts:
@@ -117,6 +124,7 @@ class GradualPrune(StepHooks):
         k = self.checkpoints.get(step)
         if k is None:
             return None
+        self.costs.checkpoint(k, step, self.ctx.trainee.model)
         current = self.ctx.trainee.structure.get(PLAN_KEY) or self.ctx.start_plan
         if self.chosen is not None and self.chosen["checkpoint_step"] == step:  # chosen at the ramp's start
             kept, entry = self.chosen["kept"], {**self.chosen["entry"], "chosen_after_step": self.chosen["start"]}
@@ -170,14 +178,18 @@ class GradualPrune(StepHooks):
             self._attach()
             self.masks.value = value
 
+    def stage_record(self) -> dict:
+        return {"apt_gradual_costs": self.costs.finish(self.ctx.trainee.model)}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"apt.{k}": v for k, v in self.salience.state_dict().items()}
+        state = {f"apt.{k}": v for k, v in self.salience.state_dict().items()} | self.costs.state_dict()
         if self.chosen is not None:  # JSON bytes: the choice and the mask value the next step uses
             text = json.dumps({**self.chosen, "value": self.masks.value}, sort_keys=True)
             state["apt.ramp"] = torch.tensor(list(text.encode()), dtype=torch.uint8)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.costs.load_state_dict(state)
         own = {k.removeprefix("apt."): v for k, v in state.items() if k.startswith("apt.")}
         ramp = own.pop("ramp", None)
         if own:  # none after a pruning checkpoint without the ramp (dropped by the transform): it starts over
