@@ -196,7 +196,12 @@ def section(result: dict, figure: str | None) -> str:
              "prune.unit_scores=taylor (first-order Taylor importance of each unit's output, "
              "lightpeft_dist/pruning/taylor.py); the taylor_m64 row is the taylor row with prune.multiple_of 64 "
              "(kept FFN and KV widths rounded to multiples of 64), its level solved again under the rounding so it "
-             "prunes the same share of parameters (benchmarks/quality/rows.py, ROUNDED).",
+             "prunes the same share of parameters (benchmarks/quality/rows.py, ROUNDED). The *_budget rows use "
+             "the same ratios' parameter count with prune.allocation=budget: whole KV groups and FFN neurons of "
+             "every layer ranked by score per parameter in one list (lightpeft_dist/pruning/allocation.py), "
+             "scored by Taylor importance (taylor_budget) or APT's salience sum|z| x sum|dL/dz| (salience_budget, "
+             "the shipped recipes' default) from the same estimate; their random rows keep the scored plan's "
+             "per-layer counts and draw the units in each layer at random.",
              "- LoRA row: every ratio 0 (the plan keeps every unit, the pruned model equals the base) and "
              "train.warm_start false (fresh LoRA, the reference's vanilla baseline). Light-PEFT, activation, taylor and random rows "
              "warm-start from the sliced estimation adapter, as the reference does."

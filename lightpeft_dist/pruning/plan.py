@@ -205,9 +205,11 @@ def make_plan(scores: Scores, shapes: list[dict[str, int]], cfg: PruneConfig, mo
     if too_few:
         log.warning("prune.multiple_of %d needs KV groups in multiples of %d (head_dim %d); layers %s have fewer, "
                     "so their heads are not rounded", cfg.multiple_of, step, head_dim, too_few)
-    heads = plan_heads(scores.head, [s["num_key_value_heads"] for s in shapes], cfg.attn_ratio, cfg.uniform, step)
-    ffn = plan_ffn(scores.ffn, cfg.ffn_ratio, "layerwise" if cfg.uniform else cfg.ffn_scope)
-    if cfg.allocation == "budget":  # the ratios' parameter count, spent by score per parameter (allocation.py)
+    # budget allocation: the scored per-layer plan's parameter count, spent by score per parameter (allocation.py)
+    ranked = scored if cfg.allocation == "budget" else scores
+    heads = plan_heads(ranked.head, [s["num_key_value_heads"] for s in shapes], cfg.attn_ratio, cfg.uniform, step)
+    ffn = plan_ffn(ranked.ffn, cfg.ffn_ratio, "layerwise" if cfg.uniform else cfg.ffn_scope)
+    if cfg.allocation == "budget":
         heads, ffn = budget_units(scored, shapes, hidden_size, head_dim,
                                   [(q, kv, f) for (q, kv), f in zip(heads, ffn)], scores if cfg.random else None)
     if cfg.multiple_of > 1:
