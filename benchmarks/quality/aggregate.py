@@ -84,17 +84,26 @@ def _method_verdict(method: str, groups: list[dict], lora: dict) -> list[str]:
     for level, target in TARGETS.items():
         g = next((g for g in rows if abs(g["level"] - level) < 1e-9), None)
         if g is not None:
-            lines += _level_verdict(name, g, target, groups, lora, CONTROL.get(method, "random"))
+            lines += _level_verdict(name, g, target, groups, lora,
+                                    ("random", *([CONTROL[method]] if method in CONTROL else [])))
     return lines
 
 
 def _level_verdict(name: str, g: dict, target: float, groups: list[dict], lora: dict,
-                   control: str = "random") -> list[str]:
+                   controls: tuple[str, ...] = ("random",)) -> list[str]:
     keep = g["value"]["mean"] / lora["value"]["mean"]
     lines = [f"- {name} at {g['level']:.0%} (achieved {g['fraction_pruned']['mean']:.1%} of prunable parameters) "
              f"reaches {g['value']['mean']:.1%} test accuracy (n={g['value']['n']}), **{keep:.1%} of LoRA on the "
              f"full model** ({lora['value']['mean']:.1%}); target >= {target:.0%}: "
              f"**{'met' if keep >= target else 'not met'}**."]
+    for control in controls:
+        lines += _control_line(name, g, groups, control)
+    return lines
+
+
+def _control_line(name: str, g: dict, groups: list[dict], control: str) -> list[str]:
+    """The scored row against one random control at its level: paired wins and the gap against the spread."""
+    lines: list[str] = []
     rnd = next((r for r in groups if r["method"] == control and r["level"] == g["level"]), None)
     if rnd and rnd["value"]["mean"] is not None:
         wins = _paired_wins(g, rnd)
@@ -102,7 +111,8 @@ def _level_verdict(name: str, g: dict, target: float, groups: list[dict], lora: 
         spread = max(g["value"]["std"] or 0.0, rnd["value"]["std"] or 0.0)
         clear = bool(wins) and all(wins) and diff > spread and len(wins) > 1
         spread_txt = f"larger spread {100 * spread:.1f} points" if len(wins) > 1 else "no spread with one seed"
-        what = "Random units at the same per-layer counts" if control != "random" else "Random pruning at the same ratios"
+        what = ("Random units at the same per-layer counts" if control != "random" else
+                "Random pruning at the same ratios (every layer cut by the same share)")
         lines.append(f"  - {what}: {rnd['value']['mean']:.1%}; {name} "
                      f"{'+' if diff >= 0 else ''}{100 * diff:.1f} points, ahead in {sum(wins)} of {len(wins)} paired "
                      f"seeds ({spread_txt}). \"Clearly beats random\" (ahead in every seed, n > 1, gap larger than "
