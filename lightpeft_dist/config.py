@@ -31,6 +31,9 @@ Scope = Literal["layerwise", "global"]
 # FFN neurons may also be ranked globally on scores divided by their layer's mean (plan.py): score scales differ
 # between layers, which is what makes plain global ranking break layers (docs/results.md).
 FfnScope = Literal["layerwise", "global", "global_normalized"]
+# unit scores that estimate a loss change on one scale in every layer: the only ones `prune.allocation: budget`
+# compares across layers and kinds (pruning/allocation.py)
+FIRST_ORDER_SCORES = ("taylor", "salience")
 
 
 class _Strict(BaseModel):
@@ -181,7 +184,7 @@ class PruneConfig(_Strict):
         if self.random_peft and not self.random:
             raise ValueError("random_peft randomises the PEFT choices of the random control; set random: true too")
         if self.allocation == "budget":
-            if self.unit_scores not in ("taylor", "salience"):
+            if self.unit_scores not in FIRST_ORDER_SCORES:
                 raise ValueError(f"allocation: budget ranks units by score per parameter across layers, which needs "
                                  f"first-order scores that compare across layers; unit_scores {self.unit_scores} "
                                  "are not: set unit_scores: taylor (or salience), or allocation: layerwise")

@@ -81,7 +81,7 @@ def test_report_of_a_tiny_run_has_the_diagnostics_and_the_damage(tmp_path):
     md = (run / "report" / "summary.md").read_text()
     diag = json.loads((run / "report" / "summary.json").read_text())["diagnostics"]
     assert "## Score diagnostics" in md and "at the L1 floor" in md and "damage" not in diag
-    assert diag["score_kinds"] == ["masks", "activation", "taylor", "movement"]
+    assert diag["score_kinds"] == ["masks", "activation", "taylor", "movement", "salience"]
     scores = {k: load_scores(run / "estimate" / f) for k, f in
               (("masks", "scores.safetensors"), ("taylor", "taylor_scores.safetensors"))}
     ffn = [spearman(a, b) for a, b in zip(scores["masks"].ffn, scores["taylor"].ffn)]
@@ -93,7 +93,7 @@ def test_report_of_a_tiny_run_has_the_diagnostics_and_the_damage(tmp_path):
 
     assert main(["report", "--run-dir", str(run), "--damage"]) == 0
     damage = json.loads((run / "report" / "summary.json").read_text())["diagnostics"]["damage"]
-    assert [r["scores"] for r in damage["rows"]] == ["masks", "activation", "taylor", "movement", "random"]
+    assert [r["scores"] for r in damage["rows"]] == ["masks", "activation", "taylor", "movement", "salience", "random"]
     assert "validation split" in damage["text"] and "Perplexity of the pruned base" in \
         (run / "report" / "summary.md").read_text()
     seq_len = raw["estimate"]["seq_len"]

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..config import Recipe
+from ..config import FIRST_ORDER_SCORES, Recipe
 from ..data.heldout import heldout_examples
 from ..errors import LightPeftError
 from ..models.loading import load_model, load_tokenizer
@@ -61,9 +61,11 @@ def damage(recipe: Recipe, record: dict, scores: dict[str, Scores], text: str = 
     runs = [(kind, s, {"unit_scores": kind, "random": False, "random_peft": False}) for kind, s in scores.items()]
     runs.append(("random", scores[first], {"unit_scores": first, "random": True, "random_peft": False}))
     for name, kind_scores, update in runs:
+        if recipe.prune.allocation == "budget" and update["unit_scores"] not in FIRST_ORDER_SCORES:
+            update = {**update, "allocation": "layerwise"}  # the budget search needs first-order scores (config.py)
         cfg = recipe.prune.model_copy(update=update)
         ppl, plan = pruned_perplexity(recipe, record, kind_scores, cfg, examples, tokenizer)
-        rows.append({"scores": name, "perplexity": ppl,
+        rows.append({"scores": name, "perplexity": ppl, "allocation": cfg.allocation,
                      "fraction_pruned": plan["summary"]["prunable_fraction_pruned"]})
         log.info("damage: %s-ranked plan, perplexity %.3f (%.2fx unpruned)", name, ppl, ppl / base_ppl)
     return {"text": described, "source": text, "base": base_ppl, "attn_ratio": recipe.prune.attn_ratio,
