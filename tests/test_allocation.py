@@ -101,22 +101,13 @@ def test_budget_plan_masked_equals_pruned(tmp_path, layout):
     """A budget plan has different widths per layer; slicing it gives the masked model's logits (with the adapter)."""
     from peft import PeftModel
 
-    from lightpeft_dist.pruning.masks import attach_masks, set_masks_from_plan
     from conftest import prune_and_reload
-    from test_prune_equivalence import INPUT, build
+    from test_prune_equivalence import INPUT, build, masked_twin
 
     base_dir, peft_model, p = build(tmp_path, layout, PruneConfig(**{**BUDGET, "rank_ratio": 0.5}))
     widths = {(len(lp["q_heads"]), len(lp["ffn"])) for lp in p["layers"]}
     assert len(widths) > 1 and p["summary"]["prunable_fraction_pruned"] > 0.2
-    attach_masks(peft_model)
-    set_masks_from_plan(peft_model, p)
-    from lightpeft_dist.pruning.importance import lora_modules
-    with torch.no_grad():
-        for name, module in lora_modules(peft_model):
-            keep = torch.zeros(module.r["default"], dtype=torch.bool)
-            keep[p["peft_modules"].get(name, [])] = True
-            module.lora_A["default"].weight[~keep] = 0.0
-        masked = peft_model(INPUT).logits
+    masked, _ = masked_twin(peft_model, p)
     pruned, adapter = prune_and_reload(base_dir, p, peft_model.config, tmp_path / "adapter", tmp_path)
     with torch.no_grad():
         adapted = PeftModel.from_pretrained(pruned, adapter).eval()(INPUT).logits

@@ -49,6 +49,21 @@ def build(tmp_path, layout, prune_cfg, **model_kwargs):
     return base_dir, peft_model, plan
 
 
+@torch.no_grad()
+def masked_twin(peft_model, plan: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the masked twin of `plan` (with and without the adapter): the plan's pruned units masked to 0 and
+    the adapter ranks it drops zeroed, i.e. what the sliced pair must reproduce."""
+    attach_masks(peft_model)
+    set_masks_from_plan(peft_model, plan)
+    for name, module in lora_modules(peft_model):
+        keep = torch.zeros(module.r["default"], dtype=torch.bool)
+        keep[plan["peft_modules"].get(name, [])] = True
+        module.lora_A["default"].weight[~keep] = 0.0
+    with_adapter = peft_model(INPUT).logits
+    with peft_model.disable_adapter():
+        return with_adapter, peft_model(INPUT).logits
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("uniform", [False, True])
 def test_masked_equals_pruned(tmp_path, layout, uniform):
@@ -56,17 +71,7 @@ def test_masked_equals_pruned(tmp_path, layout, uniform):
     base_dir, peft_model, plan = build(tmp_path, layout, prune_cfg)
     with torch.no_grad(), peft_model.disable_adapter():
         full_logits = peft_model(INPUT).logits
-    attach_masks(peft_model)
-    set_masks_from_plan(peft_model, plan)
-    # Masked twin: drop the adapter modules/ranks the plan drops by zeroing them, then compare with the pruned pair.
-    with torch.no_grad():
-        for name, module in lora_modules(peft_model):
-            keep = torch.zeros(module.r["default"], dtype=torch.bool)
-            keep[plan["peft_modules"].get(name, [])] = True
-            module.lora_A["default"].weight[~keep] = 0.0
-        masked_logits = peft_model(INPUT).logits
-        with peft_model.disable_adapter():
-            masked_base_logits = peft_model(INPUT).logits
+    masked_logits, masked_base_logits = masked_twin(peft_model, plan)
 
     pruned, pruned_adapter = prune_and_reload(base_dir, plan, peft_model.config, tmp_path / "adapter", tmp_path)
     assert (type(pruned).__name__.startswith("Pruned")) != uniform or plan["summary"]["uniform"]
