@@ -27,12 +27,13 @@ from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import read_json, write_json
 from lightpeft_dist.models.loading import load_model
 from lightpeft_dist.ownership import open_run_dir
+from lightpeft_dist.reporting.flops import step_flops, tensor_numel
 from lightpeft_dist.reporting.report import COMPARISON_HEAD, summary_table
 from lightpeft_dist.rundir import RunDir
 from lightpeft_dist.runtime import CPU_STAGE_PEAK, peak_memory, reset_peak_memory
 
 ROWS = ("accuracy (eval)", "parameters (total)", "trainable parameters", "training tokens/s", "inference tokens/s",
-        "peak memory, training", "peak memory, estimate", "wall time (estimate + train)")
+        "peak memory, training", "peak memory, estimate", "wall time (estimate + train)", "FLOPs (estimate + train)")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,10 @@ def _table(text: str) -> dict[str, list[str]]:
     return {row[0]: row[1:] for row in cells[1:]}
 
 
+def _config(model_dir: Path) -> dict:
+    return read_json(Path(model_dir) / "config.json")
+
+
 def _final(path: str, adapter: Path | None = None):
     model = load_model(path, "float32", "sdpa")
     return model if adapter is None else load_adapters(model, adapter)
@@ -83,6 +88,16 @@ def test_table_numbers_are_the_records_and_direct_counts(baseline_run):
     walls = (est["stage_seconds"], train["stage_seconds"])
     assert table["wall time (estimate + train)"][2].startswith(f"{sum(walls):,.0f} s")
     assert table["wall time (estimate + train)"][1] == f"{lora_train['stage_seconds']:,.0f} s (train)"
+    # FLOPs: the analytic count of each record's tokens on its own model (tests/test_flops.py checks the formula)
+    lora_f = step_flops(lora_train["tokens"], raw["train"]["seq_len"], _config(lora.pruned_model),
+                        lora_train["params"]["trainable"])
+    est_f = step_flops(est["tokens"], raw["estimate"]["seq_len"], _config(Path(raw["model"]["path"])),
+                       tensor_numel(d.estimate_adapter))
+    train_f = step_flops(train["tokens"], raw["train"]["seq_len"], _config(d.pruned_model),
+                         train["params"]["trainable"])
+    assert table["FLOPs (estimate + train)"][1] == f"{lora_f:.3g} (train)"
+    assert table["FLOPs (estimate + train)"][2].startswith(f"{est_f + train_f:.3g} (estimate {est_f:.3g} + train "
+                                                           f"{train_f:.3g}; {(est_f + train_f) / lora_f:.2f}x")
     # parameter counts: a direct count of each final model
     models = {"base": _final(raw["model"]["path"]),
               "lora": _final(str(lora.pruned_model), lora.train_adapter),

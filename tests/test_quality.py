@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from lightpeft_dist import cli
 from lightpeft_dist.reporting.compare import COLUMNS
+from lightpeft_dist.reporting.flops import run_costs
 from lightpeft_dist.io_utils import read_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -62,6 +63,19 @@ def test_quick_study_rows_table_docs_and_compare(study, capsys):
                                                         "| Light-PEFT, activation unit scores",
                                                         "| Light-PEFT, Taylor unit scores", "| random pruning"]
     assert all(len(line.split(" | ")) == len(COLUMNS) for line in body)
+
+    # end-to-end cost against LoRA's training: each row's estimate + train FLOPs (reporting/flops.py) over the LoRA
+    # row's, per group mean; the LoRA row pays no estimate, zero-shot has no cost
+    by = {g["method"]: g for g in res["groups"]}
+    cost = {(m, s): run_costs(out / f"seed{s}" / (m if m == "lora" else f"{m}-35")) for m in ("lora", "taylor")
+            for s in (0, 1)}
+    lora_f = sum(cost["lora", s]["train_flops"] for s in (0, 1)) / 2
+    taylor_f = sum(cost["taylor", s]["train_flops"] + cost["taylor", s]["estimate_flops"] for s in (0, 1)) / 2
+    assert by["lora"]["flops_of_lora"] == pytest.approx(1.0)
+    assert by["taylor"]["flops_of_lora"] == pytest.approx(taylor_f / lora_f)
+    assert by["zero-shot"]["flops_of_lora"] is None
+    taylor_line = next(line for line in body if line.startswith("| Light-PEFT, Taylor unit scores |"))
+    assert taylor_line.split(" | ")[-2] == f"{taylor_f / lora_f:.2f}x"
 
     zero = read_json(out / "zero-shot" / "eval.json")["base"]
     # every row (zero-shot included) was timed in the interleaved speed pass, and the table shows that median

@@ -230,6 +230,11 @@ def section(result: dict, figure: str | None) -> str:
              f"of {r['eval']['batch_size']}, {_speed_note(result)}; training tokens/s and estimation / "
              "training (the estimate's seconds over the row's training seconds) are timed during each row's own "
              "run on a shared 2-core CPU and are only indicative.",
+             "- End-to-end cost against LoRA's training: each row's estimate (calibration, search) plus its training, "
+             "over the LoRA row's training, as group means. FLOPs are counted from the records (processed tokens on "
+             "each stage's own model: 4 N + 6 T + 12 seq W per token for a frozen base, lightpeft_dist/reporting/"
+             "flops.py, docs/method.md \"Cost accounting\"), so they do not depend on the machine; wall time is "
+             "each stage's start to its record on this machine, model loading included.",
              "", result["table"], "", "**Verdict (computed)**", "", *result["verdict"], ""]
     red = _reductions(result)
     lines += ["**Reduced against the issue's spec:** " + ("; ".join(red) if red else "nothing") + ".", ""]

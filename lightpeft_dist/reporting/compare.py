@@ -18,13 +18,14 @@ from matplotlib.ticker import PercentFormatter
 from ..errors import LightPeftError
 from ..io_utils import read_json_if_present, write_json
 from ..rundir import RunDir
-from . import methods
+from . import flops, methods
 from .artefacts import RunData
 from .plots import _save
 
 log = logging.getLogger(__name__)
 COLUMNS = ("method", "target pruned", "achieved pruned", "test {metric}", "% of LoRA", "ppl (pruned base)",
-           "total params", "trainable params", "train tokens/s", "inference tokens/s", "estimation / training")
+           "total params", "trainable params", "train tokens/s", "inference tokens/s", "estimation / training",
+           "FLOPs (est. + train) / LoRA's", "wall (est. + train) / LoRA's")
 
 
 def _maybe(path: Path) -> dict:
@@ -44,6 +45,9 @@ def run_summary(run_dir: str | Path) -> dict | None:
     if metric is None:
         return None
     uses_estimate = q.get("uses_estimate", bool(est))
+    cost = flops.run_costs(d)
+    parts = [cost["train_flops"]] + ([cost["estimate_flops"]] if uses_estimate else [])
+    walls = [cost["train_seconds"]] + ([cost["estimate_seconds"]] if uses_estimate else [])
     return {
         "run": str(d), "method": q.get("method", "run"), "level": q.get("level"), "seed": q.get("seed"),
         "label": q.get("label", d.name), "metric": metric, "value": model[metric],
@@ -57,6 +61,8 @@ def run_summary(run_dir: str | Path) -> dict | None:
         "estimate_cost": (est["train_seconds"] / train["train_seconds"]
                           if uses_estimate and est and train.get("train_seconds") else None),
         "ppl": q.get("ppl", {}).get("pruned_base"),
+        "flops": None if None in parts else sum(parts),  # what the run paid: its estimate (if any) + its training
+        "wall": None if None in walls else sum(walls),
     }
 
 
@@ -86,18 +92,25 @@ def group_runs(summaries: list[dict]) -> list[dict]:
         g = {"method": key[0], "level": key[1] if key[0] != "run" else None, "label": runs[0]["label"],
              "metric": runs[0]["metric"], "seeds": [r["seed"] for r in runs], "runs": [r["run"] for r in runs]}
         for field in ("value", "fraction_pruned", "params_total", "params_trainable", "train_tokens_per_s",
-                      "infer_tokens_per_s", "estimate_cost", "ppl"):
+                      "infer_tokens_per_s", "estimate_cost", "ppl", "flops", "wall"):
             g[field] = _stats([r[field] for r in runs])
         out.append(g)
     lora = next((g for g in out if g["method"] == "lora"), None)
     for g in out:
         ref = lora["value"]["mean"] if lora else None
         g["of_lora"] = g["value"]["mean"] / ref if ref and g["value"]["mean"] is not None else None
+        for field in ("flops", "wall"):  # the end-to-end cost against LoRA's training (issue 14)
+            mine, theirs = g[field]["mean"], lora[field]["mean"] if lora else None
+            g[f"{field}_of_lora"] = mine / theirs if mine is not None and theirs else None
     return out
 
 
 def _num(stat: dict, spec: str) -> str:
     return "-" if stat["mean"] is None else format(stat["mean"], spec)
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
 
 
 def _value_cell(g: dict) -> str:
@@ -120,7 +133,7 @@ def table_rows(groups: list[dict]) -> list[list[str]]:
                      "-" if g["of_lora"] is None else f"{g['of_lora']:.1%}", _num(g["ppl"], ",.1f"),
                      _num(g["params_total"], ",.0f"), _num(g["params_trainable"], ",.0f"),
                      _num(g["train_tokens_per_s"], ",.0f"), _num(g["infer_tokens_per_s"], ",.0f"),
-                     _num(g["estimate_cost"], ".2f")])
+                     _num(g["estimate_cost"], ".2f"), _ratio(g.get("flops_of_lora")), _ratio(g.get("wall_of_lora"))])
     return rows
 
 

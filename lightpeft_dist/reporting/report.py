@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import LightPeftError
 from ..io_utils import write_json, write_text
 from ..rundir import RunDir
+from . import flops
 from .artefacts import RunData, load
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,19 @@ def comparison_rows(run: str | Path | RunData) -> list[tuple[str, str, str, str]
         ("peak memory, training", "-", _mib(lora_train), _mib(train)),
         ("peak memory, estimate", "-", "-", _mib(est)),
         ("wall time (estimate + train)", "-", "-" if lora_s is None else f"{lora_s:,.0f} s (train)", pruned_wall),
+        ("FLOPs (estimate + train)", "-", *_flops_cells(r)),
     ]
+
+
+def _flops_cells(r: RunData) -> tuple[str, str]:
+    """LoRA's training FLOPs and the pruned run's estimate + training FLOPs (reporting/flops.py), with the ratio."""
+    lora, mine = flops.run_costs(r.lora.run_dir), flops.run_costs(r.run_dir)
+    lora_f, est_f, train_f = lora["train_flops"], mine["estimate_flops"], mine["train_flops"]
+    if lora_f is None or train_f is None:
+        return _fmt(lora_f, ".3g"), "-"
+    total = train_f + (est_f or 0.0)
+    return f"{lora_f:.3g} (train)", (f"{total:.3g} (estimate {est_f or 0:.3g} + train {train_f:.3g}; "
+                                     f"{total / lora_f:.2f}x LoRA's)")
 
 
 def comparison_notes(r: RunData) -> list[str]:
