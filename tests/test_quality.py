@@ -182,3 +182,43 @@ def test_activation_scores_have_the_estimate_shapes_and_see_dead_units(tmp_path,
     assert [t.shape[0] for t in s.head] == [6, 6] and [t.shape[0] for t in s.ffn] == [40, 40]
     assert s.ffn[1][5] == 0 and s.head[1][2] == 0
     assert (s.ffn[0] > 0).all() and (s.head[0] > 0).all() and s.module == like.module
+
+
+def test_strategy_rows_share_the_study_and_differ_only_where_they_should(study):
+    """APT, PrunePEFT and the LoRA rows PrunePEFT is measured against (benchmarks/quality/strategy_rows.py)."""
+    root, args = study
+    out = root / "out"
+    rows = ["salience_budget", "apt_oneshot", "apt_gradual", "prunepeft", "prunepeft_base", "lora_qv", "supernet"]
+    assert run_quality.main([*args, "--seeds", "0", "--levels", "0.35", "--methods", "lora", *rows,
+                             "--speed-rounds", "1"]) == 0
+    sd = out / "seed0"
+    plan = {name: read_json(sd / name / "plan.json") for name in
+            ("lora", "lora_qv", "supernet", "prunepeft", "prunepeft_base-35",
+             "salience_budget-35", "apt_oneshot-35", "apt_gradual-35")}
+    # APT's calibration ran once and is the one-shot row's estimate; its plan prunes the level to within a block
+    assert (sd / "apt_oneshot-35" / "estimate" / "estimate.json").samefile(sd / "apt-calibrate" / "estimate" /
+                                                                           "estimate.json")
+    assert read_json(sd / "apt_oneshot-35" / "estimate" / "estimate.json")["strategy"] == "apt"
+    assert abs(plan["apt_oneshot-35"]["summary"]["prunable_fraction_pruned"] - 0.35) < 0.05
+    assert read_json(sd / "apt_gradual-35" / "train" / "train.json")["structure"] is not None  # pruned while tuning
+    # PrunePEFT on the pruned base keeps exactly the salience budget row's heads and neurons, only the PEFT differs
+    assert plan["prunepeft_base-35"]["layers"] == plan["salience_budget-35"]["layers"]
+    assert all(k.startswith(("lora:", "bottleneck:")) or "q_proj" in k or "v_proj" in k
+               for k in plan["prunepeft_base-35"]["peft_modules"])
+    # the search on the full model prunes no base unit and keeps half of the supernet's 2 groups per layer
+    layers = len(plan["lora"]["layers"])
+    assert plan["prunepeft"]["summary"]["prunable_fraction_pruned"] == 0
+    kept = {(k.split(":")[0] if ":" in k else "lora", k.split(".")[2]) for k in plan["prunepeft"]["peft_modules"]}
+    assert len(kept) == 2 * layers - layers  # (kind, layer) is one group: LoRA on q and v, or both bottlenecks
+    assert {k.rsplit(".", 1)[-1] for k in plan["lora_qv"]["peft_modules"]} == {"q_proj", "v_proj"}
+    assert len(plan["supernet"]["peft_modules"]) == 4 * layers  # q, v LoRA and two bottlenecks per layer, all kept
+    assert plan["lora"]["layers"] == plan["lora_qv"]["layers"] == plan["supernet"]["layers"]  # nothing pruned
+    # every row is in the table, costs included, and the PrunePEFT verdict is computed
+    res = read_json(out / "quality.json")
+    by = {(g["method"], g["level"]): g for g in res["groups"]}
+    for method, level in [("apt_oneshot", 0.35), ("apt_gradual", 0.35), ("prunepeft", None),
+                          ("prunepeft_base", 0.35), ("lora_qv", None), ("supernet", None)]:
+        assert by[method, level]["value"]["n"] == 1 and by[method, level]["flops_of_lora"] > 0
+    assert by["prunepeft", None]["flops_of_lora"] > by["supernet", None]["flops_of_lora"]  # the search costs extra
+    assert any(line.startswith("- PrunePEFT (search on the full model)") for line in res["verdict"])
+    assert any("Light-PEFT's best row at this level" in line for line in res["verdict"])

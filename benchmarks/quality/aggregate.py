@@ -62,7 +62,11 @@ def split_info(recipe: dict) -> dict:
 SCORED = {"lightpeft": "Light-PEFT", "activation": "Light-PEFT with activation unit scores",
           "taylor": "Light-PEFT with Taylor unit scores",
           "taylor_budget": "Light-PEFT with Taylor unit scores and budget allocation",
-          "salience_budget": "Light-PEFT with APT salience and budget allocation"}
+          "salience_budget": "Light-PEFT with APT salience and budget allocation",
+          "apt_oneshot": "APT one-shot", "apt_gradual": "APT gradual",
+          "prunepeft_base": "PrunePEFT on the salience-budget-pruned base"}
+LIGHTPEFT_ROWS = ("lightpeft", "activation", "taylor", "movement", "masks_warmup", "masks_alltok", "taylor_m64",
+                  "taylor_budget", "salience_budget")  # Light-PEFT's rows, for "ahead of Light-PEFT's best row"
 # each scored row's random control: the same plan's counts with random units (random_budget keeps the budget plan's
 # per-layer counts, pruning/allocation.py)
 CONTROL = {"taylor_budget": "random_budget", "salience_budget": "random_salience_budget"}
@@ -86,7 +90,37 @@ def _method_verdict(method: str, groups: list[dict], lora: dict) -> list[str]:
         if g is not None:
             lines += _level_verdict(name, g, target, groups, lora,
                                     ("random", *([CONTROL[method]] if method in CONTROL else [])))
+            if method.startswith("apt_"):
+                lines += _best_lightpeft_line(name, g, groups)
     return lines
+
+
+def _best_lightpeft_line(name: str, g: dict, groups: list[dict]) -> list[str]:
+    """APT's second target (issue 17): ahead of Light-PEFT's best row at the same level."""
+    rows = [r for r in groups if r["method"] in LIGHTPEFT_ROWS and r["level"] == g["level"]
+            and r["value"]["mean"] is not None]
+    if not rows:
+        return [f"  - No Light-PEFT row at {g['level']:.0%} in this study to compare with."]
+    best = max(rows, key=lambda r: r["value"]["mean"])
+    diff = g["value"]["mean"] - best["value"]["mean"]
+    return [f"  - Light-PEFT's best row at this level, {best['label']}: {best['value']['mean']:.1%} "
+            f"(n={best['value']['n']}); {name} {'+' if diff >= 0 else ''}{100 * diff:.1f} points, ahead of it: "
+            f"**{'yes' if diff > 0 else 'no'}**."]
+
+
+def _prunepeft_verdict(groups: list[dict]) -> list[str]:
+    """PrunePEFT's target (issue 18): match or beat the best LoRA row with fewer trainable parameters."""
+    pp = next((g for g in groups if g["method"] == "prunepeft" and g["value"]["mean"] is not None), None)
+    loras = [g for g in groups if g["method"] in ("lora", "lora_qv") and g["value"]["mean"] is not None]
+    if pp is None or not loras:
+        return []
+    best = max(loras, key=lambda g: g["value"]["mean"])
+    fewer = (pp["params_trainable"]["mean"] or 0) < (best["params_trainable"]["mean"] or 0)
+    met = pp["value"]["mean"] >= best["value"]["mean"] and fewer
+    return [f"- PrunePEFT (search on the full model) reaches {pp['value']['mean']:.1%} (n={pp['value']['n']}) with "
+            f"{pp['params_trainable']['mean']:,.0f} trainable parameters; the best LoRA row, {best['label']}, "
+            f"{best['value']['mean']:.1%} (n={best['value']['n']}) with {best['params_trainable']['mean']:,.0f}. "
+            f"Target (match or beat it with fewer trainable parameters): **{'met' if met else 'not met'}**."]
 
 
 def _level_verdict(name: str, g: dict, target: float, groups: list[dict], lora: dict,
@@ -123,7 +157,7 @@ def _control_line(name: str, g: dict, groups: list[dict], control: str) -> list[
 def verdict(groups: list[dict]) -> list[str]:
     lora = next((g for g in groups if g["method"] == "lora"), None)
     lines = [] if not lora or lora["value"]["mean"] is None else \
-        [line for method in SCORED for line in _method_verdict(method, groups, lora)]
+        [line for method in SCORED for line in _method_verdict(method, groups, lora)] + _prunepeft_verdict(groups)
     return lines or ["Not enough finished rows for a verdict (needs the LoRA row and at least one scored row)."]
 
 
@@ -148,7 +182,9 @@ def aggregate(out_dir: Path) -> dict:
 def _reductions(result: dict) -> list[str]:
     groups = [g for g in result["groups"] if g["method"] in ("lightpeft", "activation", "taylor", "taylor_budget", "random",
                                                                   "random_budget", "salience_budget",
-                                                                  "random_salience_budget", "lora")]
+                                                                  "random_salience_budget", "lora",
+                                                                  "lora_qv", "supernet", "prunepeft",
+                                                                  "apt_oneshot", "apt_gradual", "prunepeft_base")]
     out = []
     few = [f"{g['label']}{'' if g['level'] is None else ' ' + format(g['level'], '.0%')} (n={g['value']['n']})"
            for g in groups if g["value"]["n"] < SPEC["seeds"]]

@@ -12,7 +12,8 @@ model; LoRA freshly initialised, i.e. the reference's vanilla baseline), `lightp
 run, heads and FFN neurons ranked by prune.unit_scores=activation instead of the masks; PEFT modules and ranks as
 Light-PEFT), `taylor` and `movement` (likewise, prune.unit_scores=taylor / movement), and the mask variants
 `masks_warmup` and `masks_alltok` (the masks of an estimate with estimate.mask_warmup_steps / loss_on: all_tokens,
-run once per seed in its own folder; ESTIMATE_VARIANTS).
+run once per seed in its own folder; ESTIMATE_VARIANTS). APT's and PrunePEFT's rows, and the LoRA rows PrunePEFT is
+measured against, are in strategy_rows.py; every row goes through `drive_row`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from lightpeft_dist.pipeline import stages as pipeline
 from lightpeft_dist.config import Recipe, recipe_from_dict, recipe_to_dict
-from lightpeft_dist.strategies.lightpeft import estimate_key
+from lightpeft_dist.strategies.registry import strategy_for
 from lightpeft_dist.pipeline.evaluate import eval_split, evaluate_model, run_evaluate
 from lightpeft_dist.io_utils import read_json, remove_owned, sha256_json, write_json
 from lightpeft_dist.models.loading import load_model, load_tokenizer
@@ -37,6 +38,7 @@ from lightpeft_dist.rundir import ESTIMATE_RECORD, RunDir
 
 from .levels import solve_level
 from .perplexity import perplexity
+from .strategy_rows import LEVEL_ROWS, STRATEGY_ROWS, shares_first_stage, strategy_recipe
 
 log = logging.getLogger("quality.rows")
 
@@ -96,24 +98,29 @@ def run_zero_shot(study: Study) -> dict:
     return ev
 
 
-def run_estimate(study: Study, seed: int, estimate: dict | None = None, name: str = "estimate-run") -> Path:
-    """The seed's shared estimation run, or with `estimate` a variant's in folder `name` (skipped when its recorded
-    key still matches)."""
-    recipe = study.recipe(seed, **({"estimate": estimate} if estimate else {}))
+def run_estimate(study: Study, seed: int, estimate: dict | None = None, name: str = "estimate-run",
+                 recipe: Recipe | None = None) -> Path:
+    """The seed's shared estimation run, or with `estimate` a variant's in folder `name`, or with `recipe` that
+    recipe's first stage (APT's calibration); skipped when its recorded key still matches."""
+    recipe = recipe or study.recipe(seed, **({"estimate": estimate} if estimate else {}))
     d = study.out_dir / f"seed{seed}" / name
-    if pipeline.stage_done("estimate", recipe, d):
-        log.info("seed %d: estimate up to date, reused", seed)
+    first = _first_stage(recipe)
+    if pipeline.stage_done(first, recipe, d):
+        log.info("seed %d: %s in %s up to date, reused", seed, first, name)
     else:
-        log.info("seed %d: estimating (%d steps)", seed, recipe.estimate.steps)
-        pipeline.run_stage("estimate", recipe, d)
+        log.info("seed %d: %s in %s", seed, first, name)
+        pipeline.run_stage(first, recipe, d)
     return RunDir(d).estimate
 
 
 def _link_estimate(shared: Path, row_dir: Path, recipe: Recipe) -> None:
+    """Hard-link a shared first-stage folder (Light-PEFT's estimate, APT's calibration) into a row's run directory,
+    unless the row already holds that very folder for its current key."""
     target = RunDir(row_dir).estimate
+    key = strategy_for(recipe).stages[0].key(recipe, row_dir)
     if target.exists() or target.is_symlink():
         try:
-            if read_json(target / ESTIMATE_RECORD).get("key") == estimate_key(recipe) and \
+            if read_json(target / ESTIMATE_RECORD).get("key") == key and \
                     (target / ESTIMATE_RECORD).samefile(shared / ESTIMATE_RECORD):
                 return
         except Exception:  # noqa: BLE001 - anything unreadable is replaced below
@@ -174,11 +181,26 @@ def row_name(method: str, level: float | None) -> str:
 def run_row(study: Study, seed: int, shared: Path, method: str, level: float | None, prune: dict,
             train: dict, estimate: dict | None = None) -> Path:
     recipe = study.recipe(seed, prune=prune, train=train, **({"estimate": estimate} if estimate else {}))
+    return drive_row(study, seed, method, level, recipe, shared)
+
+
+def _first_stage(recipe: Recipe) -> str:
+    return strategy_for(recipe).stages[0].name
+
+
+def drive_row(study: Study, seed: int, method: str, level: float | None, recipe: Recipe,
+              shared: Path | None) -> Path:
+    """One row's run directory through its strategy's stages and the shared plan, prune and train (each skipped
+    while its key holds), then evaluated against the study's zero-shot numbers. `shared`: an estimate (or APT
+    calibration) folder to hard-link in instead of running the first stage."""
     d = study.out_dir / f"seed{seed}" / row_name(method, level)
-    _link_estimate(shared, d, recipe)
+    if shared is not None:
+        _link_estimate(shared, d, recipe)
     pipeline.save_recipe(d, recipe)
     t0, stale = time.time(), False
-    for stage in ("plan", "prune", "train"):
+    names = [s.name for s in pipeline.stages_for(recipe) if s.name not in ("evaluate", "export", "report",
+                                                                             "baseline")]
+    for stage in names:
         if not stale and pipeline.stage_done(stage, recipe, d):
             continue
         stale = True
@@ -195,14 +217,18 @@ def run_row(study: Study, seed: int, shared: Path, method: str, level: float | N
     if stale or q.get("plan_hash") != plan_hash or q.get("ppl_key") != _ppl_key(study, plan_hash):
         label = methods.label(method)
         ppl = _model_ppl(study, recipe, str(RunDir(d).pruned_model))
-        q = {"method": method, "label": label, "level": level, "seed": seed, "uses_estimate": method != "lora",
-             "plan_hash": plan_hash, "prune": recipe_to_dict(recipe)["prune"],
+        q = {"method": method, "label": label, "level": level, "seed": seed, "uses_estimate": method not in PLAIN,
+             "strategy": recipe.strategy, "plan_hash": plan_hash, "prune": recipe_to_dict(recipe)["prune"],
              "achieved_fraction": plan["summary"]["prunable_fraction_pruned"],
              "ppl_key": _ppl_key(study, plan_hash), "ppl": {"pruned_base": ppl, **(study.ppl_info or {})},
              "row_seconds": round(time.time() - t0, 1)}
         write_json(q_path, q)
     write_report(d)
     return d
+
+
+# Rows that stand for plain LoRA (the pipeline estimates to plan, but plain LoRA would not): their cost is training.
+PLAIN = ("lora", "lora_qv", "supernet")
 
 
 def run_seed(study: Study, seed: int, levels: list[float], methods: list[str]) -> list[Path]:
@@ -219,4 +245,11 @@ def run_seed(study: Study, seed: int, levels: list[float], methods: list[str]) -
         est = ESTIMATE_VARIANTS.get(method)
         own = run_estimate(study, seed, est, f"estimate-run-{method}") if est else shared
         dirs.append(run_row(study, seed, own, method, level, prune, train, est))
+    for method in [m for m in STRATEGY_ROWS if m in methods]:  # APT, PrunePEFT and their LoRA rows
+        for level in (sorted(levels) if method in LEVEL_ROWS else [None]):
+            recipe = strategy_recipe(study.base, method, level, seed, shared, level_ratios.get(level))
+            share = shares_first_stage(method)
+            log.info("seed %d: row %s", seed, row_name(method, level))
+            own = run_estimate(study, seed, name=share, recipe=recipe) if share else None
+            dirs.append(drive_row(study, seed, method, level, recipe, own))
     return dirs

@@ -4,7 +4,8 @@
     python benchmarks/quality/run_quality.py --out-dir runs/quality [--seeds 0 1 2] [--levels 0.2 0.35 0.5]
         [--train-steps N] [--estimate-steps N] [--quick] [--write-docs [docs/results.md]] [--section.key=value ...]
 
-Rows (see rows.py): zero-shot, LoRA on the full model, Light-PEFT at each level, random pruning at the same ratios;
+Rows (see rows.py, strategy_rows.py): zero-shot, LoRA on the full model, Light-PEFT at each level, random pruning at
+the same ratios, and opt-in variants, APT and PrunePEFT rows;
 each in its own run directory under --out-dir, resumable (rerun the same command after a crash, or with more seeds).
 Then every finished row under --out-dir is aggregated (mean and spread over seeds) into quality.json, quality.md and
 accuracy_vs_ratio.png, and with --write-docs into a delimited section of docs/results.md.
@@ -29,6 +30,7 @@ from benchmarks.quality.aggregate import aggregate, row_dirs, write_docs  # noqa
 from benchmarks.quality.perplexity import load_windows  # noqa: E402
 from benchmarks.quality.rows import Study, run_seed, run_zero_shot  # noqa: E402
 from benchmarks.quality.speed import speed_pass  # noqa: E402
+from benchmarks.quality.strategy_rows import STRATEGY_ROWS  # noqa: E402
 from lightpeft_dist.config import apply_overrides, load_recipe, recipe_to_dict  # noqa: E402
 from lightpeft_dist.errors import LightPeftError  # noqa: E402
 from lightpeft_dist.io_utils import read_json, write_json  # noqa: E402
@@ -38,7 +40,8 @@ log = logging.getLogger("quality")
 DEFAULT_RECIPE = HERE / "smollm2_quality.yaml"
 METHODS = ("lora", "lightpeft", "random", "activation", "taylor")
 VARIANTS = ("movement", "masks_warmup", "masks_alltok", "taylor_m64", "taylor_budget", "random_budget",
-            "salience_budget", "random_salience_budget")  # opt-in rows (rows.py): --methods ... movement
+            "salience_budget", "random_salience_budget",
+            *STRATEGY_ROWS)  # opt-in rows (rows.py, strategy_rows.py): --methods ... movement
 QUICK = ["--estimate.steps=3", "--train.steps=3", "--data.max_train_examples=200", "--data.max_eval_examples=100",
          "--eval.speed_batches=1"]
 

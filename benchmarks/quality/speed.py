@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lightpeft_dist.pipeline.evaluate import eval_split, forward_tokens_per_s
 from lightpeft_dist.io_utils import read_json, write_json
-from lightpeft_dist.adapters.lora import load_adapter
+from lightpeft_dist.adapters.registry import load_adapters
 from lightpeft_dist.models.loading import load_model, load_tokenizer
 from lightpeft_dist.pipeline.stages import resolve_recipe
 from lightpeft_dist.rundir import RunDir
@@ -25,7 +25,7 @@ log = logging.getLogger("quality.speed")
 def _load(row: Path, recipe):
     if RunDir(row).pruned_model.is_dir():
         model = load_model(str(RunDir(row).pruned_model), recipe.model.dtype, recipe.model.attn_implementation)
-        return load_adapter(model, RunDir(row).train_adapter)
+        return load_adapters(model, RunDir(row).train_adapter)  # every kind (LoRA, bottleneck)
     return load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation)
 
 

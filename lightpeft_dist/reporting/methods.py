@@ -23,8 +23,14 @@ BASELINES: dict[str, tuple[str, str]] = {  # name: (label, colour)
     "random_budget": ("random units at the budget plan's per-layer counts", "#c05621"),
     "salience_budget": ("Light-PEFT, APT salience, budget allocation", "#2a4365"),
     "random_salience_budget": ("random units at the salience budget plan's per-layer counts", "#9c4221"),
+    "lora_qv": ("LoRA on q, v only, full model", "#38a169"),
+    "supernet": ("PrunePEFT supernet, no search (LoRA q,v + bottleneck)", "#68d391"),
+    "apt_oneshot": ("APT one-shot (calibrate, prune, tune with rank growth)", "#c53030"),
+    "apt_gradual": ("APT gradual (pruning during tuning, rank growth)", "#9b2c2c"),
+    "prunepeft_base": ("PrunePEFT on the salience-budget-pruned base", "#dd6b20"),
 }
-ORDER = ("zero-shot", "lora", *STRATEGIES, "masks_warmup", "masks_alltok", "movement", "activation", "taylor",
+ORDER = ("zero-shot", "lora", "lora_qv", "supernet", *STRATEGIES, "apt_oneshot", "apt_gradual", "prunepeft_base",
+         "masks_warmup", "masks_alltok", "movement", "activation", "taylor",
          "taylor_m64", "taylor_budget", "salience_budget", "random", "random_budget",
          "random_salience_budget")  # table order
 UNKNOWN_COLOR = "#4a5568"
