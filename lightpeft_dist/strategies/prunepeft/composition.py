@@ -25,7 +25,9 @@ from ...models.loading import fingerprint
 from .section import PrunePeftConfig
 
 
-UNIT_SCORES = ("masks", "activation", "taylor")  # Light-PEFT's estimate writes all three (strategies/lightpeft.py)
+from ...rundir import SCORE_FILES
+
+UNIT_SCORES = tuple(SCORE_FILES)  # Light-PEFT's estimate writes every one of them (strategies/lightpeft.py)
 
 
 def base_scores_path(cfg: PrunePeftConfig) -> Path | None:

@@ -59,7 +59,8 @@ class PrunePeftConfig(BaseModel):
                                                           "of the official one (kind -> band -> criteria)")
     warmup_examples: int = Field(100, ge=1, description="label-balanced warm-up subset size")
     warmup_steps: int = Field(8, ge=1)
-    base_scores: str = Field("none", description="none; masks, activation or taylor (Light-PEFT's estimate, run "
+    base_scores: str = Field("none", description="none; masks, activation, taylor, movement or salience (Light-PEFT's "
+                             "estimate, run "
                              "first with the recipe's estimate: section); or a unit-scores file (e.g. another run's "
                              "estimate/taylor_scores.safetensors): prune heads and FFN neurons at prune.attn_ratio / "
                              "ffn_ratio first, then search the PEFT modules on the pruned base")
