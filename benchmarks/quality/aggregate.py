@@ -18,6 +18,8 @@ from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import read_json, sha256_file, sha256_json, write_json
 from lightpeft_dist.rundir import RunDir
 
+from .strategy_rows import STRATEGY_ROWS
+
 
 
 def markers(study: str) -> tuple[str, str]:
@@ -254,6 +256,15 @@ def section(result: dict, figure: str | None) -> str:
              + (f" Pruned rows distil from the unpruned base while fine-tuning (train.distill_weight "
                 f"{tr['distill_weight']}, temperature {tr['distill_temperature']}, lightpeft_dist/training/distill.py); the "
                 "LoRA row does not." if tr.get("distill_weight") else ""),
+             *(["- Strategy rows (benchmarks/quality/strategy_rows.py): APT one-shot calibrates on 256 examples "
+                "(salience + kurtosis), plans at density 1 - level by salience per parameter and tunes a fresh LoRA "
+                "with rank growth to 4x; APT gradual starts dense and prunes physically at 3 checkpoints in the first "
+                "3/4 of the training steps; PrunePEFT searches the LLaMA port's supernet (LoRA r=8 on q, v and a "
+                "32-unit bottleneck after attention and MLP) in 5 rounds down to half its groups, warm-up "
+                "assignment, and trains the survivors fresh; on the pruned base it searches on the salience_budget "
+                "row's plan. LoRA q,v is LoRA r=8 on q_proj and v_proj only; the supernet row trains the whole "
+                "supernet without a search. Same data, steps and evaluation as the LoRA row."]
+               if any(g["method"] in STRATEGY_ROWS for g in result["groups"]) else []),
              f"- Seeds change the estimation, the training order/init and the random plan. Data split hash "
              f"`{sp.get('split', {}).get('hash', 'n/a')}` (split seed {sp.get('split', {}).get('seed', '-')}, "
              f"rows {_counts(sp)}); file sha256: "
