@@ -28,8 +28,9 @@ ADDED_LATER: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {
               ("lr_scheduler", "linear", ())],
     "prune": [("multiple_of", 1, ()), ("allocation", "layerwise", ()), ("random_peft", Follows("random"), ())],
     "eval": [("adapter", "last", ())],
-    # the strategy section's train keys (`Strategy.train_keys`, pipeline/train.py)
-    "apt": [("mask_ramp", False, ("mask_ramp_step", "ramp")), ("distill_weight", 0.0, ("distill_temperature",))],
+    # the strategy section's train keys (`Strategy.train_keys`, pipeline/train.py) and APT's plan key (apt/plan.py)
+    "apt": [("mask_ramp", False, ("mask_ramp_step", "ramp")), ("distill_weight", 0.0, ("distill_temperature",)),
+            ("random", False, ())],
     "prunepeft": [("train_lr", None, ("lr",))],  # lr: the rounds' LRs, which the train key reads via train_lr: search
 }
 # Fields that never change a stage's output (how often to checkpoint, how many to keep): never part of a key, so

@@ -172,6 +172,31 @@ def test_budget_search_keeps_the_prefix_and_counts_the_pruned_models_parameters(
     assert (pruned.lm_head.weight.data_ptr() == pruned.model.embed_tokens.weight.data_ptr()) == tied
 
 
+def test_random_control_keeps_the_scored_counts_and_draws_other_units(tmp_path):
+    """apt.random: per layer as many KV groups and FFN neurons as the scored plan, so the same parameter count, with
+    the units drawn by the seed (the same seed, the same plan); the scored plan's hash is untouched."""
+    model_dir = save_tiny(tmp_path / "model", "mistral-gqa", layers=3)
+    ref = model_reference(load_config(str(model_dir)))
+    g = torch.Generator().manual_seed(5)
+    scores = {"group": [torch.rand(s["num_key_value_heads"], generator=g).double() for s in ref["layer_shapes"]],
+              "ffn": [torch.rand(s["intermediate_size"], generator=g).double() for s in ref["layer_shapes"]]}
+    record = {**ref, "biases": [], "lora_modules": {"model.layers.0.self_attn.q_proj": 4}}
+    scored, rnd, again, other = (make_apt_plan(scores, record, 0.5, seed) for seed in (None, 1, 1, 2))
+    counts = lambda p: [(len(lay["kv_heads"]), len(lay["ffn"])) for lay in p["layers"]]  # noqa: E731
+    assert counts(rnd) == counts(scored) and rnd["summary"] == scored["summary"]
+    assert rnd["apt"]["kept_params"] == scored["apt"]["kept_params"]
+    assert [lay["ffn"] for lay in rnd["layers"]] != [lay["ffn"] for lay in scored["layers"]]
+    assert rnd["layers"] == again["layers"] and rnd["layers"] != other["layers"]
+    assert rnd["prune"]["random"] is True and "random" not in scored["prune"]
+    for plan in (scored, rnd):
+        path = tmp_path / "plan.json"
+        path.write_text(json.dumps(plan))
+        read_plan(path, ref)  # both are valid shared plans
+    # a kept KV group keeps all its query heads in the random plan too
+    rep = ref["layer_shapes"][0]["num_attention_heads"] // ref["layer_shapes"][0]["num_key_value_heads"]
+    assert all(lay["q_heads"] == [k * rep + j for k in lay["kv_heads"] for j in range(rep)] for lay in rnd["layers"])
+
+
 def write_recipe(tmp_path: Path, apt: dict, **top) -> Path:
     from conftest import tiny_recipe_dict
 
@@ -241,6 +266,8 @@ def test_apt_run_end_to_end_gives_a_valid_plan_at_the_target_density(tmp_path):
     ({"max_rank": 2}, {}, "apt.max_rank 2 is below peft.r 4"),
     ({"mode": "gradual", "window": 300, "checkpoints": 4}, {}, "window 300 over 4 checkpoints leaves 75 steps"),
     ({"target_density": 0.5}, {"strategy": "lightpeft"}, "section 'apt:' belongs to strategy apt"),
+    ({"mode": "gradual", "random": True, "window": 8, "checkpoints": 2, "ramp": 2}, {},
+     "apt.random (the random control at the scored plan's counts) is for mode one_shot"),
 ])
 def test_bad_apt_input_is_one_error_line_and_writes_nothing(tmp_path, capsys, apt, top, message):
     recipe = write_recipe(tmp_path, apt, **top)

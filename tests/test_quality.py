@@ -188,18 +188,25 @@ def test_strategy_rows_share_the_study_and_differ_only_where_they_should(study):
     """APT, PrunePEFT and the LoRA rows PrunePEFT is measured against (benchmarks/quality/strategy_rows.py)."""
     root, args = study
     out = root / "out"
-    rows = ["salience_budget", "apt_oneshot", "apt_gradual", "prunepeft", "prunepeft_base", "lora_qv", "supernet"]
+    rows = ["salience_budget", "apt_oneshot", "apt_random", "apt_gradual", "prunepeft", "prunepeft_base", "lora_qv",
+            "supernet"]
     assert run_quality.main([*args, "--seeds", "0", "--levels", "0.35", "--methods", "lora", *rows,
                              "--speed-rounds", "1"]) == 0
     sd = out / "seed0"
     plan = {name: read_json(sd / name / "plan.json") for name in
             ("lora", "lora_qv", "supernet", "prunepeft", "prunepeft_base-35",
-             "salience_budget-35", "apt_oneshot-35", "apt_gradual-35")}
+             "salience_budget-35", "apt_oneshot-35", "apt_random-35", "apt_gradual-35")}
     # APT's calibration ran once and is the one-shot row's estimate; its plan prunes the level to within a block
     assert (sd / "apt_oneshot-35" / "estimate" / "estimate.json").samefile(sd / "apt-calibrate" / "estimate" /
                                                                            "estimate.json")
     assert read_json(sd / "apt_oneshot-35" / "estimate" / "estimate.json")["strategy"] == "apt"
     assert abs(plan["apt_oneshot-35"]["summary"]["prunable_fraction_pruned"] - 0.35) < 0.05
+    # APT's random control: the same calibration and per-layer counts, other units
+    assert (sd / "apt_random-35" / "estimate" / "estimate.json").samefile(sd / "apt-calibrate" / "estimate" /
+                                                                          "estimate.json")
+    counts = lambda p: [(len(lay["kv_heads"]), len(lay["ffn"])) for lay in p["layers"]]  # noqa: E731
+    assert counts(plan["apt_random-35"]) == counts(plan["apt_oneshot-35"])
+    assert plan["apt_random-35"]["layers"] != plan["apt_oneshot-35"]["layers"]
     assert read_json(sd / "apt_gradual-35" / "train" / "train.json")["structure"] is not None  # pruned while tuning
     # PrunePEFT on the pruned base keeps exactly the salience budget row's heads and neurons, only the PEFT differs
     assert plan["prunepeft_base-35"]["layers"] == plan["salience_budget-35"]["layers"]
@@ -216,9 +223,11 @@ def test_strategy_rows_share_the_study_and_differ_only_where_they_should(study):
     # every row is in the table, costs included, and the PrunePEFT verdict is computed
     res = read_json(out / "quality.json")
     by = {(g["method"], g["level"]): g for g in res["groups"]}
-    for method, level in [("apt_oneshot", 0.35), ("apt_gradual", 0.35), ("prunepeft", None),
+    for method, level in [("apt_oneshot", 0.35), ("apt_random", 0.35), ("apt_gradual", 0.35), ("prunepeft", None),
                           ("prunepeft_base", 0.35), ("lora_qv", None), ("supernet", None)]:
         assert by[method, level]["value"]["n"] == 1 and by[method, level]["flops_of_lora"] > 0
     assert by["prunepeft", None]["flops_of_lora"] > by["supernet", None]["flops_of_lora"]  # the search costs extra
     assert any(line.startswith("- PrunePEFT (search on the full model)") for line in res["verdict"])
     assert any("Light-PEFT's best row at this level" in line for line in res["verdict"])
+    assert any("APT one-shot" in line for line in res["verdict"]) and \
+        any("Random units at the same per-layer counts" in line for line in res["verdict"])

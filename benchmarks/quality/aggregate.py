@@ -71,7 +71,7 @@ LIGHTPEFT_ROWS = ("lightpeft", "activation", "taylor", "movement", "masks_warmup
                   "taylor_budget", "salience_budget")  # Light-PEFT's rows, for "ahead of Light-PEFT's best row"
 # each scored row's random control: the same plan's counts with random units (random_budget keeps the budget plan's
 # per-layer counts, pruning/allocation.py)
-CONTROL = {"taylor_budget": "random_budget", "salience_budget": "random_salience_budget"}
+CONTROL = {"taylor_budget": "random_budget", "salience_budget": "random_salience_budget", "apt_oneshot": "apt_random"}
 
 
 def _paired_wins(a: dict, b: dict) -> list[bool]:
@@ -186,7 +186,8 @@ def _reductions(result: dict) -> list[str]:
                                                                   "random_budget", "salience_budget",
                                                                   "random_salience_budget", "lora",
                                                                   "lora_qv", "supernet", "prunepeft",
-                                                                  "apt_oneshot", "apt_gradual", "prunepeft_base")]
+                                                                  "apt_oneshot", "apt_random", "apt_gradual",
+                                                                  "prunepeft_base")]
     out = []
     few = [f"{g['label']}{'' if g['level'] is None else ' ' + format(g['level'], '.0%')} (n={g['value']['n']})"
            for g in groups if g["value"]["n"] < SPEC["seeds"]]

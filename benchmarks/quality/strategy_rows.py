@@ -9,6 +9,8 @@ recipes/smollm2_sentiment_prunepeft*.yaml), scaled to the study's training steps
 - `apt_oneshot` (per level): APT's calibration (salience + kurtosis on 256 examples), its plan at density
   1 - level, then a fresh LoRA with rank growth. The calibration does not depend on the density, so a seed's
   calibration runs once (folder `apt-calibrate`) and is hard-linked into each level's row.
+- `apt_random` (per level): APT's random control, `apt.random`: the one-shot plan's per-layer counts of KV groups
+  and FFN neurons with the units drawn at random (same calibration, same parameter count).
 - `apt_gradual` (per level): dense start, three physical pruning checkpoints in the first 3/4 of the training,
   masks ramped before each, rank growth at the same checkpoints.
 - `prunepeft` (no level): the LLaMA port's supernet (LoRA r=8 on q, v and a 32-unit bottleneck after attention and
@@ -30,7 +32,7 @@ from lightpeft_dist.rundir import ESTIMATE_RECORD, RunDir
 from lightpeft_dist.strategies.prunepeft.section import PORT_PEFT
 
 # per level: the row's strategy section is built from the level; the others have no level
-LEVEL_ROWS = ("apt_oneshot", "apt_gradual", "prunepeft_base")
+LEVEL_ROWS = ("apt_oneshot", "apt_random", "apt_gradual", "prunepeft_base")
 PLAIN_ROWS = ("prunepeft", "lora_qv", "supernet")
 STRATEGY_ROWS = LEVEL_ROWS + PLAIN_ROWS
 ZERO = {"attn_ratio": 0.0, "ffn_ratio": 0.0, "module_ratio": 0.0, "rank_ratio": 0.0, "random": False}
@@ -65,9 +67,10 @@ def strategy_recipe(base: dict, method: str, level: float | None, seed: int, sha
     raw["train"]["distill_weight"] = 0.0
     defaults = {k: v for k, v in raw["prune"].items() if k not in ("module_ratio", "rank_ratio", "attn_ratio",
                                                                   "ffn_ratio", "random", "random_peft")}
-    if method in ("apt_oneshot", "apt_gradual"):
+    if method in ("apt_oneshot", "apt_random", "apt_gradual"):
         raw["strategy"] = "apt"
-        raw["apt"] = _apt("one_shot" if method == "apt_oneshot" else "gradual", level, raw["train"], seed)
+        raw["apt"] = _apt("gradual" if method == "apt_gradual" else "one_shot", level, raw["train"], seed)
+        raw["apt"]["random"] = method == "apt_random"
     elif method in ("prunepeft", "prunepeft_base"):
         raw["strategy"] = "prunepeft"
         raw["peft"] = copy.deepcopy(PORT_PEFT)
@@ -92,4 +95,4 @@ def strategy_recipe(base: dict, method: str, level: float | None, seed: int, sha
 
 def shares_first_stage(method: str) -> str | None:
     """The per-seed folder whose first stage a row links in (APT one-shot's calibration), or None: own stages."""
-    return "apt-calibrate" if method == "apt_oneshot" else None
+    return "apt-calibrate" if method in ("apt_oneshot", "apt_random") else None

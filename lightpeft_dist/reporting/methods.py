@@ -26,13 +26,14 @@ BASELINES: dict[str, tuple[str, str]] = {  # name: (label, colour)
     "lora_qv": ("LoRA on q, v only, full model", "#38a169"),
     "supernet": ("PrunePEFT supernet, no search (LoRA q,v + bottleneck)", "#68d391"),
     "apt_oneshot": ("APT one-shot (calibrate, prune, tune with rank growth)", "#c53030"),
+    "apt_random": ("random units at APT's per-layer counts", "#fc8181"),
     "apt_gradual": ("APT gradual (pruning during tuning, rank growth)", "#9b2c2c"),
     "prunepeft_base": ("PrunePEFT on the salience-budget-pruned base", "#dd6b20"),
 }
 ORDER = ("zero-shot", "lora", "lora_qv", "supernet", *STRATEGIES, "apt_oneshot", "apt_gradual", "prunepeft_base",
          "masks_warmup", "masks_alltok", "movement", "activation", "taylor",
          "taylor_m64", "taylor_budget", "salience_budget", "random", "random_budget",
-         "random_salience_budget")  # table order
+         "random_salience_budget", "apt_random")  # table order
 UNKNOWN_COLOR = "#4a5568"
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from ...config import Recipe
 from ...errors import LightPeftError
 from ...io_utils import read_json, sha256_file, sha256_json, write_json
+from ...keys import without_later_defaults
 from ...pruning.plan import PLAN_VERSION, plan_hash, summarize
 from ...rundir import RunDir
 from ...runtime import Runtime, current
@@ -21,13 +24,18 @@ from ...pruning.budget import CostModel, plan_for_budget
 from .calibrate import load_apt_scores, scores_path
 
 log = logging.getLogger(__name__)
-PLAN_KEYS = ("target_density", "prune_hidden", "mode")
+PLAN_KEYS = ("target_density", "prune_hidden", "mode", "random")
 
 
 def apt_plan_key(recipe: Recipe, run_dir: Path) -> str:
     apt = recipe.section("apt").model_dump(mode="json")
-    return sha256_json({"scores": sha256_file(scores_path(run_dir)),
-                        "apt": {k: apt[k] for k in PLAN_KEYS}})[:16]
+    return sha256_json({"scores": sha256_file(scores_path(run_dir)),  # random off: the key it had before random
+                        "apt": without_later_defaults("apt", {k: apt[k] for k in PLAN_KEYS})})[:16]
+
+
+def _random_units(kept: list[int], total: int, g: torch.Generator) -> list[int]:
+    """As many units as `kept`, drawn uniformly from `total`, sorted."""
+    return sorted(torch.randperm(total, generator=g)[:len(kept)].tolist())
 
 
 def cost_model(record: dict, hidden: bool = False) -> CostModel:
@@ -43,18 +51,28 @@ def cost_model(record: dict, hidden: bool = False) -> CostModel:
                      frozenset(record.get("biases", [])), embedding)
 
 
-def make_apt_plan(scores: dict, record: dict, target_density: float) -> dict:
+def make_apt_plan(scores: dict, record: dict, target_density: float, random_seed: int | None = None) -> dict:
     """The plan that keeps exactly the blocks `plan_for_budget` chooses; with "hidden" scores, the plan also keeps a
-    global set of hidden dimensions (`plan["hidden"]`; plans without it are unchanged)."""
+    global set of hidden dimensions (`plan["hidden"]`; plans without it are unchanged). With `random_seed` (APT's
+    random control, `apt.random`), every layer keeps as many KV groups and FFN neurons as the scored plan (and as
+    many hidden dimensions), drawn at random: the same parameter count, only the choice of units differs."""
     hidden = scores.get("hidden") is not None
     cost = cost_model(record, hidden)
     kept = plan_for_budget(scores, cost, target_density)
+    if random_seed is not None:
+        g = torch.Generator().manual_seed(random_seed)
+        shapes = record["layer_shapes"]
+        kept["group"] = [_random_units(k, s["num_key_value_heads"], g) for k, s in zip(kept["group"], shapes)]
+        kept["ffn"] = [_random_units(k, s["intermediate_size"], g) for k, s in zip(kept["ffn"], shapes)]
+        if hidden:
+            kept["hidden"] = _random_units(kept["hidden"], record["hidden_size"], g)
     layers = []
     for i, (groups, ffn) in enumerate(zip(kept["group"], kept["ffn"], strict=True)):
         rep = cost.rep(i)
         layers.append({"q_heads": [g * rep + j for g in groups for j in range(rep)], "kv_heads": groups, "ffn": ffn})
     plan = {"version": PLAN_VERSION, "model_fingerprint": record["model_fingerprint"],
-            "prune": {"strategy": "apt", "target_density": target_density},
+            "prune": {"strategy": "apt", "target_density": target_density,
+                      **({"random": True, "random_seed": random_seed} if random_seed is not None else {})},
             "apt": {k: kept[k] for k in ("target_params", "kept_params", "dense_params", "density",
                                          "next_block_params")},
             "layers": layers,
@@ -74,7 +92,7 @@ def run_apt_plan(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None) 
     apt = recipe.section("apt")
     # gradual: training starts dense and prunes at its checkpoints (gradual.py); the plan keeps everything
     plan = make_apt_plan(load_apt_scores(run_dir, record, apt.prune_hidden), record,
-                         1.0 if apt.mode == "gradual" else apt.target_density)
+                         1.0 if apt.mode == "gradual" else apt.target_density, apt.seed if apt.random else None)
     plan["key"] = apt_plan_key(recipe, run_dir)
     rt.agree(plan["hash"], "plan hash")
     if rt.is_main:

@@ -46,6 +46,9 @@ class AptConfig(_Strict):
     distill_weight: float = Field(0.0, ge=0.0, le=1.0, description="gradual: weight of the distillation from the "
                                   "unpruned base, ramped linearly from 0 over the window, then held (0 = off)")
     distill_temperature: float = Field(1.0, gt=0.0, description="gradual: the distillation's softmax temperature")
+    random: bool = Field(False, description="one_shot: APT's random control: keep the scored plan's per-layer counts "
+                         "of KV groups and FFN neurons (and the hidden count) but draw the kept units at random, "
+                         "seeded by apt.seed")
     checkpoints: int = Field(4, ge=1, description="physical pruning checkpoints in the window (gradual), and the "
                              "number of rank-growth events (both modes)")
 
@@ -68,6 +71,9 @@ class AptConfig(_Strict):
             raise ValueError("prune_hidden (hidden-dimension pruning) is implemented for mode one_shot only: the "
                              "gradual mode's live pruning cannot slice the residual stream yet; set mode: one_shot "
                              "or prune_hidden: false")
+        if self.random and self.mode == "gradual":
+            raise ValueError("apt.random (the random control at the scored plan's counts) is for mode one_shot: the "
+                             "gradual mode chooses its blocks during training; set mode: one_shot or random: false")
         if self.mode == "one_shot" and self.distill_weight > 0:
             raise ValueError("apt.distill_weight is for gradual mode; in one-shot mode distil with "
                              "train.distill_weight, or set apt.mode: gradual")
