@@ -17,6 +17,8 @@ from test_prunepeft import one_error_line, prunepeft_dict
 
 from lightpeft_dist.cli import main
 from lightpeft_dist.config import recipe_from_dict, recipe_to_dict
+from lightpeft_dist.io_utils import sha256_json
+from lightpeft_dist.runtime import Runtime
 from lightpeft_dist.strategies.prunepeft.assignment import choice_counts, fixed_assignment, warmup_assignment
 from lightpeft_dist.strategies.prunepeft.choice import random_removal, round_removal
 from lightpeft_dist.strategies.prunepeft.criteria import SIGN
@@ -54,17 +56,26 @@ def test_random_removal_is_k_a_round_a_function_of_the_seed_and_blind_to_the_cri
     assert ha != hb  # the hybrid removal does read them (so the check above could fail)
 
 
-def test_random_search_removes_k_per_round_whatever_the_training(tmp_path):
+def test_random_search_removes_k_per_round_whatever_the_training(tmp_path, monkeypatch):
     """End to end on the tiny model: every round removes exactly per_round of the alive groups, the draw the seed and
-    round give; other round LRs change every criterion's values but not the order; another seed changes the order."""
+    round give, and the ranks are asked to agree on each round's removal and on the order by hash, as for the hybrid
+    search; other round LRs change the criteria's values but not the order; another seed changes the order."""
+    agreed: list[tuple[str, object]] = []
+    real = Runtime.agree
+    monkeypatch.setattr(Runtime, "agree", lambda self, value, what: (agreed.append((what, value)),
+                                                                      real(self, value, what))[1])
     orders, values = {}, {}
     for name, lr, seed in (("a", 1e-2, 42), ("b", 3e-2, 42), ("c", 1e-2, 43)):
         raw = prunepeft_dict(tmp_path / name, removal="random", seed=seed, lr={"lora": lr, "bottleneck": lr})
+        agreed.clear()
         record = run_search(recipe_from_dict(raw), tmp_path / name / "run")["prunepeft"]
         for r, rnd in enumerate(record["rounds"]):
             assert len(rnd["removed"]) == 3 and rnd["scores"] is None
             picked = random_removal(len(rnd["alive"]), 3, seed, r + 1)
             assert rnd["removed"] == [rnd["alive"][i] for i in picked]
+            assert (f"prunepeft round {r + 1} removal", sha256_json(rnd["removed"])[:16]) in agreed
+        assert ("prunepeft removal order", record["order_hash"]) in agreed
+        assert record["order_hash"] == sha256_json(record["removal_order"])[:16]
         assert len(record["removal_order"]) == 6 and len(record["kept"]) == 2
         orders[name], values[name] = record["removal_order"], record["rounds"][0]["values"]
     assert orders["a"] == orders["b"] and values["a"]["gradient"] != values["b"]["gradient"]
