@@ -1,10 +1,11 @@
 """The `search` stage: warm-up (optional), R pruning rounds, and the scores file that makes the plan the search's.
 
 Each round trains the surviving supernet, scores every group with its partition's criteria mixed as in mixing.py,
-and removes the top `per_round` (or, as the `removal: random` ablation, `per_round` drawn at random: choice.py). Every rank computes the same removal order from rank-identical statistics; the
-ranks check each round's choice by hash. The removal order becomes module scores (kept groups 2, the i-th of N
-removed (i+1)/(N+1)), with the planner's module ratio set to the removed share of modules (`plan_prune`), so the
-shared planner keeps exactly the search's survivors; this is checked before anything is written.
+and removes the top `per_round` (or, as the `removal: random` ablation, `per_round` drawn at random: choice.py).
+Every rank computes the same removal order from rank-identical statistics; the ranks check each round's choice by
+hash. The removal order becomes module scores (kept groups 2, the i-th of N removed (i+1)/(N+1)), with the
+planner's module ratio set to the removed share of modules (`plan_prune`), so the shared planner keeps exactly the
+search's survivors; this is checked before anything is written.
 The stage writes the estimate folder every strategy writes (scores, record, adapter): the adapter is the last round's
 supernet, which the prune stage slices to the survivors (used only with `train.warm_start: true`).
 """
