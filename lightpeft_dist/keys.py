@@ -31,18 +31,23 @@ ADDED_LATER: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {
     # the strategy section's train keys (`Strategy.train_keys`, pipeline/train.py) and APT's plan key (apt/plan.py)
     "apt": [("mask_ramp", False, ("mask_ramp_step", "ramp")), ("distill_weight", 0.0, ("distill_temperature",)),
             ("random", False, ())],
-    "prunepeft": [("train_lr", None, ("lr",))],  # lr: the rounds' LRs, which the train key reads via train_lr: search
+    # lr: the rounds' LRs, which the train key reads via train_lr: search. The search key (strategies/prunepeft/
+    # search.py) applies every group but train_lr's: lr is always the search's
+    "prunepeft": [("train_lr", None, ("lr",)), ("removal", "hybrid", ()), ("partitions", "kind_band", ()),
+                  ("criterion", None, ())],
 }
 # Fields that never change a stage's output (how often to checkpoint, how many to keep): never part of a key, so
 # switching checkpoints on for a requeue keeps the stage's key, and the checkpoint it resumes from.
 NOT_KEYED: dict[str, tuple[str, ...]] = {"train": ("checkpoint_every", "keep_checkpoints")}
 
 
-def without_later_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
+def without_later_defaults(section: str, values: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """`values` of a recipe section without the later-added features that are switched off (and without the
-    fields that never change an output)."""
+    fields that never change an output). `skip`: switches whose groups a key handles itself (leaves them in)."""
     values = {k: v for k, v in values.items() if k not in NOT_KEYED.get(section, ())}
     for switch, off, dependents in ADDED_LATER.get(section, []):
+        if switch in skip:
+            continue
         if values.get(switch) == (values.get(off.field) if isinstance(off, Follows) else off):
             for k in (switch, *dependents):
                 values.pop(k, None)

@@ -231,3 +231,53 @@ def test_strategy_rows_share_the_study_and_differ_only_where_they_should(study):
     assert any("Light-PEFT's best row at this level" in line for line in res["verdict"])
     assert any("APT one-shot" in line for line in res["verdict"]) and \
         any("Random units at the same per-layer counts" in line for line in res["verdict"])
+
+
+def test_prunepeft_ablation_rows_change_one_thing_and_keep_the_search_budget(study):
+    """The paper's ablation rows (benchmarks/quality/strategy_rows.py, ABLATIONS): each is the `prunepeft` row's
+    search with one setting changed, removes as many groups, and gets a line in the ablation verdict."""
+    from benchmarks.quality.strategy_rows import ABLATIONS, STRATEGY_ROWS
+    from lightpeft_dist.reporting import methods
+    from lightpeft_dist.strategies.prunepeft.choice import random_removal
+    from lightpeft_dist.strategies.prunepeft.criteria import SIGN
+
+    assert all(methods.label(m) != m and m in methods.ORDER for m in STRATEGY_ROWS)  # every row is labelled
+    assert set(methods.PRUNEPEFT_ABLATIONS) == set(ABLATIONS)
+    root, args = study
+    out = root / "out"
+    rows = ["prunepeft", "prunepeft_random", "prunepeft_nopart", "prunepeft_snip"]
+    assert run_quality.main([*args, "--seeds", "0", "--levels", "0.35", "--methods", "lora", *rows,
+                             "--speed-rounds", "0"]) == 0
+    sd = out / "seed0"
+    search = {r: read_json(sd / r / "estimate" / "estimate.json") for r in rows}
+    base = search["prunepeft"]["recipe"]["prunepeft"]
+    for r in rows[1:]:  # the prunepeft row's section, changed only where the ablation says
+        changed = {k: v for k, v in search[r]["recipe"]["prunepeft"].items() if base[k] != v}
+        assert changed == ABLATIONS[r]
+    rec = {r: s["prunepeft"] for r, s in search.items()}
+    n_removed = len(rec["prunepeft"]["removal_order"])
+    assert n_removed > 0 and all(len(rec[r]["removal_order"]) == n_removed for r in rows)
+    per_round = base["per_round"]
+    for r, rnd in enumerate(rec["prunepeft_random"]["rounds"]):  # random: the seed's draw, no scores
+        assert rnd["scores"] is None
+        assert rnd["removed"] == [rnd["alive"][i] for i in random_removal(len(rnd["alive"]), per_round, 0, r + 1)]
+    assert set(rec["prunepeft_nopart"]["partitions"]) == {"all"}
+    assert rec["prunepeft_nopart"]["assignment"] == {"all": list(SIGN)} and "warmup" in rec["prunepeft_nopart"]
+    assert "warmup" not in rec["prunepeft_snip"] and len(set(rec["prunepeft_snip"]["partitions"])) > 1
+    assert all(v == ["snip"] for v in rec["prunepeft_snip"]["assignment"].values())
+
+    def groups_kept(plan: dict) -> set:
+        return {(k.split(":")[0] if ":" in k else "lora", k.split(".")[2]) for k in plan["peft_modules"]}
+
+    plans = {r: read_json(sd / r / "plan.json") for r in rows}
+    assert all(plans[r]["summary"]["prunable_fraction_pruned"] == 0 for r in rows)
+    assert len({len(groups_kept(plans[r])) for r in rows}) == 1  # the same number of groups in every plan
+    res = read_json(out / "quality.json")
+    by = {g["method"]: g for g in res["groups"]}
+    assert all(by[r]["value"]["n"] == 1 for r in rows)
+    lines = res["verdict"]
+    head = next(i for i, line in enumerate(lines) if line.startswith("- PrunePEFT's ablations"))
+    body = lines[head + 1:head + 5]
+    for line, r in zip(body[:3], rows[1:], strict=True):
+        assert line.startswith(f"  - {methods.label(r)}: ") and line.endswith("of 1 paired seeds.")
+    assert body[3].startswith("  - Best single criterion (1 of 6 run): **snip**")

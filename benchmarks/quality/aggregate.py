@@ -18,7 +18,7 @@ from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.io_utils import read_json, sha256_file, sha256_json, write_json
 from lightpeft_dist.rundir import RunDir
 
-from .strategy_rows import STRATEGY_ROWS
+from .strategy_rows import SINGLE_CRITERION, STRATEGY_ROWS
 
 
 
@@ -125,6 +125,33 @@ def _prunepeft_verdict(groups: list[dict]) -> list[str]:
             f"Target (match or beat it with fewer trainable parameters): **{'met' if met else 'not met'}**."]
 
 
+def _ablation_verdict(groups: list[dict]) -> list[str]:
+    """PrunePEFT's ablation rows (issue 18) against the `prunepeft` row, as the random controls are read: the row's
+    mean, PrunePEFT's mean gap to it and the paired seeds PrunePEFT is ahead in; then the best single criterion."""
+    means = {g["method"]: g for g in groups if g["level"] is None and g["value"]["mean"] is not None}
+    pp = means.get("prunepeft")
+    rows = [means[m] for m in ("supernet", *methods.PRUNEPEFT_ABLATIONS) if m in means]  # supernet: no pruning
+    if pp is None or not rows:
+        return []
+    lines = [f"- PrunePEFT's ablations, each against the PrunePEFT row ({pp['value']['mean']:.1%}, "
+             f"n={pp['value']['n']}):"]
+    for g in rows:
+        diff = pp["value"]["mean"] - g["value"]["mean"]
+        wins = _paired_wins(pp, g)
+        lines.append(f"  - {g['label']}: {g['value']['mean']:.1%} (n={g['value']['n']}); PrunePEFT "
+                     f"{'+' if diff >= 0 else ''}{100 * diff:.1f} points, ahead in {sum(wins)} of {len(wins)} "
+                     f"paired seeds.")
+    single = [g for g in rows if g["method"] in SINGLE_CRITERION]
+    if single:
+        best = max(single, key=lambda g: g["value"]["mean"])  # ties: the first in the criteria's order
+        diff = pp["value"]["mean"] - best["value"]["mean"]
+        lines.append(f"  - Best single criterion ({len(single)} of {len(SINGLE_CRITERION)} run): "
+                     f"**{best['method'].removeprefix('prunepeft_')}** ({best['value']['mean']:.1%}); the hybrid "
+                     f"search ahead of it: **{'yes' if diff > 0 else 'no'}** ({'+' if diff >= 0 else ''}"
+                     f"{100 * diff:.1f} points).")
+    return lines
+
+
 def _level_verdict(name: str, g: dict, target: float, groups: list[dict], lora: dict,
                    controls: tuple[str, ...] = ("random",)) -> list[str]:
     keep = g["value"]["mean"] / lora["value"]["mean"]
@@ -159,7 +186,8 @@ def _control_line(name: str, g: dict, groups: list[dict], control: str) -> list[
 def verdict(groups: list[dict]) -> list[str]:
     lora = next((g for g in groups if g["method"] == "lora"), None)
     lines = [] if not lora or lora["value"]["mean"] is None else \
-        [line for method in SCORED for line in _method_verdict(method, groups, lora)] + _prunepeft_verdict(groups)
+        [line for method in SCORED for line in _method_verdict(method, groups, lora)] + _prunepeft_verdict(groups) + \
+        _ablation_verdict(groups)
     return lines or ["Not enough finished rows for a verdict (needs the LoRA row and at least one scored row)."]
 
 
@@ -187,7 +215,7 @@ def _reductions(result: dict) -> list[str]:
                                                                   "random_salience_budget", "lora",
                                                                   "lora_qv", "supernet", "prunepeft",
                                                                   "apt_oneshot", "apt_random", "apt_gradual",
-                                                                  "prunepeft_base")]
+                                                                  "prunepeft_base", *methods.PRUNEPEFT_ABLATIONS)]
     out = []
     few = [f"{g['label']}{'' if g['level'] is None else ' ' + format(g['level'], '.0%')} (n={g['value']['n']})"
            for g in groups if g["value"]["n"] < SPEC["seeds"]]

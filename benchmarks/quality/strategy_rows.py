@@ -19,6 +19,11 @@ recipes/smollm2_sentiment_prunepeft*.yaml), scaled to the study's training steps
   estimate's salience scores, budget allocation, the level's ratios), so the two differ only in the PEFT choice.
 - `lora_qv` (no level): LoRA r=8 on q and v only on the full model, the usual LoRA default and the port's LoRA part.
 - `supernet` (no level): PrunePEFT's whole supernet trained without any search (the paper's "no pruning" row).
+- The paper's other ablation rows (no level), each the `prunepeft` row with one thing changed (ABLATIONS,
+  docs/method.md "PrunePEFT", "Ablations"): `prunepeft_random` (each round removes its groups at random; the warm-up
+  and the rounds still train, so the cost is the search's), `prunepeft_nopart` (hybrid without partitions: one
+  partition, the warm-up over it), and `prunepeft_<criterion>` for each of the six criteria (that criterion in every
+  kind x band partition; `assignment: default`, since a single criterion leaves the warm-up nothing to choose).
 """
 
 from __future__ import annotations
@@ -29,11 +34,15 @@ from pathlib import Path
 from lightpeft_dist.config import Recipe, recipe_from_dict
 from lightpeft_dist.io_utils import read_json
 from lightpeft_dist.rundir import ESTIMATE_RECORD, RunDir
-from lightpeft_dist.strategies.prunepeft.section import PORT_PEFT
+from lightpeft_dist.strategies.prunepeft.section import CRITERIA, PORT_PEFT
 
 # per level: the row's strategy section is built from the level; the others have no level
 LEVEL_ROWS = ("apt_oneshot", "apt_random", "apt_gradual", "prunepeft_base")
-PLAIN_ROWS = ("prunepeft", "lora_qv", "supernet")
+# the `prunepeft` row's section with what each ablation changes
+SINGLE_CRITERION = {f"prunepeft_{c}": {"criterion": c, "assignment": "default"} for c in CRITERIA}
+ABLATIONS: dict[str, dict] = {"prunepeft_random": {"removal": "random"}, "prunepeft_nopart": {"partitions": "none"},
+                              **SINGLE_CRITERION}
+PLAIN_ROWS = ("prunepeft", "lora_qv", "supernet", *ABLATIONS)
 STRATEGY_ROWS = LEVEL_ROWS + PLAIN_ROWS
 ZERO = {"attn_ratio": 0.0, "ffn_ratio": 0.0, "module_ratio": 0.0, "rank_ratio": 0.0, "random": False}
 
@@ -71,7 +80,7 @@ def strategy_recipe(base: dict, method: str, level: float | None, seed: int, sha
         raw["strategy"] = "apt"
         raw["apt"] = _apt("gradual" if method == "apt_gradual" else "one_shot", level, raw["train"], seed)
         raw["apt"]["random"] = method == "apt_random"
-    elif method in ("prunepeft", "prunepeft_base"):
+    elif method in ("prunepeft", "prunepeft_base", *ABLATIONS):
         raw["strategy"] = "prunepeft"
         raw["peft"] = copy.deepcopy(PORT_PEFT)
         raw["prune"] = defaults
@@ -81,7 +90,7 @@ def strategy_recipe(base: dict, method: str, level: float | None, seed: int, sha
             raw["prune"] = {**defaults, **{k: level_ratios[k] for k in ("attn_ratio", "ffn_ratio")},
                             "allocation": "budget", "unit_scores": "salience"}
         layers = len(read_json(shared_estimate / ESTIMATE_RECORD, "estimate record")["layer_shapes"])
-        raw["prunepeft"] = _prunepeft(raw["train"], seed, layers, scores)
+        raw["prunepeft"] = {**_prunepeft(raw["train"], seed, layers, scores), **ABLATIONS.get(method, {})}
     elif method == "lora_qv":
         raw["peft"] = {**raw["peft"], "targets": ["q_proj", "v_proj"]}
         raw["prune"] = {**raw["prune"], **ZERO}

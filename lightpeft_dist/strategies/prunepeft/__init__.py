@@ -3,7 +3,8 @@ hybrid pruning of a LoRA + bottleneck supernet; then the shared pipeline plans, 
 a fresh initialisation (docs/method.md, "PrunePEFT").
 
 Modules: section.py (recipe schema and checks), supernet.py (groups, model), stats.py and criteria.py (the six
-criteria), assignment.py and mixing.py (partitions, hybrid score), rounds.py (one round), search.py (the stage).
+criteria), assignment.py and mixing.py (partitions, hybrid score), choice.py (which groups a round removes:
+hybrid or random), rounds.py (one round), search.py (the stage).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Port's form (docs/method.md, "PrunePEFT"): inside a partition b with assigned cr
 rank_m(g) is g's position in m's prune-first order over b's groups (0 = most prunable), w = 5 / (1 + e^(rank - 3)),
 soft_m(g) = softmax over b's groups of sigma_m * Theta_m. S(g) = (1/|C_b|) * sum_m w_m(g) * soft_m(g); the 1/|C_b|
 is our change (a partition with more criteria would otherwise get larger scores). All partitions are then sorted
-together, descending, ties toward the lower group index; the first k are removed.
+together, descending, ties toward the lower group index; the first k are removed. `partitions: none` (an ablation)
+puts every group in one partition, so ranks and softmax run over all groups at once.
 """
 
 from __future__ import annotations
@@ -59,3 +60,14 @@ def removal(scores: torch.Tensor, k: int) -> list[int]:
 
 def partition_name(kind: str, band: str) -> str:
     return f"{kind}/{band}"
+
+
+ONE_PARTITION = "all"  # `partitions: none`: every group in one partition
+
+
+def group_partitions(kinds_layers: list[tuple[str, int]], n_layers: int, mode: str = "kind_band") -> list[str]:
+    """Each group's partition from its (kind, layer): kind x depth band, or the one partition of `partitions: none`
+    (hybrid without partitions: ranks and softmax then run over all groups at once)."""
+    if mode == "none":
+        return [ONE_PARTITION] * len(kinds_layers)
+    return [partition_name(kind, band_of(layer, n_layers)) for kind, layer in kinds_layers]

@@ -1,10 +1,11 @@
 """The `search` stage: warm-up (optional), R pruning rounds, and the scores file that makes the plan the search's.
 
 Each round trains the surviving supernet, scores every group with its partition's criteria mixed as in mixing.py,
-and removes the top `per_round`. Every rank computes the same removal order from rank-identical statistics; the
-ranks check each round's choice by hash. The removal order becomes module scores (kept groups 2, the i-th of N
-removed (i+1)/(N+1)), with the planner's module ratio set to the removed share of modules (`plan_prune`), so the
-shared planner keeps exactly the search's survivors; this is checked before anything is written.
+and removes the top `per_round` (or, as the `removal: random` ablation, `per_round` drawn at random: choice.py).
+Every rank computes the same removal order from rank-identical statistics; the ranks check each round's choice by
+hash. The removal order becomes module scores (kept groups 2, the i-th of N removed (i+1)/(N+1)), with the
+planner's module ratio set to the removed share of modules (`plan_prune`), so the shared planner keeps exactly the
+search's survivors; this is checked before anything is written.
 The stage writes the estimate folder every strategy writes (scores, record, adapter): the adapter is the last round's
 supernet, which the prune stage slices to the survivors (used only with `train.warm_start: true`).
 """
@@ -22,7 +23,7 @@ from ...adapters.registry import KINDS, ordered, save_adapters
 from ...config import PruneConfig, Recipe, recipe_to_dict
 from ...errors import LightPeftError
 from ...io_utils import atomic_dir, read_json, sha256_file, sha256_json, write_json
-from ...keys import keyed_section
+from ...keys import keyed_section, without_later_defaults
 from ...models.families import config_layer_shapes, head_dim_of
 from ...models.loading import fingerprint, load_config, load_tokenizer
 from ...pruning.plan import make_plan
@@ -31,10 +32,11 @@ from ...pruning.slicing import prune_checkpoint
 from ...rundir import ADAPTER, ESTIMATE_RECORD, SCORE_FILES, RunDir
 from ...runtime import Runtime, current
 from ...training.zero import prepare_ds_config
-from .assignment import choice_counts, table_assignment, warmup_assignment
+from .assignment import choice_counts, fixed_assignment, warmup_assignment
+from .choice import round_removal
 from .composition import base_plan, base_scores_path, estimate_base, load_base_scores, prunes_base, unslice_lora
 from .criteria import prunability, values
-from .mixing import band_of, hybrid_scores, partition_name, removal
+from .mixing import group_partitions
 from .rounds import balanced_rows, round_rows, step_batches, train_round
 from .resume import Progress, load_progress, maybe_fault, save_progress
 from .section import PrunePeftConfig
@@ -46,11 +48,12 @@ TRAIN_ONLY = ("train_lr",)  # section fields the search never reads: they key th
 
 
 def search_key(recipe: Recipe, run_dir: Path | None = None) -> str:
-    """Model, data, adapters, the section (less its train-only fields); with base pruning also the base scores'
-    contents and `prune:`."""
+    """Model, data, adapters, the section (less its train-only fields, and less the later-added ablation keys while
+    they are at their defaults: keys.ADDED_LATER); with base pruning also the base scores' contents and `prune:`."""
     d = recipe_to_dict(recipe)
     inputs = {k: d[k] for k in ("model", "data", "peft", "prunepeft")}
-    inputs["prunepeft"] = {k: v for k, v in d["prunepeft"].items() if k not in TRAIN_ONLY}
+    section = without_later_defaults("prunepeft", d["prunepeft"], skip=TRAIN_ONLY)
+    inputs["prunepeft"] = {k: v for k, v in section.items() if k not in TRAIN_ONLY}
     cfg = recipe.section("prunepeft")
     path = base_scores_path(cfg)
     if prunes_base(cfg):
@@ -118,7 +121,7 @@ def run_search(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, de
     shapes = config_layer_shapes(base_config)
     groups = enumerate_groups(recipe, base_config, len(shapes))
     check_budget(cfg, groups)
-    partitions = [partition_name(g.kind, band_of(g.layer, len(shapes))) for g in groups]
+    partitions = group_partitions([(g.kind, g.layer) for g in groups], len(shapes), cfg.partitions)
     tokenizer = load_tokenizer(recipe.model)
     base, bplan, model_path, path, work = None, None, None, None, RunDir(run_dir).checkpoint("search")
     if prunes_base(cfg):
@@ -153,7 +156,7 @@ def run_search(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, de
         record["warmup"] = {"counts": counts, "losses": res.losses}
         del res
     else:
-        assigned = table_assignment(cfg.table, [s.type for s in recipe.adapters])
+        assigned = fixed_assignment(cfg, [s.type for s in recipe.adapters])
     if done is None:
         record["assignment"] = {p: assigned[p] for p in dict.fromkeys(partitions)}
     log.info("prunepeft: %d groups in %d partitions; criteria %s", len(groups), len(set(partitions)),
@@ -178,13 +181,13 @@ def run_search(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None, de
                            state if cfg.between_rounds == "warm_start" else None, model_path)
         maybe_fault(r + 1, rt)
         steps, tokens, seconds = steps + cfg.steps, tokens + last.tokens, seconds + last.seconds
-        prunable = prunability(last.stats)
-        mixed = hybrid_scores(prunable, [partitions[g] for g in alive], assigned)
-        removed = [alive[i] for i in removal(mixed, cfg.per_round)]
+        picked, mixed = round_removal(cfg, prunability(last.stats), [partitions[g] for g in alive], assigned, r + 1)
+        removed = [alive[i] for i in picked]
         rt.agree(_hash([groups[g].name for g in removed]), f"prunepeft round {r + 1} removal")
         record["rounds"].append({"alive": [groups[g].name for g in alive],
                                  "values": {m: v.tolist() for m, v in values(last.stats).items()},
-                                 "scores": mixed.tolist(), "removed": [groups[g].name for g in removed],
+                                 "scores": None if mixed is None else mixed.tolist(),
+                                 "removed": [groups[g].name for g in removed],
                                  "losses": last.losses})
         log.info("prunepeft round %d: removed %s", r + 1, [groups[g].name for g in removed])
         order += removed

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     from ...config import Recipe
@@ -66,6 +66,16 @@ class PrunePeftConfig(BaseModel):
                              "ffn_ratio first, then search the PEFT modules on the pruned base")
     warmup_top: int | None = Field(None, ge=1, description="prune choices counted per criterion (unset: half the "
                                    "groups, like the port's 30 of 64)")
+    # the paper's ablations (docs/method.md, "PrunePEFT", "Ablations"); their defaults are today's search, and keys
+    # leave them out while they are (keys.ADDED_LATER), so runs made before they existed keep their keys
+    removal: Literal["hybrid", "random"] = Field("hybrid", description="which groups a round removes: the top "
+                                                 "hybrid scores, or k drawn uniformly from the alive groups (seeded by "
+                                                 "prunepeft.seed and the round; the rounds still train)")
+    partitions: Literal["kind_band", "none"] = Field("kind_band", description="kind_band: one partition per module "
+                                                     "kind x depth band; none: all groups in one partition (hybrid "
+                                                     "without partitions)")
+    criterion: str | None = Field(None, description="one criterion for every partition (single-criterion search); "
+                                  "not with table or assignment: warmup")
 
     @field_validator("lr")
     @classmethod
@@ -82,6 +92,24 @@ class PrunePeftConfig(BaseModel):
         if bad:
             raise ValueError(f"prunepeft.train_lr.{bad[0]} must be > 0")
         return v
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, v: str | None) -> str | None:
+        if v is not None and v not in CRITERIA:
+            raise ValueError(f"unknown criterion {v!r}; choose from {list(CRITERIA)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source_of_criteria(self) -> "PrunePeftConfig":
+        """`criterion` is a third way to assign criteria; two at once would leave one silently unused."""
+        if self.criterion is not None and self.table is not None:
+            raise ValueError(f"criterion {self.criterion!r} sets every partition's criteria, so the table "
+                             f"would be ignored; remove prunepeft.table or prunepeft.criterion")
+        if self.criterion is not None and self.assignment == "warmup":
+            raise ValueError(f"criterion {self.criterion!r} sets every partition's criteria, so the warm-up "
+                             f"would count for nothing; use assignment: default or remove prunepeft.criterion")
+        return self
 
     @field_validator("table")
     @classmethod
@@ -134,7 +162,7 @@ def check_recipe(recipe: "Recipe") -> None:
                                  f"peft targets {specs[kind].targets}; add it there or remove it from the group")
     table = cfg.table or DEFAULT_TABLE
     for kind in specs:
-        if kind not in table:
+        if cfg.criterion is None and kind not in table:  # a single criterion reads no table
             raise ValueError(f"prunepeft.table has no criteria for kind {kind}; add table.{kind}")
         if kind not in cfg.lr:
             raise ValueError(f"prunepeft.lr has no learning rate for kind {kind}; add lr.{kind}")
