@@ -2,8 +2,9 @@
 pruning/hidden_mask.py's HiddenRamp): a live prune that cuts hidden dimensions rebuilds the model whose logits equal
 the pre-prune model with the same blocks and hidden dimensions masked (adapter attached; the ramp's hooks at value 0
 and hidden_mask.py's masked twin alike, at value 1 exactly the unmasked model), and every LoRA tensor and AdamW
-moment is the sliced original, on its unit side and its residual side; a later plan that keeps a hidden dimension
-an earlier prune removed is refused. Through `lightpeft train`, on a tied (Llama GQA) and an untied (Llama MHA)
+moment is the sliced original, on its unit side and its residual side; a later plan that keeps a hidden dimension an
+earlier prune removed is refused, and a second prune composes (source coordinates; its model equals the once-pruned
+one masked at the current positions). Through `lightpeft train`, on a tied (Llama GQA) and an untied (Llama MHA)
 model: every pruning checkpoint prunes hidden dimensions, its kept count (whole model: embeddings and LM head
 included) is the scheduled budget within one block, the final pruned model has exactly the recorded count and the
 plan's hidden width, and a training SIGKILLed after the first hidden-pruning checkpoint, inside the second ramp,
@@ -25,14 +26,14 @@ from dist_checks import launch, run_stages
 from lightpeft_dist.adapters.lora_structure import lora_layout
 from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.models.families import config_layer_shapes, family_for, head_dim_of
-from lightpeft_dist.models.loading import load_config, load_model
+from lightpeft_dist.models.loading import fingerprint, load_config, load_model
 from lightpeft_dist.pruning.hidden_mask import HiddenRamp, attach_hidden_mask
-from lightpeft_dist.pruning.live import live_prune, lora_parts
+from lightpeft_dist.pruning.live import live_prune, lora_parts, relative_layers
 from lightpeft_dist.pruning.masks import attach_masks, set_masks_from_plan
 from lightpeft_dist.pruning.plan import plan_hash, read_plan, summarize
 from lightpeft_dist.pruning.slicing import model_reference, slicing_table
 from lightpeft_dist.runtime import Runtime
-from lightpeft_dist.strategies.apt.gradual import cubic_density
+from lightpeft_dist.strategies.apt.gradual import base_plan, cubic_density
 from lightpeft_dist.training.checkpoint import apply_restructure
 from lightpeft_dist.training.hooks import StepHooks
 from lightpeft_dist.training.loop import run_steps
@@ -126,10 +127,45 @@ def test_live_hidden_prune_equals_the_masked_model_and_slices_lora_and_moments(l
         assert int(state["step"]) == 2
     assert residual == 14  # every module (2 layers x 7 projections) lost its residual-side entries once
 
-    back = with_hidden(make_test_plan(src, peft=lora_layout(trainee.model)["ranks"]), config,
-                       sorted(hidden + removed[:1]))
+    # a second prune composes: it keeps a subset of the source dimensions the first kept (source coordinates), and
+    # the model it rebuilds equals the once-pruned one masked at those dimensions' current positions
+    ranks = lora_layout(trainee.model)["ranks"]
+    second = with_hidden(make_test_plan(src, ffn_ratio=0.6, peft=ranks), config, hidden[1::2])
+    twin = copy.deepcopy(trainee.model).eval()
+    attach_masks(twin)
+    set_masks_from_plan(twin, {"layers": relative_layers(plan, second)})
+    attach_hidden_mask(twin, [hidden.index(v) for v in second["hidden"]])
+    masked = logits(twin)
+    apply_restructure(trainee, live_prune(second, config), 2, StepHooks(), build, rt)
+    trainee.model.eval()
+    assert trainee.model.base_model.model.config.hidden_size == len(second["hidden"])
+    torch.testing.assert_close(logits(trainee.model), masked, rtol=0, atol=1e-5)
+
+    back = with_hidden(make_test_plan(src, ffn_ratio=0.6, peft=ranks), config, sorted(second["hidden"] + removed[:1]))
     with pytest.raises(LightPeftError, match="keeps hidden dimensions .* which an earlier prune removed"):
-        apply_restructure(trainee, live_prune(back, config), 2, StepHooks(), build, rt)
+        apply_restructure(trainee, live_prune(back, config), 3, StepHooks(), build, rt)
+
+
+def test_checkpoint_plans_map_kept_hidden_positions_to_source_dimensions(tmp_path):
+    """gradual.base_plan: the budget search's kept hidden dimensions are positions in the current (pruned) model;
+    the plan holds the source dimensions they are, so a second checkpoint's plan composes with the first's."""
+    src = save_source(tmp_path / "model", "llama-gqa")
+    config = load_config(str(src))
+    record = {**model_reference(config), "model_fingerprint": fingerprint(config)}
+    d, shapes = config.hidden_size, record["layer_shapes"]
+    start = with_hidden(make_test_plan(src, attn_ratio=0.0, ffn_ratio=0.0), config, list(range(d)))
+    every = {"group": [list(range(s["num_key_value_heads"])) for s in shapes],
+             "ffn": [list(range(s["intermediate_size"])) for s in shapes]}
+    first = base_plan({**every, "hidden": list(range(0, d, 2))}, start, record, {})  # the even source dimensions
+    assert first["hidden"] == list(range(0, d, 2))
+    ffn = [[1, 3], [0, 2, 5]]
+    second = base_plan({"group": [[1], [0]], "ffn": ffn, "hidden": [0, 1, 5]}, first, record, {})
+    assert second["hidden"] == [0, 2, 10]  # positions 0, 1, 5 of the even ones
+    assert [layer["kv_heads"] for layer in second["layers"]] == [[1], [0]]
+    assert [layer["ffn"] for layer in second["layers"]] == ffn
+    assert second["summary"]["after"]["hidden_size"] == 3
+    live_prune(second, config)  # a valid live plan (source fingerprint, GQA, hash)
+    assert "hidden" not in base_plan({**every, "hidden": None}, start, record, {})  # prune_hidden off: no field
 
 
 def gradual_recipe(tmp_path, layout: str):
