@@ -28,12 +28,12 @@ from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.models.families import config_layer_shapes, family_for, head_dim_of
 from lightpeft_dist.models.loading import fingerprint, load_config, load_model
 from lightpeft_dist.pruning.hidden_mask import HiddenRamp, attach_hidden_mask
-from lightpeft_dist.pruning.live import live_prune, lora_parts, relative_layers
+from lightpeft_dist.pruning.live import live_prune, lora_parts, relative_hidden, relative_layers
 from lightpeft_dist.pruning.masks import attach_masks, set_masks_from_plan
 from lightpeft_dist.pruning.plan import plan_hash, read_plan, summarize
 from lightpeft_dist.pruning.slicing import model_reference, slicing_table
 from lightpeft_dist.runtime import Runtime
-from lightpeft_dist.strategies.apt.gradual import base_plan, cubic_density
+from lightpeft_dist.strategies.apt.gradual import GradualPrune, base_plan, cubic_density
 from lightpeft_dist.training.checkpoint import apply_restructure
 from lightpeft_dist.training.hooks import StepHooks
 from lightpeft_dist.training.loop import run_steps
@@ -168,6 +168,56 @@ def test_checkpoint_plans_map_kept_hidden_positions_to_source_dimensions(tmp_pat
     assert "hidden" not in base_plan({**every, "hidden": None}, start, record, {})  # prune_hidden off: no field
 
 
+def lora_state(trainee) -> dict[str, dict[str, torch.Tensor]]:
+    state = trainee.engine.optimizer.state
+    return {n: {"param": p.detach().clone(), "exp_avg": state[p]["exp_avg"].clone(),
+                "exp_avg_sq": state[p]["exp_avg_sq"].clone()} for n, p in trainee.named}
+
+
+def check_each_checkpoint(patch) -> list[dict]:
+    """Inside the gradual run: right before each pruning checkpoint's restructure, the model's logits (its ramp masks,
+    blocks and hidden dimensions, at 0) and LoRA state; right after the rebuild and restore, the rebuilt model's
+    logits equal them (masked == pruned, adapter attached; the growth at the same checkpoint adds zero B columns), and
+    every LoRA tensor and moment, cut to its old ranks, is the original sliced on its unit and its residual side."""
+    seen: list[dict] = []
+    step_fn, load_fn = GradualPrune.after_optimizer_step, GradualPrune.load_state_dict
+
+    def after_optimizer_step(self, step, loss):
+        if step in self.checkpoints:
+            t = self.ctx.trainee
+            assert self.masks is not None and self.masks.value == 0.0 and self.masks.hidden is not None
+            seen.append({"step": step, "logits": logits(t.model), "state": lora_state(t),
+                         "plan": t.structure.get("plan") or self.ctx.start_plan})
+        return step_fn(self, step, loss)
+
+    def load_state_dict(self, state):
+        load_fn(self, state)
+        if not seen or "checked" in seen[-1]:
+            return
+        t, before, config = self.ctx.trainee, seen[-1], self.ctx.source_config
+        plan = t.structure["plan"]
+        hidden = relative_hidden(before["plan"], plan, config.hidden_size)
+        assert hidden is not None and len(hidden) < len(before["plan"]["hidden"])  # this checkpoint cut some
+        torch.testing.assert_close(logits(t.model), before["logits"], rtol=0, atol=1e-5)
+        table = slicing_table(family_for(config), {"layers": relative_layers(before["plan"], plan)},
+                              head_dim_of(config))
+        for name, now in lora_state(t).items():
+            module, part, _ = lora_parts(name)
+            side, idx = table[module]
+            for kind, want in before["state"][name].items():
+                if side == "out":
+                    want = want.index_select(0, idx) if part == "B" else want.index_select(1, hidden)
+                else:
+                    want = want.index_select(1, idx) if part == "A" else want.index_select(0, hidden)
+                got = now[kind][:want.shape[0]] if part == "A" else now[kind][:, :want.shape[1]]  # old ranks
+                assert torch.equal(got, want), (before["step"], name, kind)
+        before["checked"] = True
+
+    patch.setattr(GradualPrune, "after_optimizer_step", after_optimizer_step)
+    patch.setattr(GradualPrune, "load_state_dict", load_state_dict)
+    return seen
+
+
 def gradual_recipe(tmp_path, layout: str):
     recipe = write_recipe(tmp_path, APT)
     if layout != "llama-gqa":  # write_recipe's model is the tied Llama GQA one
@@ -190,7 +240,10 @@ def test_gradual_hidden_pruning_on_schedule_and_resumes_across_a_hidden_prune(tm
     source = load_model(str(tmp_path / "model"))
     d = source.config.hidden_size
     assert start["hidden"] == list(range(d))  # the dense start keeps every hidden dimension
-    run_stages(full, "train", config=recipe)
+    with pytest.MonkeyPatch.context() as patch:
+        seen = check_each_checkpoint(patch)
+        run_stages(full, "train", config=recipe)
+    assert [c["step"] for c in seen if c.get("checked")] == [2, 5]
 
     ref = model_reference(load_config(str(tmp_path / "model")))
     plan = read_plan(full / "plan.json", ref)
