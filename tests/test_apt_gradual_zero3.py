@@ -3,7 +3,9 @@ across ranks every step, so every pruning checkpoint keeps the same blocks (same
 and the physically pruned, re-partitioned training with the sliced AdamW moments and the grown LoRA ranks ends with
 the same adapter weights (dropout 0) and the same parameter counts around each checkpoint in the cost record. One
 2-rank launch of the train stage, from one process's calibrate / plan / prune (the plan stage's full-density plan
-is world-size independent)."""
+is world-size independent). Also with `apt.prune_hidden`: the hidden salience is summed across ranks too, so both
+checkpoints cut the same hidden dimensions, and the hidden ramp's hooks and the residual-side slicing of the
+partitioned LoRA and its moments end where one process does."""
 
 from __future__ import annotations
 
@@ -23,10 +25,13 @@ pytestmark = pytest.mark.timeout(1200)
 # checkpoints (pruning + growth) after 0-based steps 2 and 5, each chosen 2 steps before (mask ramp 0.5, 0); 7 steps
 APT = {"mode": "gradual", "target_density": 0.6, "calibration_samples": 4, "batch_size": 4, "seq_len": 24,
        "window": 6, "checkpoints": 2, "ramp": 2, "mask_ramp_step": 0.5, "rank_growth": 2.0}
+# first-order salience only, so that hidden dimensions go at this density (test_apt_gradual_hidden.py says why)
+HIDDEN = {**APT, "prune_hidden": True, "use_kurtosis": False}
 
 
-def test_two_rank_zero3_gradual_equals_one_process(tmp_path):
-    recipe = write_recipe(tmp_path, APT)
+@pytest.mark.parametrize("apt", [APT, HIDDEN], ids=["blocks", "hidden"])
+def test_two_rank_zero3_gradual_equals_one_process(tmp_path, apt):
+    recipe = write_recipe(tmp_path, apt)
     raw = yaml.safe_load(recipe.read_text())
     raw["train"]["steps"] = 7
     raw["peft"]["dropout"] = 0.0  # N ranks reproduce one process's dropout masks only without dropout
@@ -45,6 +50,9 @@ def test_two_rank_zero3_gradual_equals_one_process(tmp_path):
     history = [p["apt"]["history"] for p in plans]
     assert [h["step"] for h in history[0]] == [2, 5]  # both checkpoints pruned, the second further
     assert history[0][0]["kept_params"] > history[0][1]["kept_params"]
+    if apt.get("prune_hidden"):  # both checkpoints cut hidden dimensions, the same ones on both runs (plans equal)
+        assert 48 > history[0][0]["hidden_size"] > history[0][1]["hidden_size"] == len(plans[1]["hidden"])
+        assert plans[0]["hidden"] == plans[1]["hidden"]
     assert plans[0]["layers"] == plans[1]["layers"] and plans[0]["hash"] == plans[1]["hash"]
     for a, b in zip(*history, strict=True):  # the same search result at every checkpoint (densities exact)
         assert a == b

@@ -1,7 +1,8 @@
 """APT hidden-dimension pruning (`apt.prune_hidden`): the masked model (residual mask, RMSNorm over the kept
 dimensions) computes the pruned model's logits, with and without the sliced LoRA; the pruned model has the cost
 model's parameter count and reloads in a fresh process to the same logits; a one-shot run prunes hidden dimensions
-end to end and its adapter reloads with plain PEFT; a bad hidden index or mode is one `error:` line."""
+end to end and its adapter reloads with plain PEFT; a bad hidden index is one `error:` line; gradual mode
+accepts it (test_apt_gradual_hidden.py runs it)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import lightpeft_dist  # noqa: F401  (registers the pruned model types)
 from lightpeft_dist.adapters.lora import lora_config
 from lightpeft_dist.cli import main
-from lightpeft_dist.config import PeftConfig
+from lightpeft_dist.config import PeftConfig, load_recipe
 from lightpeft_dist.errors import LightPeftError
 from lightpeft_dist.models.loading import load_config
 from lightpeft_dist.pruning.hidden_mask import attach_hidden_mask
@@ -162,11 +163,10 @@ def test_one_shot_run_with_hidden_pruning_end_to_end(tmp_path, capsys):
     assert (run / "pruned_model" / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_hidden_pruning_in_gradual_mode_is_one_error_line(tmp_path, capsys):
-    recipe = write_recipe(tmp_path, {"mode": "gradual", "prune_hidden": True, "window": 8, "checkpoints": 2,
-                                     "ramp": 1})
-    run = tmp_path / "run"
-    assert main(["run", "--config", str(recipe), "--run-dir", str(run)]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "one_shot only" in err[0], err
-    assert not run.exists()
+def test_hidden_pruning_in_gradual_mode_is_accepted_with_the_mask_ramp(tmp_path):
+    """Gradual mode used to refuse prune_hidden ("one_shot only"); the recipe now loads, with the mask ramp on
+    (the hidden dimensions ramp with the blocks). test_apt_gradual_hidden.py runs it end to end."""
+    recipe = load_recipe(write_recipe(tmp_path, {"mode": "gradual", "prune_hidden": True, "window": 8,
+                                                 "checkpoints": 2, "ramp": 1}))
+    apt = recipe.section("apt")
+    assert apt.mode == "gradual" and apt.prune_hidden and apt.mask_ramp

@@ -9,6 +9,14 @@ dimensions only. The masked model must compute exactly what the pruned one does,
 q/k/v/gate/up and the LM head then read zeros on the pruned dimensions, which is what removing their columns does.
 Used by the hidden-pruning equivalence test (masked == pruned); the one-shot pipeline prunes physically and needs no
 masked model (docs/method.md, "APT").
+
+`HiddenRamp` is the same mechanism with a soft mask for APT's gradual mask ramp: the dimensions a checkpoint will
+remove get the mask value r (1 on the kept ones), and it is all hooks, no module is replaced, so a training engine
+(ZeRO-3 included, whose parameter gathering is registered on the original modules) is untouched. The norms are
+rescaled from their own input and output: with y = w * x / sqrt(mean(x^2) + eps) the stock output,
+y * m * sqrt(mean(x^2) + eps) / sqrt(sum(x^2 m) / sum(m) + eps) is the masked norm above, without reading w. At
+r = 0 this computes the pruned model (up to rounding), at r = 1 the hooks return nothing (exactly the unmasked
+model), and in between it is a continuous interpolation of the two.
 """
 
 from __future__ import annotations
@@ -59,3 +67,56 @@ def attach_hidden_mask(model: nn.Module, kept: list[int]) -> list:
         parent_name, _, leaf = name.rpartition(".")
         setattr(base.get_submodule(parent_name) if parent_name else base, leaf, MaskedRMSNorm(module, mask))
     return handles
+
+
+def _rms_norms(base: nn.Module) -> list[nn.Module]:
+    return [module for _, module in base.named_modules() if type(module).__name__.endswith("RMSNorm")]
+
+
+class HiddenRamp:
+    """Hooks masking the hidden dimensions `removed` of `model` (PEFT-wrapped or not) by `value` (module docstring).
+
+    The mask is a plain fp32 tensor rebuilt from `value` on each forward, never a parameter."""
+
+    def __init__(self, model: nn.Module, removed: list[int]):
+        base = unwrap(model)
+        spec = family_for(base)
+        self.value = 1.0
+        self.removed = torch.zeros(base.config.hidden_size, dtype=torch.bool)
+        self.removed[torch.as_tensor(removed, dtype=torch.long)] = True
+        writers = [base.get_input_embeddings()] + [spec.proj(layer, proj) for layer in spec.decoder_layers(base)
+                                                   for proj in (spec.head_out_proj, spec.ffn_out_proj)]
+        self._handles = [m.register_forward_hook(self._scale) for m in writers]
+        self._handles += [norm.register_forward_hook(self._norm(norm)) for norm in _rms_norms(base)]
+
+    def active(self) -> bool:
+        return self.value != 1.0 and bool(self.removed.any())
+
+    def mask(self, like: torch.Tensor) -> torch.Tensor:
+        m = torch.ones(self.removed.numel(), dtype=torch.float32)
+        m[self.removed] = self.value
+        return m.to(like.device)
+
+    def _scale(self, module: nn.Module, args: tuple, out: torch.Tensor):
+        if not self.active():
+            return None
+        return out * self.mask(out).to(out.dtype)
+
+    def _norm(self, norm: nn.Module):
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor):
+            if not self.active():
+                return None
+            x, m = args[0].float(), self.mask(out)
+            full = x.pow(2).mean(-1, keepdim=True)
+            kept = (x.pow(2) * m).sum(-1, keepdim=True) / m.sum()
+            scale = torch.sqrt((full + eps) / (kept + eps))
+            return (out.float() * scale * m).to(out.dtype)
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -11,6 +11,8 @@ Plans are the shared plan.json format and always index the *source* model (the o
 successive prunes compose: the transform maps a new plan onto the current, already pruned coordinates, and
 `meta["structure"]["plan"]` always holds the newest plan, from which a resume rebuilds the pruned shape. Kept rank
 indices of `peft_modules` are in the current adapter's coordinates (ranks have no source coordinates once grown).
+A plan with `hidden` (APT's prune_hidden) also cuts the residual stream: A's input columns of q/k/v/gate/up and B's
+output rows of o/down (and their moments); the rebuild's slicer cuts the embedding, the norms and the LM head.
 """
 
 from __future__ import annotations
@@ -92,6 +94,20 @@ def relative_layers(current: dict | None, new: dict) -> list[dict[str, list[int]
     return out
 
 
+def relative_hidden(current: dict | None, new: dict, hidden_size: int) -> torch.Tensor | None:
+    """The new plan's kept hidden dimensions as positions in the current model's residual stream, or None when the
+    width does not change (a plan without `hidden` keeps the source's full width)."""
+    full = list(range(hidden_size))
+    kept, now = new.get("hidden", full), (current or {}).get("hidden", full)
+    pos = {v: j for j, v in enumerate(now)}
+    gone = [v for v in kept if v not in pos]
+    if gone:
+        raise LightPeftError(f"the live-pruning plan keeps hidden dimensions {gone[:3]}, which an earlier prune "
+                             "removed; plans during training may only keep a subset of the last one")
+    rel = [pos[v] for v in kept]
+    return None if rel == list(range(len(now))) else torch.as_tensor(rel, dtype=torch.long)
+
+
 def _index(tensors: dict[str, torch.Tensor], name: str, dim: int, idx: torch.Tensor) -> None:
     for kind in STATE_KINDS:
         key = f"{kind}/{name}"
@@ -111,7 +127,8 @@ def live_prune_transform(plan: dict, config, lora: dict | None = None, drop_adap
     (`adapters.lora_structure.lora_layout`), used when `meta["structure"]` has none yet; the rebuild needs it.
     With `drop_adapters` the plan's `peft_modules` decide which LoRA modules and ranks stay (current rank indices,
     as the offline slicer reads them); by default every module and rank is kept (APT never drops adapters).
-    Trainable tensors other than LoRA weights must not sit on a sliced projection: they are refused, not guessed at.
+    Trainable tensors other than LoRA weights must not sit on a sliced projection: they are refused, not guessed at;
+    when the plan cuts hidden dimensions every such tensor is refused (all of them carry the residual width).
     `base_plan` is the plan the model had before any live prune (the train stage starts from the prune stage's
     pruned model); the first live prune maps `plan` onto it instead of onto the unpruned source.
     """
@@ -122,15 +139,24 @@ def live_prune_transform(plan: dict, config, lora: dict | None = None, drop_adap
         structure, layout = structure_and_layout(meta, lora, "live pruning")
         current = structure.get(PLAN_KEY) or base_plan
         table = slicing_table(spec, {"layers": relative_layers(current, plan)}, head_dim)
+        hidden = relative_hidden(current, plan, config.hidden_size)
         tensors = dict(tensors)
         names = lora_tensor_names(tensors)
         lora_params = {n for parts in names.values() for n in parts.values()}
         for key in tensors:
             kind, _, name = key.partition("/")
             bare = name.removeprefix("base_model.model.")
-            if kind == "param" and name not in lora_params and any(bare.startswith(m + ".") for m in table):
+            if kind == "param" and name not in lora_params and (
+                    hidden is not None or any(bare.startswith(m + ".") for m in table)):
                 raise LightPeftError(f"live pruning slices LoRA only, but trainable {name} sits on a pruned "
-                                     "projection; train only LoRA weights there")
+                                     "projection (or on the residual stream, which the plan's hidden pruning cuts); "
+                                     "train only LoRA weights there")
+        if hidden is not None:
+            outside = sorted(m for m in names if m not in table)
+            if outside:
+                raise LightPeftError(f"the plan cuts hidden dimensions, but LoRA on {outside[0]} is not on a decoder "
+                                     "projection, so its residual-stream side cannot be sliced; drop it from "
+                                     "peft.targets or set apt.prune_hidden: false")
         for module, parts in names.items():
             if drop_adapters and module not in plan["peft_modules"]:
                 _drop(tensors, parts["A"]), _drop(tensors, parts["B"])
@@ -149,6 +175,8 @@ def live_prune_transform(plan: dict, config, lora: dict | None = None, drop_adap
             if module in table:
                 side, idx = table[module]
                 _index(tensors, parts["B"], 0, idx) if side == "out" else _index(tensors, parts["A"], 1, idx)
+                if hidden is not None:  # the residual side: q/k/v/gate/up read it (A's columns), o/down write it
+                    _index(tensors, parts["A"], 1, hidden) if side == "out" else _index(tensors, parts["B"], 0, hidden)
         structure.update({PLAN_KEY: plan, LORA_KEY: layout})
         return tensors, {**meta, "structure": structure}
 
@@ -160,7 +188,8 @@ def live_prune(plan: dict, config, lora: dict | None = None, drop_adapters: bool
     """What a step hook returns to prune physically after this step (see `live_prune_transform`)."""
     kept = plan["summary"]["after"]
     why = reason or (f"live prune to plan {plan['hash']} ({kept['num_attention_heads']} heads, "
-                     f"{kept['intermediate_size']} FFN neurons)")
+                     f"{kept['intermediate_size']} FFN neurons"
+                     + (f", hidden size {kept['hidden_size']})" if "hidden_size" in kept else ")"))
     return Restructure(live_prune_transform(plan, config, lora, drop_adapters, base_plan), why)
 
 

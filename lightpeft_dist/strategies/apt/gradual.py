@@ -21,24 +21,33 @@ removes are chosen `apt.ramp` steps before it (`ramp.ramp_windows`), from the sa
 by a value falling by `apt.mask_ramp_step` per step until the checkpoint removes them physically (ramp.py); the
 choice is checkpointed with the hook's state, so a run killed inside a ramp resumes the same ramp. Without it the
 blocks are chosen and removed at the checkpoint at once.
+
+With `apt.prune_hidden` the hidden dimensions join all of this: their salience (hidden.py, on the o_proj / down_proj
+outputs) accumulates in the same EMA, summed across ranks; the budget search counts them with one-shot's cost model
+(embeddings and LM head included, against the original whole-model count); the plan's `hidden` is in source
+coordinates, composed across checkpoints like the heads and neurons; the ramp fades the chosen ones with the blocks
+(pruning/hidden_mask.py's `HiddenRamp`), and `live_prune` slices the LoRA tensors' residual side and their moments
+while the rebuild's slicer cuts the embedding, the norms and the LM head.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import torch
 
 from ...adapters.lora_structure import lora_layout
 from ...errors import LightPeftError
 from ...io_utils import read_json
+from ...models.families import unwrap
 from ...pruning.live import PLAN_KEY, live_prune
 from ...pruning.plan import PLAN_VERSION, plan_hash, summarize
 from ...rundir import RunDir
 from ...training.hooks import Restructure, StepHooks, Trainee, Transform
 from ..base import TrainContext
-from ...pruning.budget import CostModel, plan_for_budget
+from ...pruning.budget import plan_for_budget
 from .costs import PruneCosts
 from .plan import cost_model
 from .ramp import RampMasks, ramp_value, ramp_windows
@@ -59,7 +68,8 @@ def cubic_density(target: float, k: int, n: int) -> float:
 
 
 def base_plan(kept: dict, current: dict, record: dict, extra: dict) -> dict:
-    """The source-model plan keeping `kept` (indices into the current, pruned model, whose plan is `current`)."""
+    """The source-model plan keeping `kept` (indices into the current, pruned model, whose plan is `current`); with
+    kept hidden dimensions (`kept["hidden"]`, current positions), the plan's `hidden` maps them to the source's."""
     shapes = record["layer_shapes"]
     layers = []
     for i, (groups, ffn) in enumerate(zip(kept["group"], kept["ffn"], strict=True)):
@@ -70,6 +80,9 @@ def base_plan(kept: dict, current: dict, record: dict, extra: dict) -> dict:
     plan = {"version": PLAN_VERSION, "model_fingerprint": record["model_fingerprint"],
             "prune": {"strategy": "apt", "mode": "gradual"}, "apt": extra, "layers": layers,
             "peft_modules": current["peft_modules"]}
+    if kept.get("hidden") is not None:
+        now = current.get("hidden", list(range(record["hidden_size"])))
+        plan["hidden"] = [now[j] for j in kept["hidden"]]
     plan["summary"] = summarize(plan, shapes, record["hidden_size"], record["head_dim"])
     plan["hash"] = plan_hash(plan)
     return plan
@@ -84,15 +97,20 @@ class GradualPrune(StepHooks):
             raise LightPeftError("APT gradual training needs the plan it starts from: plan.json is not the pruned "
                                  "model's; run `lightpeft prune` (or `lightpeft run`) first")
         self.record = read_json(RunDir(ctx.run_dir).estimate_record, "APT calibration record")
-        self.dense = cost_model(self.record).dense()
+        self.cost = cost_model(self.record, apt.prune_hidden)  # the source's; with hidden: the whole model
+        self.dense = self.cost.dense()
         self.checkpoints = {s: k for s, k in checkpoint_steps(apt.window, apt.checkpoints).items() if s < ctx.steps}
-        self.salience = AptSalience(ctx.trainee.model, ctx.runtime, apt.use_kurtosis, beta=apt.beta)
+        self.salience = self._salience(ctx.trainee.model)
         # ramp start step -> checkpoint step; `chosen`: the blocks being ramped out, their checkpoint, the ramp start
         ramps = ramp_windows(self.checkpoints, apt.ramp) if apt.mask_ramp else {}
         self.ramp_starts = {start: step for step, start in ramps.items()}
         self.chosen: dict | None = None
         self.masks: RampMasks | None = None
         self.costs = PruneCosts()
+
+    def _salience(self, model) -> AptSalience:
+        return AptSalience(model, self.ctx.runtime, self.apt.use_kurtosis, beta=self.apt.beta,
+                           hidden=self.apt.prune_hidden)
 
     def before_forward(self, batch: dict) -> None:
         self.salience.recording, self.salience.token_mask = True, batch["attention_mask"]
@@ -104,12 +122,18 @@ class GradualPrune(StepHooks):
         """The blocks kept at the checkpoint after `step`, by the budget search on the salience now, and its record."""
         k = self.checkpoints[step]
         density = cubic_density(self.apt.target_density, k, self.apt.checkpoints)
-        cost = CostModel(tuple(self.salience.shapes), self.record["hidden_size"], self.record["head_dim"],
-                         frozenset(self.record.get("biases", [])))
-        kept = plan_for_budget(self.salience.scores(), cost, density, reference_params=self.dense)
+        # the current shapes and hidden width, the source's biases and embedding cost per hidden dimension
+        cost = replace(self.cost, shapes=tuple(self.salience.shapes),
+                       hidden_size=unwrap(self.ctx.trainee.model).config.hidden_size)
+        scores = self.salience.scores()
+        if "hidden" in scores:
+            scores["hidden"] = scores["hidden"][0]  # one global set, as plan_for_budget takes it
+        kept = plan_for_budget(scores, cost, density, reference_params=self.dense)
         entry = {"checkpoint": k, "step": step, "scheduled_density": density,
                  **{f: kept[f] for f in ("target_params", "kept_params", "density", "next_block_params")},
                  "dense_params": self.dense}
+        if kept["hidden"] is not None:  # only runs that prune hidden dimensions record it: other plans keep their hash
+            entry["hidden_size"] = len(kept["hidden"])
         return kept, entry
 
     def on_metrics(self, step: int, metrics: dict[str, float | None]) -> None:
@@ -134,9 +158,9 @@ class GradualPrune(StepHooks):
         earlier = current.get("apt", {}).get("history", []) if self.ctx.trainee.structure.get(PLAN_KEY) else []
         history = [*earlier, entry]
         plan = base_plan(kept, current, self.record, {**entry, "history": history})
-        log.info("APT pruning checkpoint %d/%d after step %d: density %.4f (scheduled %.4f), %d of %d parameters",
+        log.info("APT pruning checkpoint %d/%d after step %d: density %.4f (scheduled %.4f), %d of %d parameters%s",
                  k, self.apt.checkpoints, step, kept["density"], entry["scheduled_density"], kept["kept_params"],
-                 self.dense)
+                 self.dense, f", hidden size {len(plan['hidden'])}" if "hidden" in plan else "")
         if plan["hash"] == current.get("hash"):
             return None
         action = live_prune(plan, self.ctx.source_config, lora_layout(self.ctx.trainee.model),
@@ -155,15 +179,19 @@ class GradualPrune(StepHooks):
                  kept["kept_params"], self.dense)
 
     def _attach(self) -> None:
-        """Mask hooks on the current model for the blocks `chosen` removes (the complement of its kept ones)."""
+        """Mask hooks on the current model for the blocks (and hidden dimensions) `chosen` removes (the complement
+        of its kept ones)."""
         if self.masks is not None:
             self.masks.remove()
         kept = self.chosen["kept"]
         shapes = self.salience.shapes
         drop = lambda keep, n: sorted(set(range(n)) - set(keep))  # noqa: E731
+        hidden = None if kept.get("hidden") is None else \
+            drop(kept["hidden"], unwrap(self.ctx.trainee.model).config.hidden_size)
         self.masks = RampMasks(self.ctx.trainee.model,
                                [drop(g, s["num_key_value_heads"]) for g, s in zip(kept["group"], shapes, strict=True)],
-                               [drop(f, s["intermediate_size"]) for f, s in zip(kept["ffn"], shapes, strict=True)])
+                               [drop(f, s["intermediate_size"]) for f, s in zip(kept["ffn"], shapes, strict=True)],
+                               hidden)
 
     def _end_ramp(self) -> None:
         if self.masks is not None:
@@ -172,7 +200,7 @@ class GradualPrune(StepHooks):
 
     def after_rebuild(self, trainee: Trainee) -> None:
         self.salience.remove()  # a new tracker on the pruned model; load_state_dict then gets its sliced EMA, if any
-        self.salience = AptSalience(trainee.model, self.ctx.runtime, self.apt.use_kurtosis, beta=self.apt.beta)
+        self.salience = self._salience(trainee.model)
         if self.chosen is not None:  # a restructure inside a ramp (none in gradual mode today): keep ramping
             value = self.masks.value
             self._attach()
@@ -204,7 +232,7 @@ class GradualPrune(StepHooks):
 
 def _without_salience(transform: Transform, kept: dict | None = None) -> Transform:
     """The live-prune transform, dropping the hook's state (it indexes the blocks before the prune), or, given the
-    `kept` blocks, keeping the block salience sliced to them (the ramp's choice is dropped either way)."""
+    `kept` blocks, keeping the block (and hidden) salience sliced to them (the ramp's choice is dropped either way)."""
     def wrapped(tensors: dict[str, torch.Tensor], meta: dict):
         tensors, meta = transform(tensors, meta)
         out = {k: v for k, v in tensors.items() if not k.startswith("extra/apt.")}
@@ -215,6 +243,8 @@ def _without_salience(transform: Transform, kept: dict | None = None) -> Transfo
                     continue
                 if parts[-2:-1] and parts[-2] in ("group", "ffn"):  # [salience|kurtosis.]<kind>.<layer>
                     value = value[torch.as_tensor(kept[parts[-2]][int(parts[-1])], dtype=torch.long)]
+                elif parts[-2:-1] and parts[-2] == "hidden":  # [salience|kurtosis.]hidden.0: one global set
+                    value = value[torch.as_tensor(kept["hidden"], dtype=torch.long)]
                 out[name] = value
         return out, meta
 

@@ -11,7 +11,9 @@ intermediate masks do. The pre-hooks are prepended, so the salience hooks (pruni
 a projection that carries LoRA both see the masked input. At r = 0 the masked model computes what the physically
 pruned one does (a removed group's q/k/v rows only feed its own heads, a removed neuron's gate/up rows only its own
 coordinate); at r = 1 the hooks multiply by exactly 1. Masks are plain fp32 tensors, never parameters: nothing
-trains them and ZeRO-3 never partitions them.
+trains them and ZeRO-3 never partitions them. With `apt.prune_hidden` the hidden dimensions a checkpoint removes
+ramp by the same value, through `pruning.hidden_mask.HiddenRamp` (the residual stream and the norms; at r = 0 the
+pruned model's hidden width).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ...models.families import family_for, head_dim_of, layer_shapes, unwrap
+from ...pruning.hidden_mask import HiddenRamp
 
 
 def ramp_windows(checkpoints: dict[int, int], ramp: int) -> dict[int, int]:
@@ -45,13 +48,16 @@ def ramp_value(step: int, start: int, rate: float) -> float:
 class RampMasks:
     """Forward pre-hooks scaling the chosen KV groups and FFN neurons of `model` by `value` (module docstring).
 
-    `groups[i]` / `neurons[i]`: indices, in layer i of the current model, of the KV groups / FFN neurons to scale."""
+    `groups[i]` / `neurons[i]`: indices, in layer i of the current model, of the KV groups / FFN neurons to scale;
+    `hidden`: the current model's hidden dimensions to scale (None: the hidden width is not ramped)."""
 
-    def __init__(self, model: nn.Module, groups: list[list[int]], neurons: list[list[int]]):
+    def __init__(self, model: nn.Module, groups: list[list[int]], neurons: list[list[int]],
+                 hidden: list[int] | None = None):
         base = unwrap(model)
         spec = family_for(base)
         head_dim = head_dim_of(base.config)
-        self.value = 1.0
+        self._value = 1.0
+        self.hidden = HiddenRamp(model, hidden) if hidden else None
         self._masks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._handles = []
         for i, (layer, shape) in enumerate(zip(spec.decoder_layers(base), layer_shapes(base), strict=True)):
@@ -66,6 +72,16 @@ class RampMasks:
             ffn_out = getattr(spec.ffn(layer), spec.ffn_out_proj)
             self._handles.append(attn_out.register_forward_pre_hook(self._hook(heads, head_dim), prepend=True))
             self._handles.append(ffn_out.register_forward_pre_hook(self._hook(ffn, 1), prepend=True))
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    @value.setter
+    def value(self, value: float) -> None:
+        self._value = value
+        if self.hidden is not None:
+            self.hidden.value = value
 
     def _hook(self, chosen: torch.Tensor, width: int):
         def hook(module: nn.Module, args: tuple):
@@ -84,3 +100,5 @@ class RampMasks:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self.hidden is not None:
+            self.hidden.remove()

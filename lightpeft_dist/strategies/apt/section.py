@@ -28,9 +28,10 @@ class AptConfig(_Strict):
     beta: float = Field(0.85, ge=0.0, lt=1.0, description="EMA factor of the running salience (gradual mode)")
     use_kurtosis: bool = Field(True, description="add sqrt(max(kurtosis, 0)) of each block's output weights "
                                                  "scaled by its mean input (the outlier term)")
-    prune_hidden: bool = Field(False, description="one_shot: also prune hidden dimensions (one global set kept on "
-                                                  "the residual stream); the budget then counts the whole model, "
-                                                  "embeddings and LM head included")
+    prune_hidden: bool = Field(False, description="also prune hidden dimensions (one global set kept on the "
+                                                  "residual stream; gradual: at the checkpoints, ramped with the "
+                                                  "blocks); the budget then counts the whole model, embeddings and "
+                                                  "LM head included")
     rank_growth: float = Field(4.0, ge=1.0, description="total LoRA rank budget grows linearly to this x the initial "
                                "one over the growth events (1: no growth)")
     max_rank: int = Field(64, ge=1, description="no LoRA module grows beyond this rank")
@@ -67,10 +68,6 @@ class AptConfig(_Strict):
             raise ValueError(f"window {self.window} over {self.checkpoints} checkpoints leaves "
                              f"{self.window // self.checkpoints} steps between checkpoints, shorter than the ramp "
                              f"({self.ramp}); set window >= checkpoints x ramp = {self.checkpoints * self.ramp}")
-        if self.prune_hidden and self.mode == "gradual":
-            raise ValueError("prune_hidden (hidden-dimension pruning) is implemented for mode one_shot only: the "
-                             "gradual mode's live pruning cannot slice the residual stream yet; set mode: one_shot "
-                             "or prune_hidden: false")
         if self.random and self.mode == "gradual":
             raise ValueError("apt.random (the random control at the scored plan's counts) is for mode one_shot: the "
                              "gradual mode chooses its blocks during training; set mode: one_shot or random: false")
