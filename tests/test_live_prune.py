@@ -192,6 +192,12 @@ def test_successive_prunes_compose_and_bad_plans_are_refused(source, tmp_path):
         live_prune(second, load_config(str(other)))
 
 
+# Trained adapters of 2 ZeRO-3 ranks against one process: AdamW divides each update by sqrt(v), so an entry whose
+# gradient is near 0 turns the ranks' other float32 reduction order into a visible step difference (measured 1.2e-5
+# on 1 of 576 entries while the losses agree to 1e-5); a slicing or gathering error moves whole rows by far more.
+ADAM_ATOL = 3e-5
+
+
 @pytest.mark.timeout(1200)
 def test_two_zero3_ranks_equal_one_process_and_resume_on_one(source, tmp_path):
     """Growth (chosen by salience summed across ranks) and a live prune on 2 ZeRO-3 ranks: the same losses, choices
@@ -223,7 +229,7 @@ def test_two_zero3_ranks_equal_one_process_and_resume_on_one(source, tmp_path):
         assert z3["salience"][m] == pytest.approx(s, rel=1e-4, abs=1e-12)
     adapter = load_file(tmp_path / "out" / "adapter.safetensors")
     for name, p in ref.named:
-        torch.testing.assert_close(adapter[name], p.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(adapter[name], p.detach(), rtol=0, atol=ADAM_ATOL)
 
     build = builder(source, tmp_path / "resumed", rt)
     trainee = build()
@@ -234,7 +240,7 @@ def test_two_zero3_ranks_equal_one_process_and_resume_on_one(source, tmp_path):
                        rebuild=build).losses
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(apt[4:]), rtol=0, atol=1e-5)
     for (n, p), (_, q) in zip(trainee.named, ref.named, strict=True):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-5, msg=n)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=ADAM_ATOL, msg=n)
 
 
 def test_growth_and_prune_at_one_step_compose_in_either_order(source, tmp_path):
