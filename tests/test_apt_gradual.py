@@ -137,10 +137,15 @@ def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path, monkeypatc
             for c in resumed["hooks"]["apt_gradual_costs"]] == \
         [{k: c[k] for k in ("checkpoint", "step", "params_before", "params_after")} for c in costs]
     assert read_plan(killed / "plan.json", ref)["hash"] == plan["hash"]
+    assert_resumed_like_uninterrupted(full, killed, resumed, train, "gradual")
+
+
+def assert_resumed_like_uninterrupted(full, killed, resumed: dict, train: dict, what: str) -> None:
+    """The killed-and-resumed run's adapter and losses equal the uninterrupted run's (its train.json: `train`)."""
     a, b = (load_file(d / "train" / "adapter" / "adapter_model.safetensors") for d in (full, killed))
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    print(f"gradual kill-and-resume: adapter max |diff| {worst:.2e}")
+    print(f"{what} kill-and-resume: adapter max |diff| {worst:.2e}")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(train["losses"]), rtol=1e-5, atol=0)
