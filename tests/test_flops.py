@@ -70,3 +70,8 @@ def test_run_costs_reads_a_finished_run(tmp_path, tiny_recipe):
     assert costs["estimate_flops"] == step_flops(est["tokens"], 24, base, tensor_numel(d.estimate_adapter))
     assert costs["train_flops"] == step_flops(train["tokens"], 24, pruned, train["params"]["trainable"])
     assert costs["train_flops"] / train["tokens"] < costs["estimate_flops"] / est["tokens"]  # the pruned model is cheaper
+    # records the caller already read (RunData.load) are used as given: one it dropped is not read again
+    assert run_costs(run, est, train) == costs
+    dropped = run_costs(run, est, None)
+    assert dropped["train_flops"] is None and dropped["train_seconds"] is None
+    assert dropped["estimate_flops"] == costs["estimate_flops"]

@@ -208,15 +208,18 @@ def test_strategy_rows_share_the_study_and_differ_only_where_they_should(study):
     assert counts(plan["apt_random-35"]) == counts(plan["apt_oneshot-35"])
     assert plan["apt_random-35"]["layers"] != plan["apt_oneshot-35"]["layers"]
     assert read_json(sd / "apt_gradual-35" / "train" / "train.json")["structure"] is not None  # pruned while tuning
-    # PrunePEFT on the pruned base keeps exactly the salience budget row's heads and neurons, only the PEFT differs
-    assert plan["prunepeft_base-35"]["layers"] == plan["salience_budget-35"]["layers"]
-    assert all(k.startswith(("lora:", "bottleneck:")) or "q_proj" in k or "v_proj" in k
-               for k in plan["prunepeft_base-35"]["peft_modules"])
-    # the search on the full model prunes no base unit and keeps half of the supernet's 2 groups per layer
+    # PrunePEFT on the pruned base keeps exactly the salience budget row's heads and neurons, only the PEFT differs:
+    # its modules are supernet modules (LoRA on q, v and the bottlenecks), and its search keeps half of the groups
     layers = len(plan["lora"]["layers"])
+    group = lambda k: (k.split(":")[0] if ":" in k else "lora", k.split(".")[2])  # noqa: E731  (kind, layer)
+    supernet = set(plan["supernet"]["peft_modules"])
+    assert plan["prunepeft_base-35"]["layers"] == plan["salience_budget-35"]["layers"]
+    assert set(plan["prunepeft_base-35"]["peft_modules"]) < supernet
+    assert len({group(k) for k in plan["prunepeft_base-35"]["peft_modules"]}) == layers
+    # the search on the full model prunes no base unit and keeps half of the supernet's 2 groups per layer
     assert plan["prunepeft"]["summary"]["prunable_fraction_pruned"] == 0
-    kept = {(k.split(":")[0] if ":" in k else "lora", k.split(".")[2]) for k in plan["prunepeft"]["peft_modules"]}
-    assert len(kept) == 2 * layers - layers  # (kind, layer) is one group: LoRA on q and v, or both bottlenecks
+    assert set(plan["prunepeft"]["peft_modules"]) < supernet
+    assert len({group(k) for k in plan["prunepeft"]["peft_modules"]}) == 2 * layers - layers
     assert {k.rsplit(".", 1)[-1] for k in plan["lora_qv"]["peft_modules"]} == {"q_proj", "v_proj"}
     assert len(plan["supernet"]["peft_modules"]) == 4 * layers  # q, v LoRA and two bottlenecks per layer, all kept
     assert plan["lora"]["layers"] == plan["lora_qv"]["layers"] == plan["supernet"]["layers"]  # nothing pruned

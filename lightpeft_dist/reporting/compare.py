@@ -45,7 +45,7 @@ def run_summary(run_dir: str | Path) -> dict | None:
     if metric is None:
         return None
     uses_estimate = q.get("uses_estimate", bool(est))
-    cost = flops.run_costs(d)
+    cost = flops.run_costs(d, data.estimate, data.train)
     parts = [cost["train_flops"]] + ([cost["estimate_flops"]] if uses_estimate else [])
     walls = [cost["train_seconds"]] + ([cost["estimate_seconds"]] if uses_estimate else [])
     return {

@@ -19,12 +19,16 @@ by at most those. Elementwise work (norms, activations, masks, softmax) is not c
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from safetensors import safe_open
 
+from ..errors import LightPeftError
 from ..io_utils import read_json, read_json_if_present
 from ..rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 # which recipe section holds each strategy's estimate-stage sequence length
 ESTIMATE_SECTION = {"lightpeft": "estimate", "apt": "apt", "prunepeft": "prunepeft"}
@@ -88,13 +92,18 @@ def _seq_len(recipe: dict | None, section: str) -> int | None:
     return ((recipe or {}).get(section) or {}).get("seq_len")
 
 
-def run_costs(run_dir: str | Path) -> dict:
+_READ = object()  # run_costs: the caller passed no record, read it from the run directory
+
+
+def run_costs(run_dir: str | Path, estimate: dict | None | object = _READ, train: dict | None | object = _READ) -> dict:
     """FLOPs and wall seconds of a run's estimate (or calibration, or search) and training; None where a record,
-    the model config or a sequence length is missing. Training is counted on the final model (pruned_model/), so a
-    run that prunes during training (APT gradual) gets a lower bound."""
+    the model config or a sequence length is missing. `estimate` and `train` are the run's records where the caller
+    has already read and checked them (RunData.load, which drops a record of another plan as None); if not passed,
+    they are read here. Training is counted on the final model
+    (pruned_model/), so a run that prunes during training (APT gradual) gets a lower bound."""
     d = RunDir(run_dir)
-    est = read_json_if_present(d.estimate_record, "estimate record")
-    train = read_json_if_present(d.train_record, "train record")
+    est = read_json_if_present(d.estimate_record, "estimate record") if estimate is _READ else estimate
+    train = read_json_if_present(d.train_record, "train record") if train is _READ else train
     out: dict = {"estimate_flops": None, "train_flops": None,
                  "estimate_seconds": None if not est else est.get("stage_seconds", est.get("wall_seconds")),
                  "train_seconds": None if not train else train.get("stage_seconds", train.get("wall_seconds"))}
@@ -105,7 +114,7 @@ def run_costs(run_dir: str | Path) -> dict:
             adapters = tensor_numel(d.estimate_adapter) if d.estimate_adapter.exists() else 0
             out["estimate_flops"] = step_flops(est["tokens"], seq, cfg, adapters)
     if train and train.get("tokens"):
-        recipe = _recipe_yaml(d.recipe)
+        recipe = _saved_recipe(d)
         cfg = (read_json(d.pruned_model / "config.json", "pruned model config")
                if (d.pruned_model / "config.json").is_file() else
                _model_config(recipe["model"]["path"]) if recipe else None)
@@ -116,9 +125,16 @@ def run_costs(run_dir: str | Path) -> dict:
     return out
 
 
-def _recipe_yaml(path: Path) -> dict | None:
-    if not path.is_file():
+def _saved_recipe(d: RunDir) -> dict | None:
+    """The run's saved recipe, read and validated as `lightpeft` resumes it (pipeline.stages.resolve_recipe); None
+    where there is none or it no longer validates (a run from an older schema: its cost is then unknown)."""
+    if not d.recipe.is_file():
         return None
-    import yaml
+    from ..config import recipe_to_dict
+    from ..pipeline.stages import resolve_recipe
 
-    return yaml.safe_load(path.read_text())
+    try:
+        return recipe_to_dict(resolve_recipe(d.root, None, []))
+    except LightPeftError as exc:
+        log.warning("flops: %s: %s; its training FLOPs are left out", d.root, exc)
+        return None

@@ -112,7 +112,8 @@ def comparison_rows(run: str | Path | RunData) -> list[tuple[str, str, str, str]
 
 def _flops_cells(r: RunData) -> tuple[str, str]:
     """LoRA's training FLOPs and the pruned run's estimate + training FLOPs (reporting/flops.py), with the ratio."""
-    lora, mine = flops.run_costs(r.lora.run_dir), flops.run_costs(r.run_dir)
+    lora = flops.run_costs(r.lora.run_dir, r.lora.estimate, r.lora.train)
+    mine = flops.run_costs(r.run_dir, r.estimate, r.train)
     lora_f, est_f, train_f = lora["train_flops"], mine["estimate_flops"], mine["train_flops"]
     if lora_f is None or train_f is None:
         return _fmt(lora_f, ".3g"), "-"
