@@ -24,6 +24,7 @@ from dist_checks import launch, run_stages
 from lightpeft_dist.models.loading import load_config, load_model
 from lightpeft_dist.pruning.plan import read_plan
 from lightpeft_dist.pruning.slicing import model_reference
+from lightpeft_dist.reporting.flops import matmul_weights, query_width, run_costs, structure_flops
 from lightpeft_dist.strategies.apt.gradual import GradualPrune, cubic_density
 from test_apt import write_recipe
 
@@ -120,6 +121,18 @@ def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path, monkeypatc
     assert costs[0]["params_before"] == train["params"]["total"]  # the dense start
     final = PeftModel.from_pretrained(pruned, str(full / "train" / "adapter"))  # the saved end, reloaded
     assert n_params(final) == costs[-1]["params_after"]
+    # FLOPs segment by segment: every token in one segment, each counted on the model that trained on it
+    segments = train["hooks"]["apt_gradual_segments"]
+    assert len(segments) == 3 and sum(sg["tokens"] for sg in segments) == train["tokens"]
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    dense, end = segments[0], segments[-1]
+    assert dense["matmul_weights"] == matmul_weights(config) and dense["query_width"] == query_width(config)
+    assert dense["adapter_weights"] == train["params"]["trainable"]
+    pruned_config = json.loads((full / "pruned_model" / "config.json").read_text())
+    assert end["matmul_weights"] == matmul_weights(pruned_config)
+    assert end["adapter_weights"] == sum(p.numel() for n, p in final.named_parameters() if "lora_" in n)
+    assert segments[0]["matmul_weights"] > segments[1]["matmul_weights"] > segments[2]["matmul_weights"]
+    assert run_costs(full)["train_flops"] == sum(structure_flops(sg["tokens"], 24, sg) for sg in segments)
 
     # killed after step 4 (one pruning checkpoint done, the second ramp running), resumed from the checkpoint after 3
     cmd = [sys.executable, "-m", "lightpeft_dist", "train", "--config", str(recipe), "--run-dir", str(killed)]
@@ -136,6 +149,7 @@ def test_gradual_prunes_on_schedule_and_resumes_mid_pruning(tmp_path, monkeypatc
     assert [{k: c[k] for k in ("checkpoint", "step", "params_before", "params_after")}
             for c in resumed["hooks"]["apt_gradual_costs"]] == \
         [{k: c[k] for k in ("checkpoint", "step", "params_before", "params_after")} for c in costs]
+    assert resumed["hooks"]["apt_gradual_segments"] == segments  # and so do the segments' tokens and counts
     assert read_plan(killed / "plan.json", ref)["hash"] == plan["hash"]
     assert_resumed_like_uninterrupted(full, killed, resumed, train, "gradual")
 

@@ -16,7 +16,8 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
-from lightpeft_dist.reporting.flops import matmul_weights, query_width, run_costs, step_flops, tensor_numel
+from lightpeft_dist.reporting.flops import (matmul_weights, model_structure, query_width, run_costs, step_flops,
+                                            tensor_numel)
 from pruned_tiny import save_uneven
 from tiny import save_tiny
 
@@ -39,6 +40,18 @@ def test_step_flops_equal_torchs_count_of_a_lora_step(tmp_path, which):
     model_dir = save_tiny(tmp_path / "m", "llama-gqa", layers=3) if which == "uniform" else save_uneven(tmp_path)
     measured, config, adapters = _step_count(model_dir, batch=2, seq=16)
     assert step_flops(2 * 16, 16, config, adapters) == pytest.approx(measured, rel=1e-9)
+
+
+@pytest.mark.parametrize("which", ["uniform", "uneven"])
+def test_counts_on_a_live_lora_model_equal_the_configs(tmp_path, which):
+    """What a model that changes shape while it trains is counted by (strategies/apt/costs.py, per segment)."""
+    model_dir = save_tiny(tmp_path / "m", "llama-gqa", layers=3) if which == "uniform" else save_uneven(tmp_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert model_structure(model) == {"matmul_weights": matmul_weights(config), "adapter_weights": adapters,
+                                      "query_width": query_width(config)}
 
 
 def test_matmul_weights_and_query_width_follow_the_pruned_layers(tmp_path):

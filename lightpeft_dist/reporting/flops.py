@@ -62,10 +62,37 @@ def query_width(config: dict) -> int:
     return sum(s["num_attention_heads"] for s in layer_shapes(config)) * head_dim(config)
 
 
-def step_flops(tokens: int, seq_len: int, config: dict, adapter_weights: int) -> float:
-    """FLOPs of training on `tokens` tokens (contexts of `seq_len`): tokens x (4 N + 6 T + 12 seq W)."""
-    per_token = 4 * matmul_weights(config) + 6 * adapter_weights + 12 * seq_len * query_width(config)
+def structure_flops(tokens: int, seq_len: int, structure: dict) -> float:
+    """FLOPs of training on `tokens` tokens (contexts of `seq_len`) of a model with `structure`'s counts
+    (`matmul_weights` N, `adapter_weights` T, `query_width` W): tokens x (4 N + 6 T + 12 seq W)."""
+    per_token = (4 * structure["matmul_weights"] + 6 * structure["adapter_weights"]
+                 + 12 * seq_len * structure["query_width"])
     return float(tokens) * per_token
+
+
+def step_flops(tokens: int, seq_len: int, config: dict, adapter_weights: int) -> float:
+    """FLOPs of training on `tokens` tokens of the model `config` describes, with `adapter_weights` trainable."""
+    return structure_flops(tokens, seq_len, {"matmul_weights": matmul_weights(config),
+                                             "adapter_weights": adapter_weights, "query_width": query_width(config)})
+
+
+def model_structure(model) -> dict:
+    """N, T and W counted on a live model, as the training loop runs it (a model that changes shape while it trains
+    gets one count per segment: strategies/apt/costs.py): N the frozen weights of every linear layer (the LM head
+    included, the embedding lookup not), T the trainable parameters, W the rows of every q_proj; ZeRO-3 partitioned
+    parameters count in full. Equals matmul_weights / query_width of the model's config (tests/test_flops.py)."""
+    import torch
+
+    full = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # noqa: E731
+    rows = lambda p: (p.ds_shape if hasattr(p, "ds_shape") else p.shape)[0]  # noqa: E731
+    n = w = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+            n += full(module.weight)
+            if name.endswith(("q_proj", "q_proj.base_layer")):
+                w += rows(module.weight)
+    trainable = {id(p): full(p) for p in model.parameters() if p.requires_grad}
+    return {"matmul_weights": n, "adapter_weights": sum(trainable.values()), "query_width": w}
 
 
 def tensor_numel(folder: Path) -> int:
@@ -99,8 +126,8 @@ def run_costs(run_dir: str | Path, estimate: dict | None | object = _READ, train
     """FLOPs and wall seconds of a run's estimate (or calibration, or search) and training; None where a record,
     the model config or a sequence length is missing. `estimate` and `train` are the run's records where the caller
     has already read and checked them (RunData.load, which drops a record of another plan as None); if not passed,
-    they are read here. Training is counted on the final model
-    (pruned_model/), so a run that prunes during training (APT gradual) gets a lower bound."""
+    they are read here. Training is counted on the final model (pruned_model/), except for a run that changed shape
+    while it trained (APT gradual): its record's per-segment counts (`hooks.apt_gradual_segments`) are summed."""
     d = RunDir(run_dir)
     est = read_json_if_present(d.estimate_record, "estimate record") if estimate is _READ else estimate
     train = read_json_if_present(d.train_record, "train record") if train is _READ else train
@@ -120,7 +147,10 @@ def run_costs(run_dir: str | Path, estimate: dict | None | object = _READ, train
                _model_config(recipe["model"]["path"]) if recipe else None)
         seq = _seq_len(recipe, "train")
         adapters = (train.get("params") or {}).get("trainable")
-        if cfg and seq and adapters is not None:
+        segments = (train.get("hooks") or {}).get("apt_gradual_segments")
+        if segments and seq:
+            out["train_flops"] = sum(structure_flops(sg["tokens"], seq, sg) for sg in segments)
+        elif cfg and seq and adapters is not None:
             out["train_flops"] = step_flops(train["tokens"], seq, cfg, adapters)
     return out
 

@@ -5,7 +5,10 @@ per checkpoint, the parameter count of the model before and after it (counted on
 partitions in full, with the LoRA grown at the same checkpoint) and the job's tokens/s over the steps since the
 previous checkpoint (or the start) and over the steps after it up to the next one (or the end). The step times are
 the loop's own (`on_metrics`: forward, backward, optimizer step, on this rank); the restructure itself is not in
-them. The state is checkpointed with the hook's, so a resumed run keeps the segments measured before the kill.
+them. Each segment between checkpoints also keeps its tokens and the structure counts of the model that trained on
+them (reporting/flops.py `model_structure`), so the run's training FLOPs are summed segment by segment rather than
+counted on the final model (train.json's `hooks.apt_gradual_segments`, docs/method.md "Cost accounting"). The state
+is checkpointed with the hook's, so a resumed run keeps the segments measured before the kill.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 import torch
 
 from ...models.loading import count_parameters
+from ...reporting.flops import model_structure
 
 log = logging.getLogger(__name__)
 STATE_KEY = "apt_cost"  # saved as extra/apt_cost: outside the "apt." prefix the live prune drops or slices
@@ -24,10 +28,13 @@ STATE_KEY = "apt_cost"  # saved as extra/apt_cost: outside the "apt." prefix the
 
 class PruneCosts:
     """Per-checkpoint entries: `checkpoint`, `step`, `params_before`, `params_after`, `tokens_per_s_before`,
-    `tokens_per_s_after` (None when no step was measured on that side), `speedup` (after / before)."""
+    `tokens_per_s_after` (None when no step was measured on that side), `speedup` (after / before); and per
+    segment (the steps up to the first checkpoint, between two, after the last) `tokens` with the trained model's
+    `matmul_weights`, `adapter_weights` and `query_width`."""
 
     def __init__(self) -> None:
         self.entries: list[dict] = []
+        self.segments: list[dict] = []
         self.tokens, self.seconds = 0, 0.0  # the segment since the last checkpoint
         self.pending = False  # the last entry's params_after waits for the rebuilt model
 
@@ -42,7 +49,7 @@ class PruneCosts:
 
     def checkpoint(self, k: int, step: int, model: torch.nn.Module) -> None:
         """Checkpoint k after `step`, before its restructure: the segment up to here closes the previous entry."""
-        rate = self._close()
+        rate = self._close(model)
         self.entries.append({"checkpoint": k, "step": step, "params_before": count_parameters(model)["total"],
                              "params_after": None, "tokens_per_s_before": rate, "tokens_per_s_after": None,
                              "speedup": None})
@@ -52,16 +59,18 @@ class PruneCosts:
         """After the last step: the last segment closes the last entry; the entries, each logged once."""
         if self.pending:
             self._after(model)
-        self._close()
+        self._close(model)
         return self.entries
 
     def _rate(self) -> float | None:
         rate = self.tokens / self.seconds if self.seconds > 0 else None
         return rate if rate is not None and math.isfinite(rate) else None
 
-    def _close(self) -> float | None:
-        """The current segment's tokens/s, as the last entry's `after` (then logged); starts the next segment."""
+    def _close(self, model: torch.nn.Module) -> float | None:
+        """The current segment's tokens/s, as the last entry's `after` (then logged), and its tokens with the counts
+        of `model`, which trained on them; starts the next segment."""
         rate = self._rate()
+        self.segments.append({"tokens": self.tokens, **model_structure(model)})
         if self.entries:
             e = self.entries[-1]
             before = e["tokens_per_s_before"]
@@ -78,8 +87,8 @@ class PruneCosts:
         self.pending = False
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        text = json.dumps({"entries": self.entries, "tokens": self.tokens, "seconds": self.seconds,
-                           "pending": self.pending}, sort_keys=True)
+        text = json.dumps({"entries": self.entries, "segments": self.segments, "tokens": self.tokens,
+                           "seconds": self.seconds, "pending": self.pending}, sort_keys=True)
         return {STATE_KEY: torch.tensor(list(text.encode()), dtype=torch.uint8)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -88,6 +97,7 @@ class PruneCosts:
             return
         data = json.loads(bytes(saved.tolist()).decode())
         self.entries, self.tokens, self.seconds = data["entries"], int(data["tokens"]), float(data["seconds"])
+        self.segments = data.get("segments", [])  # none in a checkpoint from before the segment counts
         self.pending = bool(data["pending"])
 
 

@@ -207,7 +207,8 @@ class GradualPrune(StepHooks):
             self.masks.value = value
 
     def stage_record(self) -> dict:
-        return {"apt_gradual_costs": self.costs.finish(self.ctx.trainee.model)}
+        return {"apt_gradual_costs": self.costs.finish(self.ctx.trainee.model),
+                "apt_gradual_segments": self.costs.segments}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"apt.{k}": v for k, v in self.salience.state_dict().items()} | self.costs.state_dict()
