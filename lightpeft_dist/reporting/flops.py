@@ -83,16 +83,16 @@ def model_structure(model) -> dict:
     parameters count in full. Equals matmul_weights / query_width of the model's config (tests/test_flops.py)."""
     import torch
 
-    full = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # noqa: E731
-    rows = lambda p: (p.ds_shape if hasattr(p, "ds_shape") else p.shape)[0]  # noqa: E731
+    from ..models.loading import count_parameters
+
     n = w = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
-            n += full(module.weight)
+            weight = module.weight
+            n += weight.ds_numel if hasattr(weight, "ds_numel") else weight.numel()
             if name.endswith(("q_proj", "q_proj.base_layer")):
-                w += rows(module.weight)
-    trainable = {id(p): full(p) for p in model.parameters() if p.requires_grad}
-    return {"matmul_weights": n, "adapter_weights": sum(trainable.values()), "query_width": w}
+                w += (weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape)[0]
+    return {"matmul_weights": n, "adapter_weights": count_parameters(model)["trainable"], "query_width": w}
 
 
 def tensor_numel(folder: Path) -> int:
@@ -142,15 +142,16 @@ def run_costs(run_dir: str | Path, estimate: dict | None | object = _READ, train
             out["estimate_flops"] = step_flops(est["tokens"], seq, cfg, adapters)
     if train and train.get("tokens"):
         recipe = _saved_recipe(d)
+        seq = _seq_len(recipe, "train")
+        segments = (train.get("hooks") or {}).get("apt_gradual_segments")
+        if segments and seq:  # counted on each segment's own model: no final model to read
+            out["train_flops"] = sum(structure_flops(sg["tokens"], seq, sg) for sg in segments)
+            return out
         cfg = (read_json(d.pruned_model / "config.json", "pruned model config")
                if (d.pruned_model / "config.json").is_file() else
                _model_config(recipe["model"]["path"]) if recipe else None)
-        seq = _seq_len(recipe, "train")
         adapters = (train.get("params") or {}).get("trainable")
-        segments = (train.get("hooks") or {}).get("apt_gradual_segments")
-        if segments and seq:
-            out["train_flops"] = sum(structure_flops(sg["tokens"], seq, sg) for sg in segments)
-        elif cfg and seq and adapters is not None:
+        if cfg and seq and adapters is not None:
             out["train_flops"] = step_flops(train["tokens"], seq, cfg, adapters)
     return out
 
