@@ -16,7 +16,8 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
-from lightpeft_dist.reporting.flops import (matmul_weights, model_structure, query_width, run_costs, step_flops,
+from lightpeft_dist.models.loading import model_structure
+from lightpeft_dist.reporting.flops import (matmul_weights, query_width, run_costs, step_flops,
                                             tensor_numel)
 from pruned_tiny import save_uneven
 from tiny import save_tiny

@@ -1,4 +1,5 @@
-"""Loading base/pruned models and tokenizers, counting parameters, and fingerprinting a model's shape.
+"""Loading base/pruned models and tokenizers, counting parameters and matmul structure, and fingerprinting a
+model's shape.
 
 The fingerprint ties every artefact in a run directory to the exact architecture it was computed for, so a plan
 made for one model can never be applied to another.
@@ -119,3 +120,19 @@ def count_parameters(model: torch.nn.Module, is_adapter: Callable[[str], bool] =
         counts["trainable"] += n if p.requires_grad else 0
         counts["adapter"] += n if is_adapter(name) else 0
     return counts
+
+
+def model_structure(model: torch.nn.Module) -> dict[str, int]:
+    """N, T and W counted on a live model, as the training loop runs it (a model that changes shape while it trains
+    gets one count per segment: strategies/apt/costs.py): N the frozen weights of every linear layer (the LM head
+    included, the embedding lookup not), T the trainable parameters, W the rows of every q_proj; ZeRO-3 partitioned
+    parameters count in full. Equals reporting/flops.py matmul_weights / query_width of the model's config
+    (tests/test_flops.py)."""
+    n = w = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+            weight = module.weight
+            n += weight.ds_numel if hasattr(weight, "ds_numel") else weight.numel()
+            if name.endswith(("q_proj", "q_proj.base_layer")):
+                w += (weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape)[0]
+    return {"matmul_weights": n, "adapter_weights": count_parameters(model)["trainable"], "query_width": w}

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from ..config import read_recipe_file, recipe_from_dict, recipe_to_dict
 from ..errors import LightPeftError
 from ..io_utils import read_json, read_json_if_present
 from ..rundir import RunDir
@@ -74,25 +75,6 @@ def step_flops(tokens: int, seq_len: int, config: dict, adapter_weights: int) ->
     """FLOPs of training on `tokens` tokens of the model `config` describes, with `adapter_weights` trainable."""
     return structure_flops(tokens, seq_len, {"matmul_weights": matmul_weights(config),
                                              "adapter_weights": adapter_weights, "query_width": query_width(config)})
-
-
-def model_structure(model) -> dict:
-    """N, T and W counted on a live model, as the training loop runs it (a model that changes shape while it trains
-    gets one count per segment: strategies/apt/costs.py): N the frozen weights of every linear layer (the LM head
-    included, the embedding lookup not), T the trainable parameters, W the rows of every q_proj; ZeRO-3 partitioned
-    parameters count in full. Equals matmul_weights / query_width of the model's config (tests/test_flops.py)."""
-    import torch
-
-    from ..models.loading import count_parameters
-
-    n = w = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
-            weight = module.weight
-            n += weight.ds_numel if hasattr(weight, "ds_numel") else weight.numel()
-            if name.endswith(("q_proj", "q_proj.base_layer")):
-                w += (weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape)[0]
-    return {"matmul_weights": n, "adapter_weights": count_parameters(model)["trainable"], "query_width": w}
 
 
 def tensor_numel(folder: Path) -> int:
@@ -157,15 +139,14 @@ def run_costs(run_dir: str | Path, estimate: dict | None | object = _READ, train
 
 
 def _saved_recipe(d: RunDir) -> dict | None:
-    """The run's saved recipe, read and validated as `lightpeft` resumes it (pipeline.stages.resolve_recipe); None
-    where there is none or it no longer validates (a run from an older schema: its cost is then unknown)."""
+    """The run's saved recipe, read and validated as `lightpeft` resumes it (pipeline/stages.py resolve_recipe,
+    whose layer is above this one, so the two config calls are repeated here); None where there is none or it no
+    longer validates (a run from an older schema: its cost is then unknown)."""
     if not d.recipe.is_file():
         return None
-    from ..config import recipe_to_dict
-    from ..pipeline.stages import resolve_recipe
-
     try:
-        return recipe_to_dict(resolve_recipe(d.root, None, []))
+        raw = read_recipe_file(d.recipe, "saved recipe")
+        return recipe_to_dict(recipe_from_dict(raw, source=str(d.recipe)))
     except LightPeftError as exc:
         log.warning("flops: %s: %s; its training FLOPs are left out", d.root, exc)
         return None

@@ -6,7 +6,7 @@ partitions in full, with the LoRA grown at the same checkpoint) and the job's to
 previous checkpoint (or the start) and over the steps after it up to the next one (or the end). The step times are
 the loop's own (`on_metrics`: forward, backward, optimizer step, on this rank); the restructure itself is not in
 them. Each segment between checkpoints also keeps its tokens and the structure counts of the model that trained on
-them (reporting/flops.py `model_structure`), so the run's training FLOPs are summed segment by segment rather than
+them (models/loading.py `model_structure`), so the run's training FLOPs are summed segment by segment rather than
 counted on the final model (train.json's `hooks.apt_gradual_segments`, docs/method.md "Cost accounting"). The state
 is checkpointed with the hook's, so a resumed run keeps the segments measured before the kill.
 """
@@ -19,8 +19,7 @@ import math
 
 import torch
 
-from ...models.loading import count_parameters
-from ...reporting.flops import model_structure
+from ...models.loading import count_parameters, model_structure
 
 log = logging.getLogger(__name__)
 STATE_KEY = "apt_cost"  # saved as extra/apt_cost: outside the "apt." prefix the live prune drops or slices
