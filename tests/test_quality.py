@@ -248,7 +248,7 @@ def test_prunepeft_ablation_rows_change_one_thing_and_keep_the_search_budget(stu
     assert set(methods.PRUNEPEFT_ABLATIONS) == set(ABLATIONS)
     root, args = study
     out = root / "out"
-    rows = ["prunepeft", "prunepeft_random", "prunepeft_nopart", "prunepeft_snip"]
+    rows = ["prunepeft", "prunepeft_random", "prunepeft_nopart", "prunepeft_lowfi", "prunepeft_snip"]
     assert run_quality.main([*args, "--seeds", "0", "--levels", "0.35", "--methods", "lora", *rows,
                              "--speed-rounds", "0"]) == 0
     sd = out / "seed0"
@@ -266,6 +266,10 @@ def test_prunepeft_ablation_rows_change_one_thing_and_keep_the_search_budget(stu
         assert rnd["removed"] == [rnd["alive"][i] for i in random_removal(len(rnd["alive"]), per_round, 0, r + 1)]
     assert set(rec["prunepeft_nopart"]["partitions"]) == {"all"}
     assert rec["prunepeft_nopart"]["assignment"] == {"all": list(SIGN)} and "warmup" in rec["prunepeft_nopart"]
+    # low fidelity: the same rounds at 1 training step each, warm-up included, so the search really costs less
+    rounds = len(rec["prunepeft"]["rounds"])
+    assert search["prunepeft_lowfi"]["steps"] == rounds + 1 < search["prunepeft"]["steps"]
+    assert search["prunepeft_lowfi"]["tokens"] < search["prunepeft"]["tokens"]
     assert "warmup" not in rec["prunepeft_snip"] and len(set(rec["prunepeft_snip"]["partitions"])) > 1
     assert all(v == ["snip"] for v in rec["prunepeft_snip"]["assignment"].values())
 
@@ -280,7 +284,7 @@ def test_prunepeft_ablation_rows_change_one_thing_and_keep_the_search_budget(stu
     assert all(by[r]["value"]["n"] == 1 for r in rows)
     lines = res["verdict"]
     head = next(i for i, line in enumerate(lines) if line.startswith("- PrunePEFT's ablations"))
-    body = lines[head + 1:head + 5]
-    for line, r in zip(body[:3], rows[1:], strict=True):
+    body = lines[head + 1:head + 6]
+    for line, r in zip(body[:4], rows[1:], strict=True):
         assert line.startswith(f"  - {methods.label(r)}: ") and line.endswith("of 1 paired seeds.")
-    assert body[3].startswith("  - Best single criterion (1 of 6 run): **snip**")
+    assert body[4].startswith("  - Best single criterion (1 of 6 run): **snip**")

@@ -6,7 +6,7 @@
 
 Rows (see rows.py, strategy_rows.py): zero-shot, LoRA on the full model, Light-PEFT at each level, random pruning at
 the same ratios, and opt-in variants, APT and PrunePEFT rows (PrunePEFT's ablations among them: prunepeft_random,
-prunepeft_nopart, prunepeft_<criterion>);
+prunepeft_nopart, prunepeft_lowfi, prunepeft_<criterion>);
 each in its own run directory under --out-dir, resumable (rerun the same command after a crash, or with more seeds).
 Then every finished row under --out-dir is aggregated (mean and spread over seeds) into quality.json, quality.md and
 accuracy_vs_ratio.png, and with --write-docs into a delimited section of docs/results.md.

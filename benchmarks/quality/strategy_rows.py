@@ -22,7 +22,8 @@ recipes/smollm2_sentiment_prunepeft*.yaml), scaled to the study's training steps
 - The paper's other ablation rows (no level), each the `prunepeft` row with one thing changed (ABLATIONS,
   docs/method.md "PrunePEFT", "Ablations"): `prunepeft_random` (each round removes its groups at random; the warm-up
   and the rounds still train, so the cost is the search's), `prunepeft_nopart` (hybrid without partitions: one
-  partition, the warm-up over it), and `prunepeft_<criterion>` for each of the six criteria (that criterion in every
+  partition, the warm-up over it), `prunepeft_lowfi` (low-fidelity search: 1 step per round and for the warm-up
+  instead of 8, on a seeded 1% of the train rows), and `prunepeft_<criterion>` for each of the six criteria (that criterion in every
   kind x band partition; `assignment: default`, since a single criterion leaves the warm-up nothing to choose).
 """
 
@@ -40,8 +41,11 @@ from lightpeft_dist.strategies.prunepeft.section import CRITERIA, PORT_PEFT
 LEVEL_ROWS = ("apt_oneshot", "apt_random", "apt_gradual", "prunepeft_base")
 # the `prunepeft` row's section with what each ablation changes
 SINGLE_CRITERION = {f"prunepeft_{c}": {"criterion": c, "assignment": "default"} for c in CRITERIA}
+# low fidelity: each round and the warm-up train 1 step instead of 8, on a seeded 1% of the rows (the paper's
+# trimmed set), so the search really costs about 1/8 of the full one (data_fraction alone changes only the rows)
+LOW_FIDELITY = {"steps": 1, "warmup_steps": 1, "data_fraction": 0.01}
 ABLATIONS: dict[str, dict] = {"prunepeft_random": {"removal": "random"}, "prunepeft_nopart": {"partitions": "none"},
-                              **SINGLE_CRITERION}
+                              "prunepeft_lowfi": LOW_FIDELITY, **SINGLE_CRITERION}
 PLAIN_ROWS = ("prunepeft", "lora_qv", "supernet", *ABLATIONS)
 STRATEGY_ROWS = LEVEL_ROWS + PLAIN_ROWS
 ZERO = {"attn_ratio": 0.0, "ffn_ratio": 0.0, "module_ratio": 0.0, "rank_ratio": 0.0, "random": False}

@@ -32,6 +32,7 @@ BASELINES: dict[str, tuple[str, str]] = {  # name: (label, colour)
     # PrunePEFT's ablations (benchmarks/quality/strategy_rows.py, ABLATIONS)
     "prunepeft_random": ("PrunePEFT ablation: random removal", "#fbd38d"),
     "prunepeft_nopart": ("PrunePEFT ablation: hybrid without partitions", "#ed8936"),
+    "prunepeft_lowfi": ("PrunePEFT ablation: low-fidelity search (1/8 steps, 1% rows)", "#c05621"),
     "prunepeft_weight": ("PrunePEFT ablation: weight criterion only", "#7b341e"),
     "prunepeft_zeros": ("PrunePEFT ablation: zeros criterion only", "#975a16"),
     "prunepeft_threshold": ("PrunePEFT ablation: threshold criterion only", "#b7791f"),
@@ -39,8 +40,8 @@ BASELINES: dict[str, tuple[str, str]] = {  # name: (label, colour)
     "prunepeft_snip": ("PrunePEFT ablation: SNIP criterion only", "#744210"),
     "prunepeft_gradient": ("PrunePEFT ablation: gradient criterion only", "#f6ad55"),
 }
-PRUNEPEFT_ABLATIONS = ("prunepeft_random", "prunepeft_nopart", "prunepeft_weight", "prunepeft_zeros",
-                       "prunepeft_threshold", "prunepeft_activation", "prunepeft_snip", "prunepeft_gradient")
+PRUNEPEFT_ABLATIONS = ("prunepeft_random", "prunepeft_nopart", "prunepeft_lowfi", "prunepeft_weight",
+                       "prunepeft_zeros", "prunepeft_threshold", "prunepeft_activation", "prunepeft_snip", "prunepeft_gradient")
 ORDER = ("zero-shot", "lora", "lora_qv", "supernet", *STRATEGIES, "apt_oneshot", "apt_gradual", "prunepeft_base",
          *PRUNEPEFT_ABLATIONS,
          "masks_warmup", "masks_alltok", "movement", "activation", "taylor",
