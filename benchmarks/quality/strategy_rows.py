@@ -23,8 +23,9 @@ recipes/smollm2_sentiment_prunepeft*.yaml), scaled to the study's training steps
   docs/method.md "PrunePEFT", "Ablations"): `prunepeft_random` (each round removes its groups at random; the warm-up
   and the rounds still train, so the cost is the search's), `prunepeft_nopart` (hybrid without partitions: one
   partition, the warm-up over it), `prunepeft_lowfi` (low-fidelity search: 1 step per round and for the warm-up
-  instead of 8, on a seeded 1% of the train rows), and `prunepeft_<criterion>` for each of the six criteria (that criterion in every
-  kind x band partition; `assignment: default`, since a single criterion leaves the warm-up nothing to choose).
+  instead of 8, on a seeded 1% of the train rows), and `prunepeft_<criterion>` for each of the six criteria (that
+  criterion in every kind x band partition; `assignment: default`, since a single criterion leaves the warm-up nothing
+  to choose).
 """
 
 from __future__ import annotations

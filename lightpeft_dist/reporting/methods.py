@@ -41,7 +41,8 @@ BASELINES: dict[str, tuple[str, str]] = {  # name: (label, colour)
     "prunepeft_gradient": ("PrunePEFT ablation: gradient criterion only", "#f6ad55"),
 }
 PRUNEPEFT_ABLATIONS = ("prunepeft_random", "prunepeft_nopart", "prunepeft_lowfi", "prunepeft_weight",
-                       "prunepeft_zeros", "prunepeft_threshold", "prunepeft_activation", "prunepeft_snip", "prunepeft_gradient")
+                       "prunepeft_zeros", "prunepeft_threshold", "prunepeft_activation", "prunepeft_snip",
+                       "prunepeft_gradient")
 ORDER = ("zero-shot", "lora", "lora_qv", "supernet", *STRATEGIES, "apt_oneshot", "apt_gradual", "prunepeft_base",
          *PRUNEPEFT_ABLATIONS,
          "masks_warmup", "masks_alltok", "movement", "activation", "taylor",
