@@ -144,6 +144,18 @@ def test_quick_study_rows_table_docs_and_compare(study, capsys):
     assert "Light-PEFT not run at: 20%, 50%; random pruning not run at: 20%, 50%" in text
     assert (root / figure_name("out")).read_bytes()[:8] == PNG and (out / "accuracy_vs_ratio.png").read_bytes()[:8] == PNG
 
+    # the records alone (JSON and YAML, no weights) rebuild the same table and verdict once the study folder is gone
+    assert run_quality.main([*args, "--aggregate-only", "--save-records", str(root / "records")]) == 0
+    saved = root / "records" / "out"
+    assert not list(saved.rglob("*.safetensors")) and (saved / "seed0" / "lora" / "eval.json").is_file()
+    table = (out / "quality.md").read_text()
+    moved = root / "gone"
+    out.rename(moved)  # runs/ lost
+    assert run_quality.main(["--out-dir", str(saved), "--aggregate-only"]) == 0
+    assert (saved / "quality.md").read_text() == table
+    assert read_json(saved / "quality.json")["verdict"] == read_json(moved / "quality.json")["verdict"]
+    moved.rename(out)
+
     # the CLI compares any run directories
     capsys.readouterr()
     lp0, rnd0 = out / "seed0" / "lightpeft-35", out / "seed0" / "random-35"
@@ -288,3 +300,21 @@ def test_prunepeft_ablation_rows_change_one_thing_and_keep_the_search_budget(stu
     for line, r in zip(body[:4], rows[1:], strict=True):
         assert line.startswith(f"  - {methods.label(r)}: ") and line.endswith("of 1 paired seeds.")
     assert body[4].startswith("  - Best single criterion (1 of 6 run): **snip**")
+
+
+def test_a_stopped_study_still_records_its_command_and_finished_seeds(tmp_path):
+    """invocations.json is rewritten after every seed: one entry per invocation, which says the seeds done until
+    the invocation finishes; the docs line says where a stopped one stopped."""
+    from benchmarks.quality.aggregate import _invocation
+
+    argv, started = ["--out-dir", str(tmp_path), "--seeds", "0", "1"], 1.8e9
+    run_quality.record_invocation(tmp_path, argv, started, [])
+    run_quality.record_invocation(tmp_path, argv, started, [0])
+    (entry,) = read_json(tmp_path / "invocations.json")
+    assert entry["seeds_done"] == [0] and "--seeds 0 1" in entry["command"]
+    assert _invocation(entry).endswith("min, stopped after seed(s) 0")
+    run_quality.record_invocation(tmp_path, argv, started + 60, [])  # a second invocation: its own entry
+    run_quality.record_invocation(tmp_path, argv, started)  # the first one finished
+    first, second = read_json(tmp_path / "invocations.json")  # in the order they started
+    assert "seeds_done" not in first and first["started"] < second["started"]
+    assert _invocation(first).endswith(" min") and _invocation(second).endswith("before its first seed finished")

@@ -248,6 +248,14 @@ def _vs_reference(prune: dict) -> str:
     return "not the reference's 0.75 and 0.5: set on purpose, see the reading below the table"
 
 
+def _invocation(i: dict) -> str:
+    """One command line of the section, with when it ran and, for a run that did not finish, which seeds it did."""
+    done = i.get("seeds_done")
+    stopped = "" if done is None else (f", stopped after seed(s) {', '.join(map(str, done))}" if done else
+                                       ", stopped before its first seed finished")
+    return i["command"] + f"   # {i['started']}, {i['wall_minutes']} min{stopped}"
+
+
 def section(result: dict, figure: str | None) -> str:
     r, sp = result["recipe"], result["split"]
     est, tr, pr, data = r["estimate"], r["train"], r["prune"], r["data"]
@@ -255,7 +263,7 @@ def section(result: dict, figure: str | None) -> str:
     test_n = read_json(Path(n_test[0]) / "eval.json")["base"].get("n") if n_test else None
     lines = [f"## Quality study `{result.get('study', '')}`: how much accuracy does early pruning cost? (issue 6)", "",
              "Command(s) that produced this section (each resumes the same study folder):", "", "```bash",
-             *[i["command"] + f"   # {i['started']}, {i['wall_minutes']} min" for i in result["invocations"]],
+             *[_invocation(i) for i in result["invocations"]],
              "```", "",
              f"- Model `{r['model']['path']}` ({r['model']['dtype']}); data `{data['train_file']}` -> test split, "
              f"first {data.get('max_train_examples') or 'all'} train rows, {test_n} test rows.",

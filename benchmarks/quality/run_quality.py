@@ -9,7 +9,9 @@ the same ratios, and opt-in variants, APT and PrunePEFT rows (PrunePEFT's ablati
 prunepeft_nopart, prunepeft_lowfi, prunepeft_<criterion>);
 each in its own run directory under --out-dir, resumable (rerun the same command after a crash, or with more seeds).
 Then every finished row under --out-dir is aggregated (mean and spread over seeds) into quality.json, quality.md and
-accuracy_vs_ratio.png, and with --write-docs into a delimited section of docs/results.md.
+accuracy_vs_ratio.png, and with --write-docs into a delimited section of docs/results.md. With --save-records the
+study's records (JSON and YAML, no weights) are copied into benchmarks/quality/records/<study>/ (records.py), from
+which `--aggregate-only --out-dir benchmarks/quality/records/<study>` rebuilds the section once runs/ is gone.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, str(HERE.parent.parent))  # the repo root, so `benchmarks.qua
 
 from benchmarks.quality.aggregate import aggregate, row_dirs, write_docs  # noqa: E402
 from benchmarks.quality.perplexity import load_windows  # noqa: E402
+from benchmarks.quality.records import RECORDS, save  # noqa: E402
 from benchmarks.quality.rows import Study, run_seed, run_zero_shot  # noqa: E402
 from benchmarks.quality.speed import speed_pass  # noqa: E402
 from benchmarks.quality.strategy_rows import STRATEGY_ROWS  # noqa: E402
@@ -68,6 +71,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--aggregate-only", action="store_true", help="skip running; aggregate what --out-dir holds")
     p.add_argument("--write-docs", nargs="?", const=Path("docs/results.md"), type=Path, default=None,
                    help="regenerate the quality section of this Markdown file (default docs/results.md)")
+    p.add_argument("--save-records", nargs="?", const=RECORDS, type=Path, default=None,
+                   help="copy the study's records (no weights) into this folder's <study>/ (default %(const)s)")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "=" in a and "." in a.split("=")[0])]
     if bad:
@@ -86,16 +91,21 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
-def record_invocation(out_dir: Path, argv: list[str], started: float, finished: float) -> None:
+def record_invocation(out_dir: Path, argv: list[str], started: float, seeds_done: list[int] | None = None) -> None:
+    """Record this invocation in the study's invocations.json, rewritten after every seed: a study stopped part-way
+    still says which command made its rows and which seeds it finished (`seeds_done`; None once it finished)."""
     path = out_dir / "invocations.json"
-    runs = read_json(path) if path.is_file() else []
-    runs.append({"command": "python benchmarks/quality/run_quality.py " + shlex.join(argv),
-                 "started": dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-                 "wall_minutes": round((finished - started) / 60, 1)})
-    write_json(path, runs)
+    entry = {"command": "python benchmarks/quality/run_quality.py " + shlex.join(argv),
+             "started": dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+             "wall_minutes": round((time.time() - started) / 60, 1)}
+    if seeds_done is not None:
+        entry["seeds_done"] = seeds_done
+    runs = [r for r in (read_json(path) if path.is_file() else [])
+            if (r["command"], r["started"]) != (entry["command"], entry["started"])]
+    write_json(path, sorted([*runs, entry], key=lambda r: r["started"]))  # in the order they started
 
 
-def run(args: argparse.Namespace, overrides: list[str]) -> None:
+def run(args: argparse.Namespace, overrides: list[str], argv: list[str], started: float) -> None:
     recipe = load_recipe(args.recipe, overrides)  # validates the overrides once, with the recipe's own errors
     base = recipe_to_dict(recipe)
     study = Study(args.out_dir, base)
@@ -104,9 +114,11 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
         study.ppl_windows, study.ppl_info = windows
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "base_recipe.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    record_invocation(args.out_dir, argv, started, [])
     run_zero_shot(study)
-    for seed in args.seeds:
+    for i, seed in enumerate(args.seeds):
         run_seed(study, seed, sorted(args.levels), args.methods)
+        record_invocation(args.out_dir, argv, started, args.seeds[:i + 1])
     if args.speed_rounds > 0:
         speed_pass(row_dirs(args.out_dir), study.recipe(0), args.speed_rounds)
 
@@ -121,14 +133,16 @@ def main(argv: list[str] | None = None) -> int:
         started = time.time()
         if not args.aggregate_only:
             apply_overrides({}, overrides)
-            run(args, overrides)
-            record_invocation(args.out_dir, argv, started, time.time())
+            run(args, overrides, argv, started)
+            record_invocation(args.out_dir, argv, started)
         result = aggregate(args.out_dir)
         print(result["table"])
         print(f"\nresults: {args.out_dir / 'quality.md'}, {args.out_dir / 'quality.json'}")
         if args.write_docs:
             write_docs(args.out_dir, result, args.write_docs)
             print(f"docs section written to {args.write_docs}")
+        if args.save_records:
+            print(f"records saved to {save(args.out_dir, args.save_records)}")
     except LightPeftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

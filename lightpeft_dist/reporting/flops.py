@@ -120,7 +120,9 @@ def run_costs(run_dir: str | Path, estimate: dict | None | object = _READ, train
         cfg = _model_config(est["model_path"]) if est.get("model_path") else None
         seq = _seq_len(est.get("recipe"), ESTIMATE_SECTION.get(est.get("strategy", "lightpeft"), "estimate"))
         if cfg and seq:
-            adapters = tensor_numel(d.estimate_adapter) if d.estimate_adapter.exists() else 0
+            # a records-only copy (benchmarks/quality/records.py) has the adapter's size in the record, no weights
+            adapters = (int(est["adapter_params"]) if "adapter_params" in est else
+                        tensor_numel(d.estimate_adapter) if d.estimate_adapter.exists() else 0)
             out["estimate_flops"] = step_flops(est["tokens"], seq, cfg, adapters)
     if train and train.get("tokens"):
         recipe = _saved_recipe(d)
