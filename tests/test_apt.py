@@ -32,7 +32,7 @@ from tiny import randomize_lora, save_tiny, tiny_model
 IDS = torch.tensor([[5, 9, 12, 7, 20, 4, 8, 11], [6, 3, 15, 9, 22, 2, 2, 2], [14, 4, 10, 18, 5, 7, 9, 2]])
 MASK = (IDS != 2).long()
 LABELS = IDS.masked_fill(MASK == 0, -100)
-LAYOUTS = ["llama-mha", "mistral-gqa", "qwen2-bias"]
+LAYOUTS = ["llama-mha", "mistral-gqa", "qwen2-bias", "qwen3-qknorm"]
 
 
 def lora_model(layout: str, seed: int = 0):
@@ -68,7 +68,7 @@ def test_salience_and_kurtosis_equal_their_direct_computation(layout):
     grads = dict(zip(keys, torch.autograd.grad(loss, [captured[k] for k in keys])))
     step = tracker.end_step()
     cfg = model.config
-    hd = cfg.hidden_size // cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads  # Qwen3: explicit
     rep = cfg.num_attention_heads // cfg.num_key_value_heads
     w = MASK.double()[..., None]
     for i, layer in enumerate(base.layers):

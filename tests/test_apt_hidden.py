@@ -51,12 +51,13 @@ def hidden_plan(model, base_dir, density: float, seed: int = 5) -> tuple[dict, d
               "ffn": [torch.rand(s["intermediate_size"], generator=g).double() for s in ref["layer_shapes"]],
               "hidden": torch.rand(ref["hidden_size"], generator=g).double() * 4}
     record = {**ref, "biases": ["qkv"] if config.model_type == "qwen2" else [], "vocab_size": config.vocab_size,
+              "head_norms": config.model_type == "qwen3",
               "tie_word_embeddings": config.tie_word_embeddings,
               "lora_modules": {name: int(m.r["default"]) for name, m in lora_modules(model)}}
     return make_apt_plan(scores, record, density), record
 
 
-@pytest.mark.parametrize("layout", ["llama-gqa", "qwen2-bias"])  # tied GQA; untied GQA with q/k/v biases
+@pytest.mark.parametrize("layout", ["llama-gqa", "qwen2-bias", "qwen3-qknorm"])  # tied GQA; untied GQA with q/k/v biases; q/k norms
 def test_masked_hidden_model_equals_the_pruned_one_and_the_cost_model_counts_it(tmp_path, layout):
     base_dir = save_tiny(tmp_path / "base", layout)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir).eval(),

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 WORDS = ("review sentiment positive negative good bad great awful movie film plot acting fun boring the a is was "
          "and very not really question answer text story").split()
@@ -18,6 +18,8 @@ LAYOUTS = {
     "llama-gqa": (LlamaConfig, LlamaForCausalLM, 6, 2, {"tie_word_embeddings": True}),
     "mistral-gqa": (MistralConfig, MistralForCausalLM, 4, 2, {}),
     "qwen2-bias": (Qwen2Config, Qwen2ForCausalLM, 4, 2, {}),
+    # per-head q/k norms, an explicit head_dim that is not hidden / heads, untied
+    "qwen3-qknorm": (Qwen3Config, Qwen3ForCausalLM, 4, 2, {"head_dim": 8, "tie_word_embeddings": False}),
 }
 
 

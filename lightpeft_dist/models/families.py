@@ -1,7 +1,7 @@
 """Model-family adapters: the only place that knows where q/k/v/o and gate/up/down live.
 
-Llama, Mistral and Qwen2 share one decoder layout; they differ in biases (Qwen2 has q/k/v biases) and in config
-details, which the slicing code handles generically (a bias is sliced when present). A new family with the same
+Llama, Mistral, Qwen2 and Qwen3 share one decoder layout; they differ in biases (Qwen2 has q/k/v biases), per-head
+norms (Qwen3's q_norm / k_norm) and in config details, which the slicing code handles generically (a bias is sliced when present). A new family with the same
 layout needs only a new `FamilySpec` entry; one with another layout needs a spec with other names.
 """
 
@@ -17,6 +17,10 @@ from ..errors import LightPeftError
 # A residual adapter on a projection hangs next to it as `<projection>_adapter` (adapters/bottleneck.py); the pruning
 # kit looks it up by this name to silence it while probing the projection's own weights.
 RESIDUAL_ADAPTER_SUFFIX = "_adapter"
+
+# RMSNorms that act within one attention head (Qwen3's q_norm / k_norm, weight of size head_dim): pruning heads or
+# hidden dimensions leaves them whole, unlike the norms on the residual stream.
+HEAD_NORMS = ("q_norm", "k_norm")
 
 # What a linear's input ("in") or output ("out") features are indexed by.
 Unit = Literal["q_heads", "kv_heads", "ffn"]
@@ -73,6 +77,8 @@ FAMILIES: dict[str, FamilySpec] = {
     "llama": FamilySpec("llama", ("llama", "lightpeft_llama")),
     "mistral": FamilySpec("mistral", ("mistral", "lightpeft_mistral")),
     "qwen2": FamilySpec("qwen2", ("qwen2", "lightpeft_qwen2")),
+    # Qwen3: the same layout; its q_norm / k_norm act within one head (head_dim), so pruning heads leaves them whole
+    "qwen3": FamilySpec("qwen3", ("qwen3", "lightpeft_qwen3")),
 }
 
 

@@ -15,13 +15,14 @@ import copy
 from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 from .families import FAMILIES, family_for
 
 PREFIX = "lightpeft_"
 _BASES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-          "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+          "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 PRUNED_CLASSES: dict[str, tuple[type, type]] = {}
 
 

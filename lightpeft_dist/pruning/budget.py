@@ -41,6 +41,7 @@ class CostModel:
     head_dim: int
     biases: frozenset[str] = frozenset()
     embedding: int = 0
+    head_norms: bool = False  # Qwen3's q_norm / k_norm: 2 x head_dim per layer, whatever is pruned
 
     def rep(self, i: int) -> int:
         s = self.shapes[i]
@@ -59,6 +60,9 @@ class CostModel:
     def neuron_fixed(self) -> int:
         return 2 if "mlp" in self.biases else 0  # gate and up biases
 
+    def layer_fixed(self) -> int:
+        return 2 * self.head_dim if self.head_norms else 0
+
     def layer_per_dim(self) -> int:
         return 2 + ("o" in self.biases) + ("mlp" in self.biases)  # two norms, o_proj and down_proj biases
 
@@ -67,7 +71,7 @@ class CostModel:
         hidden dimensions."""
         per_dim = 1 + self.embedding + sum(self.layer_per_dim() + g * self.group_per_dim(i) + f * self.neuron_per_dim()
                           for i, (g, f) in enumerate(zip(groups, neurons, strict=True)))
-        fixed = sum(g * self.group_fixed(i) + f * self.neuron_fixed()
+        fixed = sum(self.layer_fixed() + g * self.group_fixed(i) + f * self.neuron_fixed()
                     for i, (g, f) in enumerate(zip(groups, neurons, strict=True)))
         return hidden * per_dim + fixed
 
@@ -115,7 +119,7 @@ def plan_for_budget(salience: dict[str, list[torch.Tensor]], cost: CostModel, de
             rho.append(ratio[rest])
     per_dim_forced = 1 + cost.embedding + sum(cost.layer_per_dim() + cost.group_per_dim(i) + cost.neuron_per_dim()
                              for i in range(n_layers))
-    fixed_forced = sum(cost.group_fixed(i) + cost.neuron_fixed() for i in range(n_layers))
+    fixed_forced = sum(cost.layer_fixed() + cost.group_fixed(i) + cost.neuron_fixed() for i in range(n_layers))
     hidden_forced = d
     if hidden_scores is not None:
         per_hidden = cost.dense() // d  # a hidden dimension's cost at the current widths (its density denominator)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..models.families import family_for, unwrap
+from ..models.families import HEAD_NORMS, family_for, unwrap
 
 
 class MaskedRMSNorm(nn.Module):
@@ -62,15 +62,20 @@ def attach_hidden_mask(model: nn.Module, kept: list[int]) -> list:
     for layer in spec.decoder_layers(base):
         for proj in (spec.head_out_proj, spec.ffn_out_proj):
             handles.append(spec.proj(layer, proj).register_forward_hook(_mask_output(mask)))
-    norms = [(name, module) for name, module in base.named_modules() if type(module).__name__.endswith("RMSNorm")]
+    norms = [(name, module) for name, module in base.named_modules() if _residual_norm(name, module)]
     for name, module in norms:
         parent_name, _, leaf = name.rpartition(".")
         setattr(base.get_submodule(parent_name) if parent_name else base, leaf, MaskedRMSNorm(module, mask))
     return handles
 
 
+def _residual_norm(name: str, module: nn.Module) -> bool:
+    """An RMSNorm on the residual stream (input, post-attention, final), not one within a head (HEAD_NORMS)."""
+    return type(module).__name__.endswith("RMSNorm") and name.rpartition(".")[2] not in HEAD_NORMS
+
+
 def _rms_norms(base: nn.Module) -> list[nn.Module]:
-    return [module for _, module in base.named_modules() if type(module).__name__.endswith("RMSNorm")]
+    return [module for name, module in base.named_modules() if _residual_norm(name, module)]
 
 
 class HiddenRamp:

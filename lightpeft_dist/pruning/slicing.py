@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import LightPeftError
-from ..models.families import FamilySpec, config_layer_shapes, family_for, head_dim_of
+from ..models.families import HEAD_NORMS, FamilySpec, config_layer_shapes, family_for, head_dim_of
 from ..io_utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from ..models.loading import fingerprint, load_config, resolve_model_dir
 from ..rundir import RunDir
@@ -51,7 +51,7 @@ def slicing_table(spec: FamilySpec, plan: dict, head_dim: int) -> dict[str, tupl
 
 # Weights outside the projections that carry the residual stream's width (hidden-dimension pruning slices them), by
 # the last part of their module's name -> the dimension indexed by hidden dimensions; a module named `*norm` is an
-# RMSNorm (input, post-attention, final). Llama, Mistral and Qwen2 name them alike.
+# RMSNorm (input, post-attention, final; not Qwen3's per-head HEAD_NORMS). Llama, Mistral and Qwen name them alike.
 HIDDEN_MODULES = {"embed_tokens": 1, "lm_head": 1}
 
 
@@ -76,6 +76,8 @@ def tensor_cuts(name: str, table: dict, hidden: torch.Tensor | None = None) -> l
     if hidden is None:
         return cuts
     leaf = module.rpartition(".")[2]
+    if leaf in HEAD_NORMS:  # within one head: neither the head nor the hidden cut reaches it
+        return cuts
     dim = HIDDEN_MODULES.get(leaf, 0 if leaf.endswith("norm") else None) if kind == "weight" else None
     if dim is None:
         raise LightPeftError(f"checkpoint tensor {name} is neither a projection, an embedding, the LM head nor an "

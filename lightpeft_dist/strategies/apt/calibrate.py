@@ -23,7 +23,7 @@ from ...adapters.registry import attach_adapters, is_adapter_param, kinds_of, sa
 from ...config import Recipe, recipe_to_dict
 from ...errors import LightPeftError
 from ...io_utils import atomic_dir, load_tensors, read_json_if_present, save_tensors, sha256_json, write_json
-from ...models.families import config_layer_shapes, family_for, head_dim_of, unwrap
+from ...models.families import HEAD_NORMS, config_layer_shapes, family_for, head_dim_of, unwrap
 from ...models.loading import fingerprint, load_config, load_model, load_tokenizer
 from ...pruning.importance import lora_modules
 from ...rundir import ADAPTER, ESTIMATE_RECORD, RunDir
@@ -59,6 +59,13 @@ def biases_of(model: torch.nn.Module) -> list[str]:
     has = lambda proj: getattr(getattr(spec.proj(layer, proj), "base_layer", spec.proj(layer, proj)), "bias",  # noqa: E731
                                None) is not None
     return [name for name, proj in (("qkv", "q_proj"), ("o", "o_proj"), ("mlp", "gate_proj")) if has(proj)]
+
+
+def has_head_norms(model: torch.nn.Module) -> bool:
+    """Whether the attention carries per-head q/k norms (Qwen3; models/families.py HEAD_NORMS)."""
+    base = unwrap(model)
+    spec = family_for(base)
+    return all(hasattr(spec.attention(spec.decoder_layers(base)[0]), n) for n in HEAD_NORMS)
 
 
 class CalibrationHooks(StepHooks):
@@ -122,7 +129,8 @@ def run_calibrate(recipe: Recipe, run_dir: Path, runtime: Runtime | None = None,
     record = {
         "key": key, "strategy": "apt", "mode": cfg.mode, "model_path": recipe.model.path,
         "model_fingerprint": fingerprint(base_config), "layer_shapes": shapes, "hidden_size": base_config.hidden_size,
-        "head_dim": head_dim_of(base_config), "biases": biases_of(model), "vocab_size": base_config.vocab_size,
+        "head_dim": head_dim_of(base_config), "biases": biases_of(model),
+        "head_norms": has_head_norms(model), "vocab_size": base_config.vocab_size,
         "tie_word_embeddings": bool(getattr(base_config, "tie_word_embeddings", False)),
         "lora_modules": {name: int(m.r["default"]) for name, m in lora_modules(model)},
         "steps": steps, "samples": steps * cfg.batch_size, "seed": cfg.seed, "world_size": rt.world_size,

@@ -48,7 +48,7 @@ def cost_model(record: dict, hidden: bool = False) -> CostModel:
                                  "pruning existed); rerun `lightpeft calibrate`")
         embedding = record["vocab_size"] * (1 if record.get("tie_word_embeddings") else 2)
     return CostModel(tuple(record["layer_shapes"]), record["hidden_size"], record["head_dim"],
-                     frozenset(record.get("biases", [])), embedding)
+                     frozenset(record.get("biases", [])), embedding, bool(record.get("head_norms")))
 
 
 def make_apt_plan(scores: dict, record: dict, target_density: float, random_seed: int | None = None) -> dict:
