@@ -57,7 +57,8 @@ def hidden_plan(model, base_dir, density: float, seed: int = 5) -> tuple[dict, d
     return make_apt_plan(scores, record, density), record
 
 
-@pytest.mark.parametrize("layout", ["llama-gqa", "qwen2-bias", "qwen3-qknorm"])  # tied GQA; untied GQA with q/k/v biases; q/k norms
+# tied GQA; untied GQA with q/k/v biases; untied with per-head q/k norms and an explicit head_dim
+@pytest.mark.parametrize("layout", ["llama-gqa", "qwen2-bias", "qwen3-qknorm"])
 def test_masked_hidden_model_equals_the_pruned_one_and_the_cost_model_counts_it(tmp_path, layout):
     base_dir = save_tiny(tmp_path / "base", layout)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir).eval(),

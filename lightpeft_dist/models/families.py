@@ -1,8 +1,9 @@
 """Model-family adapters: the only place that knows where q/k/v/o and gate/up/down live.
 
 Llama, Mistral, Qwen2 and Qwen3 share one decoder layout; they differ in biases (Qwen2 has q/k/v biases), per-head
-norms (Qwen3's q_norm / k_norm) and in config details, which the slicing code handles generically (a bias is sliced when present). A new family with the same
-layout needs only a new `FamilySpec` entry; one with another layout needs a spec with other names.
+norms (Qwen3's q_norm / k_norm) and in config details, which the slicing code handles generically (a bias is sliced
+when present). A new family with the same layout needs only a new `FamilySpec` entry; one with another layout needs
+a spec with other names.
 """
 
 from __future__ import annotations

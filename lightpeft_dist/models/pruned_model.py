@@ -15,8 +15,8 @@ import copy
 from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from .families import FAMILIES, family_for
 
