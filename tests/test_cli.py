@@ -167,6 +167,18 @@ print(type(AutoConfig.for_model("lightpeft_llama")).__name__, "calibrate" in out
 """
 
 
+@pytest.mark.parametrize("first", ["lightpeft_dist.models.pruned_model", "lightpeft_dist.pruning.slicing"])
+def test_any_module_imported_first_still_registers_the_pruned_types(first):
+    """Whichever of our modules a script imports first, transformers' Auto classes know the pruned model types
+    afterwards (the module that imports transformers may be pruned_model itself, models/autoregister.py)."""
+    code = (f"import {first}\nfrom transformers import AutoConfig\n"
+            "print(*(type(AutoConfig.for_model(f'lightpeft_{f}')).__name__ for f in ('llama', 'qwen3')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["PrunedLlamaConfig", "PrunedQwen3Config"]
+
+
 def test_help_and_usage_errors_import_no_torch():
     """`lightpeft --help`, a subcommand's help and usage errors answer without importing torch, transformers,
     DeepSpeed or peft (their import is most of a command's start-up; docs/benchmarks.md, "CLI start"); importing

@@ -15,6 +15,9 @@ from types import ModuleType
 
 
 def _register() -> None:
+    module = sys.modules.get(f"{__package__}.pruned_model")
+    if module is not None and not hasattr(module, "register"):
+        return  # pruned_model itself is importing transformers: it registers at the end of its own body
     from .pruned_model import register
 
     register()

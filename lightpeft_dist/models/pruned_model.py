@@ -132,3 +132,6 @@ def architecture_name(config: PretrainedConfig) -> str:
     if getattr(config, "layer_shapes", None):
         return PRUNED_CLASSES[family][1].__name__
     return _BASES[family][1].__name__
+
+
+register()  # idempotent; covers a first import of this module, whose transformers import could not (autoregister.py)
