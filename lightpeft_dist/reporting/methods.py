@@ -9,6 +9,21 @@ from __future__ import annotations
 
 from ..strategies.registry import STRATEGIES
 
+# PrunePEFT's ablation rows, each the PrunePEFT row with one thing changed (benchmarks/quality/strategy_rows.py,
+# ABLATIONS, whose keys a test holds equal to these)
+PRUNEPEFT_ABLATION_LABELS: dict[str, tuple[str, str]] = {
+    "prunepeft_random": ("PrunePEFT ablation: random removal", "#fbd38d"),
+    "prunepeft_nopart": ("PrunePEFT ablation: hybrid without partitions", "#ed8936"),
+    "prunepeft_lowfi": ("PrunePEFT ablation: low-fidelity search (1/8 steps, 1% rows)", "#c05621"),
+    "prunepeft_weight": ("PrunePEFT ablation: weight criterion only", "#7b341e"),
+    "prunepeft_zeros": ("PrunePEFT ablation: zeros criterion only", "#975a16"),
+    "prunepeft_threshold": ("PrunePEFT ablation: threshold criterion only", "#b7791f"),
+    "prunepeft_activation": ("PrunePEFT ablation: activation criterion only", "#d69e2e"),
+    "prunepeft_snip": ("PrunePEFT ablation: SNIP criterion only", "#744210"),
+    "prunepeft_gradient": ("PrunePEFT ablation: gradient criterion only", "#f6ad55"),
+}
+PRUNEPEFT_ABLATIONS = tuple(PRUNEPEFT_ABLATION_LABELS)
+
 BASELINES: dict[str, tuple[str, str]] = {  # name: (label, colour)
     "zero-shot": ("zero-shot (unpruned, no training)", "#a0aec0"),
     "lora": ("LoRA, full model (all ratios 0)", "#2f855a"),
@@ -29,20 +44,8 @@ BASELINES: dict[str, tuple[str, str]] = {  # name: (label, colour)
     "apt_random": ("random units at APT's per-layer counts", "#fc8181"),
     "apt_gradual": ("APT gradual (pruning during tuning, rank growth)", "#9b2c2c"),
     "prunepeft_base": ("PrunePEFT on the salience-budget-pruned base", "#dd6b20"),
-    # PrunePEFT's ablations (benchmarks/quality/strategy_rows.py, ABLATIONS)
-    "prunepeft_random": ("PrunePEFT ablation: random removal", "#fbd38d"),
-    "prunepeft_nopart": ("PrunePEFT ablation: hybrid without partitions", "#ed8936"),
-    "prunepeft_lowfi": ("PrunePEFT ablation: low-fidelity search (1/8 steps, 1% rows)", "#c05621"),
-    "prunepeft_weight": ("PrunePEFT ablation: weight criterion only", "#7b341e"),
-    "prunepeft_zeros": ("PrunePEFT ablation: zeros criterion only", "#975a16"),
-    "prunepeft_threshold": ("PrunePEFT ablation: threshold criterion only", "#b7791f"),
-    "prunepeft_activation": ("PrunePEFT ablation: activation criterion only", "#d69e2e"),
-    "prunepeft_snip": ("PrunePEFT ablation: SNIP criterion only", "#744210"),
-    "prunepeft_gradient": ("PrunePEFT ablation: gradient criterion only", "#f6ad55"),
+    **PRUNEPEFT_ABLATION_LABELS,
 }
-PRUNEPEFT_ABLATIONS = ("prunepeft_random", "prunepeft_nopart", "prunepeft_lowfi", "prunepeft_weight",
-                       "prunepeft_zeros", "prunepeft_threshold", "prunepeft_activation", "prunepeft_snip",
-                       "prunepeft_gradient")
 ORDER = ("zero-shot", "lora", "lora_qv", "supernet", *STRATEGIES, "apt_oneshot", "apt_gradual", "prunepeft_base",
          *PRUNEPEFT_ABLATIONS,
          "masks_warmup", "masks_alltok", "movement", "activation", "taylor",
