@@ -19,13 +19,20 @@ from lightpeft_dist.rundir import ESTIMATE_RECORD, RunDir
 
 RECORDS = Path(__file__).resolve().parent / "records"
 SUFFIXES = (".json", ".yaml")  # stage records, resolved recipes, invocations; never weights or tensors
+MODEL_DIRS = ("pruned_model",)  # a saved HF model: its tokenizer files and prune record are not needed
 MAX_BYTES = 1 << 20  # a record is small; anything larger is not one (and would bloat the repository)
 
 
 def record_files(out_dir: Path) -> list[Path]:
-    """The study's record files, relative to `out_dir`, in a stable order."""
-    return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*")
-                  if p.is_file() and p.suffix in SUFFIXES and p.stat().st_size <= MAX_BYTES)
+    """The study's record files, relative to `out_dir`, in a stable order. Of a saved model or adapter folder only
+    its config is a record (the FLOPs count reads the pruned model's); the rest describes weights that are not kept."""
+    def wanted(p: Path) -> bool:
+        rel = p.relative_to(out_dir)
+        in_model = any(part in MODEL_DIRS for part in rel.parts[:-1])
+        return (p.is_file() and p.suffix in SUFFIXES and p.stat().st_size <= MAX_BYTES
+                and (not in_model or p.name == "config.json"))
+
+    return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if wanted(p))
 
 
 def save(out_dir: Path, dest_root: Path = RECORDS) -> Path:
