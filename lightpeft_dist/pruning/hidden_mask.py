@@ -62,20 +62,16 @@ def attach_hidden_mask(model: nn.Module, kept: list[int]) -> list:
     for layer in spec.decoder_layers(base):
         for proj in (spec.head_out_proj, spec.ffn_out_proj):
             handles.append(spec.proj(layer, proj).register_forward_hook(_mask_output(mask)))
-    norms = [(name, module) for name, module in base.named_modules() if _residual_norm(name, module)]
-    for name, module in norms:
+    for name, module in _residual_norms(base):
         parent_name, _, leaf = name.rpartition(".")
         setattr(base.get_submodule(parent_name) if parent_name else base, leaf, MaskedRMSNorm(module, mask))
     return handles
 
 
-def _residual_norm(name: str, module: nn.Module) -> bool:
-    """An RMSNorm on the residual stream (input, post-attention, final), not one within a head (HEAD_NORMS)."""
-    return type(module).__name__.endswith("RMSNorm") and name.rpartition(".")[2] not in HEAD_NORMS
-
-
-def _rms_norms(base: nn.Module) -> list[nn.Module]:
-    return [module for name, module in base.named_modules() if _residual_norm(name, module)]
+def _residual_norms(base: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The RMSNorms on the residual stream (input, post-attention, final), not those within a head (HEAD_NORMS)."""
+    return [(name, module) for name, module in base.named_modules()
+            if type(module).__name__.endswith("RMSNorm") and name.rpartition(".")[2] not in HEAD_NORMS]
 
 
 class HiddenRamp:
@@ -92,7 +88,7 @@ class HiddenRamp:
         writers = [base.get_input_embeddings()] + [spec.proj(layer, proj) for layer in spec.decoder_layers(base)
                                                    for proj in (spec.head_out_proj, spec.ffn_out_proj)]
         self._handles = [m.register_forward_hook(self._scale) for m in writers]
-        self._handles += [norm.register_forward_hook(self._norm(norm)) for norm in _rms_norms(base)]
+        self._handles += [norm.register_forward_hook(self._norm(norm)) for _, norm in _residual_norms(base)]
 
     def active(self) -> bool:
         return self.value != 1.0 and bool(self.removed.any())
